@@ -1,0 +1,84 @@
+"""Composition root: turns a resolved ``Config`` into a ready ``Trainer``.
+
+This is the one place below the entry point that sees the whole config; it hands each component
+its own section plus the few derived values it needs (world size, class count, global batch).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdeit import distributed, engine as engine_lib
+from fastdeit.checkpoint import Checkpointer
+from fastdeit.config import Config, save_config
+from fastdeit.data import build_loader
+from fastdeit.data.mixing import BatchMixer
+from fastdeit.losses import DeiTLoss
+from fastdeit.metrics import RunLogger
+from fastdeit.models import build_student, build_teacher, count_params, is_distilled
+from fastdeit.optim import build_optimizer, build_scheduler, scaled_lr
+from fastdeit.trainer import Trainer
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    # Different streams per rank: drop-path, erasing and mixing must not repeat across ranks.
+    s = seed + 1000 * rank
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
+    device = distributed.device_for(env)
+    seed_everything(cfg.trainer.seed, env.rank)
+    run_dir = Path(cfg.trainer.run_dir)
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+
+    ds_config = engine_lib.deepspeed_config(cfg.engine, env.world_size)
+    global_batch = ds_config["train_batch_size"]
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+
+    loader_args = dict(rank=env.rank, world_size=env.world_size, seed=cfg.trainer.seed, device=device)
+    train_loader = build_loader(cfg.data, "train", micro, **loader_args)
+    val_loader = build_loader(cfg.data, "val", micro, **loader_args)
+    if val_loader.num_classes != train_loader.num_classes:
+        raise ValueError(f"{cfg.data.root}: train has {train_loader.num_classes} classes "
+                         f"but val has {val_loader.num_classes}")
+    num_classes = train_loader.num_classes
+
+    mixer = BatchMixer(cfg.mixing, num_classes, device)
+    mixer.check_batch_size(micro)
+    criterion = DeiTLoss(cfg.distill)
+
+    model = build_student(cfg.model, cfg.data.img_size, num_classes).to(device)
+    if is_distilled(model) != criterion.needs_teacher:
+        raise ValueError(
+            f"model.name={cfg.model.name} {'has' if is_distilled(model) else 'has no'} distillation "
+            f"head but distill.type={cfg.distill.type}: use a *_distilled_* model with soft/hard, "
+            "a plain one with none"
+        )
+    teacher = build_teacher(cfg.teacher, num_classes, device) if criterion.needs_teacher else None
+
+    optimizer = build_optimizer(cfg.optim, model, global_batch)
+    engine = engine_lib.initialize(model, optimizer, ds_config)
+    accum = ds_config["gradient_accumulation_steps"]
+    scheduler = build_scheduler(cfg.schedule, engine.optimizer, len(train_loader) // accum, cfg.trainer.epochs)
+
+    logger = RunLogger(cfg.logging, str(run_dir), env.is_main)
+    fingerprint = {"model": cfg.model.name, "num_classes": num_classes, "img_size": cfg.data.img_size,
+                   "zero_stage": cfg.engine.zero_stage}
+    checkpointer = Checkpointer(cfg.checkpoint, str(run_dir), fingerprint, env.is_main)
+    logger.info(
+        f"{cfg.model.name}: {count_params(model):,} params | {num_classes} classes | world {env.world_size} | "
+        f"batch {global_batch} = {micro} x {accum} x {env.world_size} | lr {scaled_lr(cfg.optim, global_batch):.2e} | "
+        f"{len(train_loader) // accum} steps/epoch | distill {cfg.distill.type} | {device.type}"
+    )
+    return Trainer(
+        cfg.trainer, engine, train_loader, val_loader, mixer, criterion, teacher, scheduler, logger,
+        checkpointer, log_every=cfg.logging.log_every, world_size=env.world_size,
+        dtype=engine_lib.model_dtype(cfg.engine), device=device,
+    )

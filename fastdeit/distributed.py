@@ -1,0 +1,96 @@
+"""Rank, world size and local rank from the launcher's environment, and process-group setup.
+
+Three launchers are supported alike: ``deepspeed`` and ``torchrun`` export RANK/WORLD_SIZE/
+LOCAL_RANK; ``srun`` exports SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and we derive the master
+address from the job's node list. A plain ``python launch/train.py`` is a world of one.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import List, Mapping, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def expand_nodelist(nodelist: str) -> List[str]:
+    """SLURM's compact host list ('gpu[01-03,07],login1') -> ['gpu01', 'gpu02', 'gpu03', 'gpu07', 'login1']."""
+    hosts: List[str] = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+                continue
+            for i in range(int(lo), int(hi) + 1):
+                hosts.append(prefix + str(i).zfill(len(lo)))
+    return hosts
+
+
+def env_from(environ: Mapping[str, str]) -> DistEnv:
+    """The distributed layout described by a process environment."""
+    port = int(environ.get("MASTER_PORT", 29500))
+    if "RANK" in environ and "WORLD_SIZE" in environ:  # deepspeed, torchrun
+        return DistEnv(
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=port,
+        )
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:  # srun, one task per GPU
+        nodes = expand_nodelist(environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", ""))
+        master = environ.get("MASTER_ADDR") or (nodes[0] if nodes else "127.0.0.1")
+        return DistEnv(
+            rank=int(environ["SLURM_PROCID"]),
+            world_size=int(environ["SLURM_NTASKS"]),
+            local_rank=int(environ.get("SLURM_LOCALID", 0)),
+            master_addr=master,
+            master_port=port,
+        )
+    return DistEnv(master_port=port)
+
+
+def device_for(env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init(env: Optional[DistEnv] = None) -> DistEnv:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU)."""
+    import deepspeed
+
+    env = env or env_from(os.environ)
+    # DeepSpeed reads these; srun does not export them.
+    os.environ.update(
+        RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+        MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
+    )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device_for(env))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return env
+
+
+def teardown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,88 @@
+"""The DeepSpeed engine: its config dict derived from ours (one source of truth), and init.
+
+Batch arithmetic: global = micro x accumulation x world. Any two of them fix the third; we
+accept global plus at most one of micro/accumulation and refuse values that don't divide.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Literal, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+@dataclass
+class EngineConfig:
+    global_batch_size: int = 1024
+    micro_batch_size: Optional[int] = None     # per rank per forward; None = derived
+    grad_accum_steps: Optional[int] = None     # None = derived (1 when micro is also None)
+    zero_stage: int = 1                        # 0, 1 or 2; ZeRO-3 is pointless at DeiT's size
+    precision: Literal["bf16", "fp32"] = "bf16"
+    gradient_clipping: float = 0.0             # DeiT clips nothing; DeepSpeed's default is 1.0
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # merged last into the DS config
+
+
+def resolve_batch(cfg: EngineConfig, world_size: int) -> Tuple[int, int, int]:
+    """(global, micro, accumulation) consistent with ``world_size``; a clear error otherwise."""
+    g, m, a = cfg.global_batch_size, cfg.micro_batch_size, cfg.grad_accum_steps
+    where = (f"engine.global_batch_size={g}, engine.micro_batch_size={m}, "
+             f"engine.grad_accum_steps={a}, world size {world_size}")
+    if g < 1 or (m is not None and m < 1) or (a is not None and a < 1):
+        raise ValueError(f"batch sizes must be positive: {where}")
+    if m is not None and a is not None:
+        if m * a * world_size != g:
+            raise ValueError(f"inconsistent batch sizes: micro x accum x world = "
+                             f"{m * a * world_size} != global ({where})")
+        return g, m, a
+    if m is not None:
+        if g % (m * world_size):
+            raise ValueError(f"global batch is not a multiple of micro x world = {m * world_size} ({where})")
+        return g, m, g // (m * world_size)
+    a = a or 1
+    if g % (a * world_size):
+        raise ValueError(f"global batch is not a multiple of accum x world = {a * world_size} ({where})")
+    return g, g // (a * world_size), a
+
+
+def deepspeed_config(cfg: EngineConfig, world_size: int) -> Dict[str, Any]:
+    if cfg.zero_stage not in (0, 1, 2):
+        raise ValueError(f"engine.zero_stage must be 0, 1 or 2, got {cfg.zero_stage}")
+    g, m, a = resolve_batch(cfg, world_size)
+    ds: Dict[str, Any] = {
+        "train_batch_size": g,
+        "train_micro_batch_size_per_gpu": m,
+        "gradient_accumulation_steps": a,
+        "gradient_clipping": cfg.gradient_clipping,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "zero_optimization": {
+            "stage": cfg.zero_stage,
+            "overlap_comm": cfg.zero_stage > 0,
+            "contiguous_gradients": cfg.zero_stage > 0,
+        },
+        # Our optimizers (torch fused AdamW, Apex) are standard Adam(W) maths; ZeRO partitions
+        # their state the same way it does for its own.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,          # the trainer logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+        # A synchronised throughput timer would add a device sync per step.
+        "timers": {"throughput": {"enabled": True, "synchronized": False}},
+    }
+    for key, value in cfg.deepspeed.items():
+        if isinstance(value, dict) and isinstance(ds.get(key), dict):
+            ds[key] = {**ds[key], **value}
+        else:
+            ds[key] = value
+    return ds
+
+
+def model_dtype(cfg: EngineConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+
+
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: Dict[str, Any]):
+    """Wrap the student and its optimizer; returns the DeepSpeed engine."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine

@@ -1,0 +1,80 @@
+"""DeiT's objective: soft-target cross entropy plus optional distillation (paper section 4).
+
+With C classes, batch B, student class logits ``z_s`` and distillation-head logits ``z_d``
+(both [B, C]), soft targets ``y`` [B, C] (mixed and label-smoothed), teacher logits ``z_t``:
+
+    none: CE(z_s, y)
+    soft: (1 - a) CE(z_s, y) + a T^2 KL(softmax(z_t/T) || softmax(z_d/T)) summed / (B*C)
+    hard: (1 - a) CE(z_s, y) + a CE(z_d, argmax z_t)
+
+The soft term divides the summed KL by ``numel`` (B*C), not B, exactly as the reference code
+does; that scaling is part of what alpha=0.5 was tuned against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Literal, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
+
+Outputs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class DistillConfig:
+    type: Literal["none", "soft", "hard"] = "hard"   # the paper's best (Table 3): hard + dist token
+    alpha: float = 0.5
+    tau: float = 1.0
+
+
+class DeiTLoss:
+    """``loss(outputs, targets, teacher_logits) -> (loss, parts)``; parts are detached scalars."""
+
+    def __init__(self, cfg: DistillConfig):
+        if cfg.type not in ("none", "soft", "hard"):
+            raise ValueError(f"distill.type must be none, soft or hard, got {cfg.type!r}")
+        if not 0.0 <= cfg.alpha <= 1.0:
+            raise ValueError(f"distill.alpha must be in [0, 1], got {cfg.alpha}")
+        if cfg.tau <= 0:
+            raise ValueError(f"distill.tau must be positive, got {cfg.tau}")
+        self.cfg = cfg
+        self.base = SoftTargetCrossEntropy()
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.cfg.type != "none"
+
+    def __call__(
+        self, outputs: Outputs, targets: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        distilled = isinstance(outputs, tuple)
+        if self.needs_teacher and not distilled:
+            raise ValueError(
+                f"distill.type={self.cfg.type} needs a model with a distillation head "
+                "(a *_distilled_* DeiT); this model returned one output"
+            )
+        if distilled and not self.needs_teacher:
+            raise ValueError("a distilled model needs distill.type soft or hard (and a teacher)")
+        cls_logits, dist_logits = outputs if distilled else (outputs, None)
+        # Losses in fp32: bf16 log-softmax over 1000 classes loses the small probabilities.
+        base = self.base(cls_logits.float(), targets)
+        if not self.needs_teacher:
+            return base, {"loss_cls": base.detach()}
+        if teacher_logits is None:
+            raise ValueError(f"distill.type={self.cfg.type} but no teacher logits were given")
+        a, tau = self.cfg.alpha, self.cfg.tau
+        dist_logits = dist_logits.float()
+        teacher_logits = teacher_logits.float()
+        if self.cfg.type == "soft":
+            kd = F.kl_div(
+                F.log_softmax(dist_logits / tau, dim=1),
+                F.log_softmax(teacher_logits / tau, dim=1),
+                reduction="sum",
+                log_target=True,
+            ) * (tau * tau) / dist_logits.numel()
+        else:
+            kd = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
+        loss = (1 - a) * base + a * kd
+        return loss, {"loss_cls": base.detach(), "loss_dist": kd.detach()}

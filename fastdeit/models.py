@@ -1,0 +1,182 @@
+"""Student and teacher construction through timm's registry, and strict weight loading.
+
+The student is a plain timm ``nn.Module``; wrapping (DeepSpeed, compile) happens in
+``fastdeit.engine``. The teacher is never an ``nn.Module`` attribute of anything we hand to
+DeepSpeed: ``FrozenTeacher`` holds it, so its weights can't be partitioned, saved or stepped.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
+
+import timm
+import torch
+from torch import nn
+
+
+class CheckpointMismatchError(RuntimeError):
+    """Weights that do not fit the model they are loaded into (names the file and the keys)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "deit_base_distilled_patch16_224"   # any timm registry name
+    num_classes: Optional[int] = None                # None: the training folder's class count
+    drop_path: float = 0.1                           # stochastic depth, linear over depth (timm)
+    drop: float = 0.0                                # DeiT uses no dropout
+    init_weights: Optional[str] = None               # start from these weights (file, URL, hf-hub:...)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra create_model args (tiny debug models)
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "regnety_160"                        # any timm registry name
+    # Where the weights come from: a local file, an http(s) URL, 'hf-hub:org/repo', or 'timm'
+    # (timm's default pretrained tag for `name`). Required whenever distillation is on.
+    weights: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    channels_last: bool = True                       # convnets run faster in NHWC on tensor cores
+    dtype: str = "bf16"                              # bf16 | fp32
+
+
+def _create(name: str, **kwargs: Any) -> nn.Module:
+    if name not in timm.list_models() and not timm.is_model(name):
+        raise ValueError(f"model '{name}' is not in timm's registry")
+    return timm.create_model(name, **kwargs)
+
+
+def is_distilled(model: nn.Module) -> bool:
+    """DeiT's distilled variant: an extra distillation token read out by ``head_dist``."""
+    return hasattr(model, "head_dist") and hasattr(model, "set_distilled_training")
+
+
+def build_student(cfg: ModelConfig, img_size: int, num_classes: int) -> nn.Module:
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise ValueError(
+            f"model.num_classes={cfg.num_classes} but the training folder has {num_classes} classes"
+        )
+    kwargs = dict(num_classes=num_classes, drop_rate=cfg.drop, drop_path_rate=cfg.drop_path, **cfg.kwargs)
+    try:
+        model = _create(cfg.name, img_size=img_size, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+        model = _create(cfg.name, **kwargs)  # convnets: resolution-agnostic
+    if is_distilled(model):
+        model.set_distilled_training(True)  # train: (cls, dist) logits; eval: their average
+    if cfg.init_weights:
+        load_weights(model, cfg.init_weights, what=f"model.init_weights for {cfg.name}")
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def eval_heads(model: nn.Module, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Logits per head for evaluation: {'cls'} or, for distilled DeiT, {'cls', 'dist', 'avg'}.
+
+    The paper reports distilled models by the average of the two heads' softmax-free logits
+    (timm's eval forward); we also report each head, as Table 3 of the paper does.
+    """
+    if not is_distilled(model):
+        return {"cls": model(images)}
+    tokens = model.forward_features(images)              # [B, 2 + patches, dim], normed
+    cls = model.head(tokens[:, 0])
+    dist = model.head_dist(tokens[:, 1])
+    return {"cls": cls, "dist": dist, "avg": (cls + dist) / 2}
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _unwrap_state_dict(obj: Any, source: str) -> Dict[str, torch.Tensor]:
+    # Checkpoints come as a bare state_dict or nested under 'model' (DeiT reference),
+    # 'state_dict' (timm train script) or 'module' (DeepSpeed model states).
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointMismatchError(f"{source}: does not hold a state_dict of tensors")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def read_state_dict(source: str) -> Dict[str, torch.Tensor]:
+    """A state_dict from a local file or an http(s) URL (cached by torch.hub)."""
+    if source.startswith(("http://", "https://")):
+        obj = torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=True)
+    else:
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"weights file {source} does not exist")
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+    return _unwrap_state_dict(obj, source)
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, what: str) -> None:
+    """Raise a CheckpointMismatchError listing missing, unexpected and wrongly shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+                parts.append(f"{label}: {shown}")
+        raise CheckpointMismatchError(f"{source} does not match {what}: " + "; ".join(parts))
+
+
+def load_weights(model: nn.Module, source: str, what: str) -> None:
+    state = read_state_dict(source)
+    check_state_dict(model, state, source, what)
+    model.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+class FrozenTeacher:
+    """A frozen, eval-mode classifier that maps a (post-mixing) batch to float32 logits.
+
+    Deliberately not an ``nn.Module``: nothing can register it as a submodule of the student,
+    so DeepSpeed never sees, partitions, checkpoints or steps it.
+    """
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype, channels_last: bool):
+        self.module = module.eval().requires_grad_(False)
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(dtype=self.dtype, memory_format=self.memory_format)
+        return self.module(x).float()
+
+
+def build_teacher(cfg: TeacherConfig, num_classes: int, device: torch.device) -> FrozenTeacher:
+    if not cfg.weights:
+        raise ValueError(
+            "distillation needs teacher.weights (a file, a URL, 'hf-hub:org/repo' or 'timm'); "
+            "a randomly initialised teacher would only add noise"
+        )
+    if cfg.dtype not in ("bf16", "fp32"):
+        raise ValueError(f"teacher.dtype must be bf16 or fp32, got {cfg.dtype!r}")
+    hub = cfg.weights == "timm" or cfg.weights.startswith("hf-hub:")
+    if hub:
+        overlay = {"hf_hub_id": cfg.weights[len("hf-hub:"):]} if cfg.weights.startswith("hf-hub:") else None
+        module = _create(cfg.name, pretrained=True, num_classes=num_classes,
+                         pretrained_cfg_overlay=overlay, **cfg.kwargs)
+    else:
+        module = _create(cfg.name, num_classes=num_classes, **cfg.kwargs)
+        load_weights(module, cfg.weights, what=f"teacher {cfg.name} ({num_classes} classes)")
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    module = module.to(device=device, dtype=dtype, memory_format=memory_format)
+    return FrozenTeacher(module, dtype, cfg.channels_last)

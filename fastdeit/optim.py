@@ -1,0 +1,99 @@
+"""Parameter groups, optimizer choice and the per-step learning-rate schedule (DeiT recipe)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Literal, Optional, Tuple
+
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+OptimizerName = Literal["adamw", "apex_fused_adam", "apex_fused_lamb", "deepspeed_fused_adam"]
+
+
+@dataclass
+class OptimConfig:
+    name: OptimizerName = "adamw"       # torch AdamW (fused kernel where supported) by default
+    lr: float = 5e-4                    # at a global batch of lr_base_batch; scaled linearly
+    lr_base_batch: int = 512
+    weight_decay: float = 0.05
+    eps: float = 1e-8
+    betas: Tuple[float, float] = (0.9, 0.999)
+    fused: Optional[bool] = None        # torch AdamW's fused kernel; None = wherever supported
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6             # linear warmup starts here
+    min_lr: float = 1e-5                # cosine ends here
+
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """DeiT's linear scaling rule: lr = base_lr x global_batch / 512."""
+    return cfg.lr * global_batch / cfg.lr_base_batch
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
+    """Two groups: decayed weights, and undecayed 1-D params (norms, biases) plus the model's
+    ``no_weight_decay()`` set (pos_embed, cls_token, dist_token for DeiT)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    return param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)
+
+
+def _fused_supported(device: torch.device) -> bool:
+    # torch's fused AdamW has CUDA kernels and, since 2.4, a CPU kernel.
+    return device.type in ("cuda", "cpu")
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, global_batch: int) -> torch.optim.Optimizer:
+    """The optimizer over ``model``'s parameters, which must already sit on their device."""
+    lr = scaled_lr(cfg, global_batch)
+    groups = param_groups(model, cfg.weight_decay)
+    device = next(model.parameters()).device
+    if cfg.name == "adamw":
+        fused = _fused_supported(device) if cfg.fused is None else cfg.fused
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    if cfg.name in ("apex_fused_adam", "apex_fused_lamb"):
+        try:
+            from apex.optimizers import FusedAdam, FusedLAMB
+        except ImportError as e:
+            raise ImportError(
+                f"optim.name={cfg.name} needs NVIDIA Apex built with its CUDA extensions "
+                "(it is not on the package index); use optim.name=adamw otherwise"
+            ) from e
+        cls = FusedAdam if cfg.name == "apex_fused_adam" else FusedLAMB
+        extra = {"adam_w_mode": True} if cls is FusedAdam else {}
+        return cls(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, **extra)
+    if cfg.name == "deepspeed_fused_adam":
+        if device.type != "cuda":
+            raise ValueError("optim.name=deepspeed_fused_adam needs CUDA; use adamw on CPU")
+        from deepspeed.ops.adam import FusedAdam as DSFusedAdam
+
+        return DSFusedAdam(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, adam_w_mode=True)
+    raise ValueError(f"unknown optim.name {cfg.name!r}")
+
+
+def build_scheduler(
+    cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int
+) -> CosineLRScheduler:
+    """Linear warmup from ``warmup_lr`` to the peak, then cosine to ``min_lr``, per optimizer step.
+
+    The reference steps the schedule per epoch; stepping per update is smoother and ends the
+    same. Drive it with ``scheduler.step_update(step)`` before each optimizer step (0-based).
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"an epoch must have at least one optimizer step, got {steps_per_epoch}")
+    total = steps_per_epoch * epochs
+    warmup = min(int(math.ceil(cfg.warmup_epochs * steps_per_epoch)), max(total - 1, 0))
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(total - warmup, 1),
+        lr_min=cfg.min_lr,
+        warmup_t=warmup,
+        warmup_lr_init=cfg.warmup_lr,
+        warmup_prefix=True,      # the cosine starts at the peak once warmup ends
+        t_in_epochs=False,
+    )

@@ -1,0 +1,35 @@
+"""Train DeiT.  deepspeed launch/train.py --config configs/deit_b.yaml [key.sub=value ...]
+
+Also runs under torchrun, srun (one task per GPU) or plain python (one process).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastdeit import distributed  # noqa: E402
+from fastdeit.build import build_trainer  # noqa: E402
+from fastdeit.config import load_config  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe (see configs/); omitted: the built-in defaults")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="added by the deepspeed launcher; LOCAL_RANK in the environment wins")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+    cfg = load_config(args.config, args.overrides)
+    env = distributed.init()
+    try:
+        return build_trainer(cfg, env).fit()
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""fastdeit: the fastest practical DeiT trainer (DALI + DeepSpeed + timm).
+
+DALI ships one wheel per CUDA major version and both install the same `nvidia.dali` package, so
+it is an extra rather than a hard requirement: pick exactly one.
+
+    pip install -e ".[cuda12]"        # nvidia-dali-cuda120: CUDA 12 drivers (and CPU-only hosts)
+    pip install -e ".[cuda13]"        # nvidia-dali-cuda130: CUDA 13 drivers
+    pip install -e ".[cuda12,dev]"    # plus tests, plots, TensorBoard
+
+Apex (fused Adam/LAMB) is optional and is not on the package index: build it from NVIDIA's
+repository if you want optim.name=apex_fused_adam; everything else works without it.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="fastdeit",
+    version="0.1.0",
+    description="Fast DeiT training: DALI GPU data pipeline, DeepSpeed ZeRO bf16, distillation",
+    python_requires=">=3.9",
+    packages=find_packages(include=["fastdeit", "fastdeit.*"]),
+    install_requires=[
+        "torch>=2.4",          # fused AdamW on CPU and GPU
+        "torchvision",
+        "timm>=1.0",
+        "deepspeed>=0.14",
+        "pyyaml",
+        "tqdm",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        "cuda12": ["nvidia-dali-cuda120>=1.40"],
+        "cuda13": ["nvidia-dali-cuda130>=1.40"],
+        "dev": ["pytest", "matplotlib", "tensorboard"],
+    },
+)
