@@ -1,0 +1,9 @@
+"""Input pipeline: class-folder scan, sharded epoch sampling, DALI graphs, the trainer's loader.
+
+Mixup/CutMix and random erasing are not here: they run on the device after the loader.
+"""
+from .config import DataConfig
+from .folder import scan_image_folder
+from .loader import Loader, build_loader
+
+__all__ = ["DataConfig", "Loader", "build_loader", "scan_image_folder"]

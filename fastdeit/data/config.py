@@ -1,0 +1,32 @@
+"""The `data` config section: what the input pipeline reads and how it augments.
+
+Defaults are the DeiT recipe (DESIGN.md, "augmentation" and "eval" rows).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/demo"            # holds <train_split>/ and <val_split>/ in class-folder layout
+    train_split: str = "train"
+    val_split: str = "val"
+    img_size: int = 224                # train crop side and eval crop side
+    eval_crop_pct: float = 0.875       # eval resize = int(img_size / eval_crop_pct), then center crop
+    scale: Tuple[float, float] = (0.08, 1.0)      # RandomResizedCrop area fraction
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)   # RandomResizedCrop aspect ratio
+    hflip: float = 0.5
+    rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"   # timm-style spec; null disables
+    repeated_aug: int = 3              # repeats per index (reference RASampler); 1 disables
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+    device: str = "auto"               # auto | gpu | cpu: where DALI decodes and augments
+    num_threads: int = 4               # DALI CPU threads per rank
+    prefetch: int = 2                  # DALI prefetch queue depth
+    hw_decoder_load: float = 0.65      # share of JPEG decoding on the A100/H100 hardware decoder
+    decoder_preallocate: bool = True   # preallocate nvJPEG buffers for ImageNet-sized images

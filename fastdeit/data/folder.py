@@ -1,0 +1,53 @@
+"""Class-folder dataset scan: `<root>/<class>/**/<image>` -> (files, labels, classes).
+
+Label indices are the sorted class-folder names, exactly as torchvision's ImageFolder assigns
+them, so checkpoints and class lists interoperate with timm/torchvision tooling.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Tuple
+
+# Extensions we hand to the DALI decoders; compared case-insensitively (ImageNet uses .JPEG).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def scan_image_folder(root: str) -> Tuple[List[str], List[int], List[str]]:
+    """Return (files, labels, classes) for a class-folder tree.
+
+    Files are absolute paths in ImageFolder's order: classes sorted, then each class folder walked
+    (following links) with directories and file names sorted. Non-image files are ignored.
+    Raises ValueError naming the path for a missing root, a root without class folders, or a
+    class folder without images: each of those would otherwise surface much later as a wrong
+    `num_classes` or a silently shifted label.
+    """
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+        raise ValueError(f"image folder does not exist or is not a directory: {root}")
+    classes = find_classes(root)
+    files: List[str] = []
+    labels: List[int] = []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(root, name)
+        count = 0
+        for dirpath, _, fnames in sorted(os.walk(class_dir, followlinks=True)):
+            for fname in sorted(fnames):
+                if fname.lower().endswith(IMG_EXTENSIONS):
+                    files.append(os.path.join(dirpath, fname))
+                    labels.append(label)
+                    count += 1
+        if count == 0:
+            raise ValueError(
+                f"class folder has no images ({', '.join(IMG_EXTENSIONS)}): {class_dir}")
+    return files, labels, classes
+
+
+def find_classes(root: str) -> List[str]:
+    """Sorted class-folder names under `root` (no file walk); ValueError if there are none."""
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+        raise ValueError(f"image folder does not exist or is not a directory: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise ValueError(f"no class folders found in {root}")
+    return classes
