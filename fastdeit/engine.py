@@ -85,4 +85,10 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: Di
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if ds_config.get("bf16", {}).get("enabled"):
+        # DeepSpeed casts parameters, not buffers: BatchNorm running stats stay fp32, which
+        # CPU batch_norm rejects next to bf16 weights. One dtype for the whole module.
+        for buf in engine.module.buffers():
+            if buf.is_floating_point():
+                buf.data = buf.data.to(torch.bfloat16)
     return engine

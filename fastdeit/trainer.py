@@ -92,14 +92,15 @@ class Trainer:
         return self._finish(metrics)
 
     def _state(self, epoch: int) -> Dict[str, Any]:
-        return {"epoch": epoch, "scheduler": self.scheduler.state_dict(), "best_top1": self.best_top1}
+        # No scheduler state: the LR is a pure function of the optimizer step, which DeepSpeed
+        # restores; a resumed run with a longer trainer.epochs gets the longer schedule.
+        return {"epoch": epoch, "best_top1": self.best_top1}
 
     def _maybe_resume(self) -> int:
         path = self.checkpointer.resume_path()
         if path is None:
             return 0
         state = self.checkpointer.load(self.engine, path)
-        self.scheduler.load_state_dict(state["scheduler"])
         self.best_top1 = state.get("best_top1", -1.0)
         self.logger.info(f"resumed from {path} after epoch {state['epoch'] + 1} "
                          f"(optimizer step {self.engine.global_steps})")
@@ -140,8 +141,10 @@ class Trainer:
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 logged_steps += 1
-                self.logger.progress(done, {"loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.2e}",
-                                            "img/s": f"{values['img_per_sec']:.0f}"})
+                self.logger.progress(done, {
+                    "epoch": f"{epoch + 1}/{self.cfg.epochs}", "step": f"{done}/{self.steps_per_epoch}",
+                    "loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.2e}",
+                    "img/s": f"{values['img_per_sec']:.0f}"})
         self.logger.end_epoch()
         if micro == 0:
             raise RuntimeError("the training loader yielded no batch: the dataset is smaller than one global batch")

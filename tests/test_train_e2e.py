@@ -1,0 +1,116 @@
+"""The real entry point under the deepspeed launcher: 2 CPU ranks over gloo.
+
+One module-scoped dataset and teacher; each test launches `deepspeed --num_gpus 2
+launch/train.py` exactly as a user would (about 15 s of start-up per launch).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from fastdeit.data.synthetic import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "data.img_size=32", "data.scale=[0.35,1.0]", "data.rand_augment=null", "data.repeated_aug=1",
+    "data.num_threads=1", "mixing.prob=0.0", "mixing.erase_prob=0.0",
+    "model.drop_path=0.0", "model.kwargs={patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2}",
+    "optim.lr=2e-3", "optim.lr_base_batch=32", "schedule.warmup_epochs=0.5",
+    "engine.global_batch_size=32", "trainer.eval_every=1", "logging.log_every=2",
+    "logging.progress=lines", "checkpoint.keep_last=2",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*overrides, check=True):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "launch" / "train.py"), *TINY, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def records(run_dir, kind):
+    rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate(str(root), classes=4, train_per_class=48, val_per_class=10, min_size=36, max_size=48, seed=0, quality=90)
+    return root
+
+
+def test_train_eval_checkpoint_resume(dataset, tmp_path):
+    run = tmp_path / "run"
+    common = [f"data.root={dataset}", f"trainer.run_dir={run}", "model.name=deit_tiny_patch16_224",
+              "distill.type=none"]
+    first = launch(*common, "trainer.epochs=3")
+    epochs = records(run, "epoch")
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    steps_per_epoch = 192 // 32
+    assert epochs[-1]["step"] == 3 * steps_per_epoch
+    losses = [r["train/loss"] for r in epochs]
+    assert losses[-1] < losses[0], losses                               # it learns
+    assert epochs[-1]["val/images"] == 40                                # each val image once over 2 ranks
+    assert epochs[-1]["val/cls_top1"] > 25.0                             # above chance (4 classes)
+    assert all(r["lr"] > 0 and r["img_per_sec"] > 0 for r in records(run, "step"))
+    assert (run / "config.yaml").is_file() and (run / "model.pth").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
+    assert "epoch 3/3 step" in first.stdout                              # plain progress lines
+
+    # Resume: the same run dir with more epochs picks up after epoch 3, steps continue.
+    second = launch(*common, "trainer.epochs=4")
+    assert "resumed from" in second.stdout
+    epochs = records(run, "epoch")
+    assert [r["epoch"] for r in epochs] == [0, 1, 2, 3]
+    assert epochs[-1]["step"] == 4 * steps_per_epoch
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["optimizer_steps"] == 4 * steps_per_epoch
+
+    # The export is a plain timm state_dict.
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
+                              num_heads=2, num_classes=4, checkpoint_path=str(run / "model.pth"))
+    assert model.head.weight.shape == (4, 64)
+
+    # A checkpoint that does not fit the model is a clear error, not a silent fresh start.
+    bad = launch(*common, "trainer.epochs=5", "model.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
+                 check=False)
+    assert bad.returncode != 0
+    assert "does not fit this model" in bad.stdout + bad.stderr
+
+
+def test_hard_distillation_from_a_teacher_file(dataset, tmp_path):
+    teacher = tmp_path / "teacher.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=4).state_dict(), teacher)
+    run = tmp_path / "student"
+    launch(f"data.root={dataset}", f"trainer.run_dir={run}", "trainer.epochs=1",
+           "model.name=deit_tiny_distilled_patch16_224", "distill.type=hard",
+           "teacher.name=resnet10t", f"teacher.weights={teacher}", "engine.zero_stage=2")
+    last = records(run, "epoch")[-1]
+    assert {"val/cls_top1", "val/dist_top1", "val/avg_top1"} <= set(last)
+    assert "train/loss_dist" in last
+
+
+def test_bad_config_fails_before_training(dataset, tmp_path):
+    proc = launch(f"data.root={dataset}", f"trainer.run_dir={tmp_path}", "optim.lrr=1", check=False)
+    assert proc.returncode != 0
+    assert "unknown key 'optim.lrr'" in proc.stdout + proc.stderr
