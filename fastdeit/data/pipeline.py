@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.pipeline import Pipeline
@@ -70,14 +71,12 @@ def _read(files: List[str], labels: List[int], placement: Placement, pad_last_ba
     return jpegs, (label.gpu() if placement.gpu else label)
 
 
-def _normalize(images, cfg: DataConfig, mirror=None, crop=None):
+def _normalize(images, cfg: DataConfig, mirror=None):
     # mean/std are on the 0-1 scale in the config; the images are still uint8 0-255 here.
     kw = dict(dtype=types.FLOAT, output_layout="CHW",
               mean=[255.0 * m for m in cfg.mean], std=[255.0 * s for s in cfg.std])
     if mirror is not None:
         kw["mirror"] = mirror
-    if crop is not None:
-        kw["crop"] = crop  # centred: crop_pos_x/y default to 0.5
     return fn.crop_mirror_normalize(images, **kw)
 
 
@@ -115,8 +114,9 @@ def build_train_pipeline(files: List[str], labels: List[int], cfg: DataConfig, b
 
 def build_val_pipeline(files: List[str], labels: List[int], cfg: DataConfig, batch_size: int,
                        placement: Placement) -> Pipeline:
-    """Eval graph: bicubic resize of the shorter side to int(img_size / eval_crop_pct), centre
-    crop img_size, normalise. The reader pads the last batch; the iterator trims it."""
+    """Eval graph: bicubic resize of the shorter side to int(img_size / eval_crop_pct) (sizes
+    exactly as torchvision computes them), centre crop img_size, normalise. The reader pads the
+    last batch; the iterator trims it."""
     size = cfg.img_size
     resize_to = int(size / cfg.eval_crop_pct)
 
@@ -124,10 +124,35 @@ def build_val_pipeline(files: List[str], labels: List[int], cfg: DataConfig, bat
     def graph():
         jpegs, label = _read(files, labels, placement, pad_last_batch=True)
         images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_kwargs(cfg, placement))
-        images = fn.resize(images, resize_shorter=resize_to, interp_type=types.INTERP_CUBIC)
-        return _normalize(images, cfg, crop=(size, size)), label
+        # torchvision's Resize(int) (used by timm's eval transform) truncates the long side:
+        # long = int(resize_to * long / short). DALI's resize_shorter rounds it instead, which
+        # shifts the centre crop by up to half a pixel and rescales by one pixel. Compute the
+        # reference sizes from the JPEG header with exact integer floor division instead.
+        shape = fn.peek_image_shape(jpegs)  # [H, W, C] int64, read from the header (CPU)
+        height, width = shape[0], shape[1]
+        short = dmath.min(height, width)
+        out_h = fn.cast(height * resize_to // short, dtype=types.FLOAT)
+        out_w = fn.cast(width * resize_to // short, dtype=types.FLOAT)
+        images = fn.resize(images, resize_x=out_w, resize_y=out_h, interp_type=types.INTERP_CUBIC)
+        # Centre crop with torchvision's anchor int(round((side - size) / 2)): Python rounds
+        # halves to even, DALI's crop_pos=0.5 rounds them up, a one-pixel shift for odd margins.
+        top = _round_half_even_halves(height * resize_to // short - size)
+        left = _round_half_even_halves(width * resize_to // short - size)
+        images = fn.slice(images, start=fn.stack(top, left), shape=[size, size], axes=[0, 1])
+        return _normalize(images, cfg), label
 
     return _make(graph, batch_size, cfg, 0, placement)  # no random ops: the seed is unused
+
+
+def _round_half_even_halves(margin):
+    """round(margin / 2) with ties to even, in DALI integer arithmetic, as an int32 anchor.
+
+    margin // 2 is k; for an odd margin the tie goes to k + 1 only when k is odd.
+    """
+    k = margin // 2
+    odd_margin = margin - 2 * k
+    odd_k = k - 2 * (k // 2)
+    return fn.cast(k + odd_margin * odd_k, dtype=types.INT32)  # slice wants start and shape alike
 
 
 def _make(graph, batch_size: int, cfg: DataConfig, seed: int, placement: Placement) -> Pipeline:

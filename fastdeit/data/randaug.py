@@ -35,41 +35,43 @@ def parse_rand_augment(spec: str) -> RandAugmentSpec:
     parts = spec.split("-")
     if parts[0] != "rand":
         raise ValueError(f"RandAugment spec must start with 'rand-': {spec!r}")
+
+    def malformed(part: str) -> ValueError:
+        return ValueError(f"malformed RandAugment option {part!r} in {spec!r}")
+
+    def number(part: str, text: str, kind=float):
+        try:
+            return kind(text)
+        except ValueError:
+            raise malformed(part) from None
+
     magnitude = None
     num_ops = 2
     mstd = 0.0
     increasing = False
     for part in parts[1:]:
-        try:
-            if part.startswith("mstd"):
-                mstd = float(part[4:])
-                if not mstd >= 0:
-                    raise ValueError
-            elif part.startswith("mmax"):
-                raise ValueError(f"RandAugment option {part!r} is not supported by the DALI "
-                                 f"pipeline (spec {spec!r})")
-            elif part.startswith("inc"):
-                if part[3:] not in ("0", "1"):
-                    raise ValueError
-                increasing = part[3:] == "1"
-            elif part.startswith("m"):
-                magnitude = float(part[1:])
-                if magnitude != int(magnitude) or not 0 <= magnitude <= TIMM_MAX_MAGNITUDE:
-                    raise ValueError(
-                        f"RandAugment magnitude must be an integer in [0, {TIMM_MAX_MAGNITUDE}] "
-                        f"(DALI uses discrete bins), got {part!r} in {spec!r}")
-                magnitude = int(magnitude)
-            elif part.startswith("n"):
-                num_ops = int(part[1:])
-                if num_ops < 0:
-                    raise ValueError
-            else:
-                raise ValueError(f"RandAugment option {part!r} is not supported by the DALI "
-                                 f"pipeline (spec {spec!r})")
-        except ValueError as e:
-            if str(e):
-                raise
-            raise ValueError(f"malformed RandAugment option {part!r} in {spec!r}") from None
+        if part.startswith("mstd"):
+            mstd = number(part, part[4:])
+            if not mstd >= 0:
+                raise malformed(part)
+        elif part.startswith("inc"):
+            if part[3:] not in ("0", "1"):
+                raise malformed(part)
+            increasing = part[3:] == "1"
+        elif part.startswith("m") and not part.startswith("mmax"):
+            value = number(part, part[1:])
+            if value != int(value) or not 0 <= value <= TIMM_MAX_MAGNITUDE:
+                raise ValueError(
+                    f"RandAugment magnitude must be an integer in [0, {TIMM_MAX_MAGNITUDE}] "
+                    f"(DALI uses discrete bins), got {part!r} in {spec!r}")
+            magnitude = int(value)
+        elif part.startswith("n"):
+            num_ops = number(part, part[1:], int)
+            if num_ops < 0:
+                raise malformed(part)
+        else:
+            raise ValueError(f"RandAugment option {part!r} is not supported by the DALI "
+                             f"pipeline (spec {spec!r})")
     if magnitude is None:
         raise ValueError(f"RandAugment spec needs a magnitude 'm<int>': {spec!r}")
     return RandAugmentSpec(magnitude, num_ops, mstd, increasing)

@@ -1,0 +1,95 @@
+"""Index-level tests of the epoch sampler (no DALI) and of the RandAugment spec parser."""
+import math
+
+import numpy as np
+import pytest
+
+from fastdeit.data.randaug import RandAugmentSpec, parse_rand_augment
+from fastdeit.data.sampler import (epoch_permutation, train_indices, train_samples_per_rank,
+                                   val_indices)
+
+
+def reference_ra(n, rank, world, seed, epoch, repeats):
+    """The reference RASampler written out literally, on our shared permutation."""
+    perm = epoch_permutation(n, seed, epoch).tolist()
+    idx = [i for i in perm for _ in range(repeats)]
+    total = int(math.ceil(n * repeats / world)) * world
+    idx += idx[: total - len(idx)]
+    keep = int(math.floor(n // 256 * 256 / world))
+    return idx[rank:total:world][:keep]
+
+
+def test_permutation_depends_on_seed_and_epoch_only():
+    a = epoch_permutation(100, seed=1, epoch=3)
+    assert np.array_equal(a, epoch_permutation(100, seed=1, epoch=3))
+    assert sorted(a) == list(range(100))
+    assert not np.array_equal(a, epoch_permutation(100, seed=1, epoch=4))
+    assert not np.array_equal(a, epoch_permutation(100, seed=2, epoch=3))
+
+
+@pytest.mark.parametrize("n,world,repeats", [(1000, 4, 3), (300, 3, 3), (2000, 8, 3), (777, 2, 3),
+                                             (1024, 5, 2)])
+def test_repeated_aug_matches_reference(n, world, repeats):
+    for rank in range(world):
+        ours = train_indices(n, rank, world, seed=7, epoch=2, repeats=repeats).tolist()
+        assert ours == reference_ra(n, rank, world, 7, 2, repeats)
+        assert len(ours) == n // 256 * 256 // world
+
+
+@pytest.mark.parametrize("world", [3, 4, 8])
+def test_repeated_copies_land_on_different_ranks(world):
+    n = 1024
+    per_rank = [train_indices(n, r, world, 0, 0, repeats=3) for r in range(world)]
+    for idx in per_rank:
+        assert len(set(idx.tolist())) == len(idx)  # no rank sees an image twice
+    seen = np.concatenate(per_rank)
+    # ~1/3 unique images per epoch, each repeated (the RA trade-off: same epoch length)
+    assert len(np.unique(seen)) < 0.5 * n
+    counts = np.bincount(seen, minlength=n)
+    assert counts.max() <= 3
+
+
+def test_repeated_aug_small_dataset_rule():
+    # N < 256: the reference rule would give 0; we keep ceil(N / world) per rank.
+    for rank in range(4):
+        assert len(train_indices(100, rank, 4, 0, 0, repeats=3)) == 25
+    assert train_samples_per_rank(101, 4, 3) == 26
+
+
+def test_repeated_aug_off_on_one_process():
+    idx = train_indices(500, 0, 1, seed=3, epoch=1, repeats=3)
+    assert np.array_equal(idx, epoch_permutation(500, 3, 1))
+
+
+@pytest.mark.parametrize("n,world", [(100, 4), (101, 4), (7, 3)])
+def test_plain_sharding_disjoint_and_covering(n, world):
+    shards = [train_indices(n, r, world, 5, 0, repeats=1) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # same count -> same batch count on every rank
+    allidx = np.concatenate(shards)
+    assert set(allidx.tolist()) == set(range(n))
+    assert len(allidx) - len(set(allidx.tolist())) == (-n) % world  # only the wrap padding repeats
+
+
+def test_val_indices_each_sample_once():
+    shards = [val_indices(10, r, 3) for r in range(3)]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(10))
+    assert [len(s) for s in shards] == [4, 3, 3]
+
+
+def test_bad_rank():
+    with pytest.raises(ValueError):
+        train_indices(10, 2, 2, 0, 0)
+
+
+def test_parse_rand_augment():
+    assert parse_rand_augment("rand-m9-mstd0.5-inc1") == RandAugmentSpec(9, 2, 0.5, True)
+    assert parse_rand_augment("rand-n3-m7-inc0") == RandAugmentSpec(7, 3, 0.0, False)
+    assert parse_rand_augment("rand-m10") == RandAugmentSpec(10, 2, 0.0, False)
+
+
+@pytest.mark.parametrize("spec", ["augmix-m5", "rand", "rand-n2", "rand-m9.5", "rand-m11",
+                                  "rand-m9-mmax10", "rand-m9-w0", "rand-m9-p0.5", "rand-m9-inc2",
+                                  "rand-m9-mstd-1", "rand-m9-foo", "rand-mx"])
+def test_parse_rand_augment_rejects(spec):
+    with pytest.raises(ValueError, match="RandAugment"):
+        parse_rand_augment(spec)
