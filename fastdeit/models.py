@@ -51,7 +51,17 @@ def is_distilled(model: nn.Module) -> bool:
     return hasattr(model, "head_dist") and hasattr(model, "set_distilled_training")
 
 
+def _check_kwargs(kwargs: Dict[str, Any], section: str) -> None:
+    # timm drops None-valued kwargs silently; in YAML '{depth:2}' (no space) is the key
+    # 'depth:2' with no value, which would then build the default-sized model unnoticed.
+    empty = [k for k, v in kwargs.items() if v is None]
+    if empty:
+        raise ValueError(f"{section}.kwargs: {empty} have no value (YAML needs a space after ':', "
+                         "as in {depth: 2})")
+
+
 def build_student(cfg: ModelConfig, img_size: int, num_classes: int) -> nn.Module:
+    _check_kwargs(cfg.kwargs, "model")
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ValueError(
             f"model.num_classes={cfg.num_classes} but the training folder has {num_classes} classes"
@@ -166,6 +176,7 @@ def build_teacher(cfg: TeacherConfig, num_classes: int, device: torch.device) ->
             "distillation needs teacher.weights (a file, a URL, 'hf-hub:org/repo' or 'timm'); "
             "a randomly initialised teacher would only add noise"
         )
+    _check_kwargs(cfg.kwargs, "teacher")
     if cfg.dtype not in ("bf16", "fp32"):
         raise ValueError(f"teacher.dtype must be bf16 or fp32, got {cfg.dtype!r}")
     hub = cfg.weights == "timm" or cfg.weights.startswith("hf-hub:")

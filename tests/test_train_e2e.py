@@ -74,7 +74,11 @@ def test_train_eval_checkpoint_resume(dataset, tmp_path):
     assert epochs[-1]["val/cls_top1"] > 25.0                             # above chance (4 classes)
     assert all(r["lr"] > 0 and r["img_per_sec"] > 0 for r in records(run, "step"))
     assert (run / "config.yaml").is_file() and (run / "model.pth").is_file()
-    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
+    ckpts = run / "checkpoints"
+    best = (ckpts / "best").read_text()
+    assert (ckpts / "latest").read_text() == "step_00000018"
+    # keep_last=2 plus the best-by-accuracy one
+    assert {p.name for p in ckpts.glob("step_*")} == {"step_00000012", "step_00000018", best}
     assert "epoch 3/3 step" in first.stdout                              # plain progress lines
 
     # Resume: the same run dir with more epochs picks up after epoch 3, steps continue.
