@@ -4,52 +4,15 @@ One module-scoped dataset and teacher; each test launches `deepspeed --num_gpus 
 launch/train.py` exactly as a user would (about 15 s of start-up per launch).
 """
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 
 from fastdeit.data.synthetic import generate
-
-ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+from tests.launching import launch, records
 
 pytestmark = pytest.mark.slow
-
-TINY = [
-    "data.img_size=32", "data.scale=[0.35,1.0]", "data.rand_augment=null", "data.repeated_aug=1",
-    "data.num_threads=1", "mixing.prob=0.0", "mixing.erase_prob=0.0",
-    "model.drop_path=0.0", "model.kwargs={patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2}",
-    "optim.lr=2e-3", "optim.lr_base_batch=32", "schedule.warmup_epochs=0.5",
-    "engine.global_batch_size=32", "trainer.eval_every=1", "logging.log_every=2",
-    "logging.progress=lines", "checkpoint.keep_last=2",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(*overrides, check=True):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "launch" / "train.py"), *TINY, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def records(run_dir, kind):
-    rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == kind]
 
 
 @pytest.fixture(scope="module")
