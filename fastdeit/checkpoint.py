@@ -143,6 +143,11 @@ class Checkpointer:
     def resume_path(self) -> Optional[Path]:
         """The checkpoint folder to resume from, per ``checkpoint.resume``; None for a fresh run."""
         if not self.cfg.resume:
+            if self.latest() is not None:
+                # A fresh run here would interleave its checkpoints and log with the old run's.
+                raise FileExistsError(
+                    f"{self.dir.parent} already holds a run (checkpoint {self.latest().name}); resume it "
+                    "with checkpoint.resume=auto, or start afresh in another trainer.run_dir")
             return None
         if self.cfg.resume == "auto":
             return self.latest()

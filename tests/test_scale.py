@@ -229,3 +229,14 @@ def test_divergence_names_the_step_and_keeps_the_checkpoint(dataset, tmp_path):
     assert (ckpts / "latest").read_text() == "step_00000006"
     again = launch(*common, "trainer.epochs=2")                          # the good one still resumes
     assert "resumed from" in again.stdout
+
+
+def test_fresh_run_refuses_an_occupied_run_dir(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step_00000006").mkdir(parents=True)
+    (ckpts / "latest").write_text("step_00000006")
+    from fastdeit.checkpoint import CheckpointConfig
+
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        Checkpointer(CheckpointConfig(resume=None), str(tmp_path), {}, True).resume_path()
+    assert Checkpointer(CheckpointConfig(resume="auto"), str(tmp_path), {}, True).resume_path() == ckpts / "step_00000006"
