@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from fastdeit.data.randaug import RandAugmentSpec, parse_rand_augment
-from fastdeit.data.sampler import (epoch_permutation, train_indices, train_samples_per_rank,
-                                   val_indices)
+from fastdeit.data.sampler import (effective_repeats, epoch_permutation, train_indices,
+                                   train_samples_per_rank, val_indices)
 
 
 def reference_ra(n, rank, world, seed, epoch, repeats):
@@ -56,9 +56,19 @@ def test_repeated_aug_small_dataset_rule():
     assert train_samples_per_rank(101, 4, 3) == 26
 
 
-def test_repeated_aug_off_on_one_process():
-    idx = train_indices(500, 0, 1, seed=3, epoch=1, repeats=3)
-    assert np.array_equal(idx, epoch_permutation(500, 3, 1))
+def test_repeated_aug_off_on_one_process_unless_forced():
+    # the reference uses RASampler only when distributed; our switch forces it on one process
+    assert effective_repeats(3, world_size=1) == 1
+    assert effective_repeats(3, world_size=1, single_process=True) == 3
+    assert effective_repeats(3, world_size=2) == 3 and effective_repeats(1, world_size=8) == 1
+    with pytest.raises(ValueError):
+        effective_repeats(0, 1)
+    plain = train_indices(500, 0, 1, seed=3, epoch=1, repeats=effective_repeats(3, 1))
+    assert np.array_equal(plain, epoch_permutation(500, 3, 1))
+    # forced on one process: the reference sampler with num_replicas=1, copies back to back
+    forced = train_indices(500, 0, 1, seed=3, epoch=1, repeats=3).tolist()
+    assert forced == reference_ra(500, 0, 1, 3, 1, 3) and len(forced) == 256
+    assert forced[0] == forced[1] == forced[2] != forced[3]
 
 
 @pytest.mark.parametrize("n,world", [(100, 4), (101, 4), (7, 3)])

@@ -23,6 +23,9 @@ class DataConfig:
     hflip: float = 0.5
     rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"   # timm-style spec; null disables
     repeated_aug: int = 3              # repeats per index (reference RASampler); 1 disables
+    # The reference uses RASampler only when distributed; true applies the repeats on a single
+    # process too (copies then share a rank and usually a batch, augmented independently).
+    repeated_aug_single_process: bool = False
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
     device: str = "auto"               # auto | gpu | cpu: where DALI decodes and augments

@@ -22,7 +22,7 @@ import torch
 from .config import DataConfig
 from .folder import find_classes, scan_image_folder
 from .pipeline import READER_NAME, Placement, build_train_pipeline, build_val_pipeline
-from .sampler import train_indices, val_indices
+from .sampler import effective_repeats, train_indices, val_indices
 
 SPLITS = ("train", "val")
 
@@ -96,8 +96,10 @@ class Loader:
         self._ready = False   # train: set_epoch built a pipeline not yet iterated
         self._clean = False   # val: the kept pipeline sits at an epoch start
         if split == "train":
+            self.repeats = effective_repeats(cfg.repeated_aug, world_size,
+                                             cfg.repeated_aug_single_process)
             # Same count on every rank (sampler.py), so the same number of batches.
-            per_rank = len(train_indices(len(files), rank, world_size, seed, 0, cfg.repeated_aug))
+            per_rank = len(train_indices(len(files), rank, world_size, seed, 0, self.repeats))
             self._num_batches = per_rank // batch_size
             if self._num_batches == 0:
                 raise ValueError(
@@ -105,6 +107,7 @@ class Loader:
                     f"batch_size {batch_size}, so an epoch would have no batches")
             self.num_samples = self._num_batches * batch_size
         else:
+            self.repeats = 1
             self.num_samples = len(val_indices(len(files), rank, world_size))
             self._num_batches = math.ceil(self.num_samples / batch_size)
 
@@ -116,7 +119,7 @@ class Loader:
             return  # val order and transforms do not depend on the epoch
         self.close()
         order = train_indices(len(self._files), self.rank, self.world_size, self.seed, epoch,
-                              self.cfg.repeated_aug)[: self.num_samples]
+                              self.repeats)[: self.num_samples]
         pipe_args = (self._files[order].tolist(), self._labels[order].tolist(), self.cfg,
                      self.batch_size, dali_seed(self.seed, epoch, self.rank), self.placement)
         self._start(order, build_train_pipeline, pipe_args)
