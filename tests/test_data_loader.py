@@ -188,6 +188,32 @@ def _os_threads():
     return len(os.listdir("/proc/self/task"))
 
 
+def test_file_list_subset_keeps_folder_labels(tmp_path, flat_tree):
+    root, ids = flat_tree
+    listing = tmp_path / "train.txt"
+    chosen = [k for k in ids if ids[k][1] in (1, 3)][:8]  # classes 1 and 3 only
+    lines = ["# a subset", ""] + [os.path.relpath(ids[k][0], os.path.join(root, "train"))
+                                  for k in chosen]
+    listing.write_text("\n".join(lines) + "\n")
+    loader = build_loader(cfg_for(root, train_list=str(listing)), "train", 4, 0, 1, 0, CPU)
+    assert loader.num_classes == FLAT_CLASSES and len(loader) == 2
+    seen = []
+    for x, y in epoch(loader):
+        k = identify(x)
+        assert y.tolist() == [ids[i][1] for i in k.tolist()]  # the full tree's label indices
+        seen += k.tolist()
+    assert sorted(seen) == sorted(chosen)
+    for bad, match in [("cls9/img000.jpg", "not a class folder"), ("cls1/nope.jpg", "no such file"),
+                       ("/abs/cls1/x.jpg", "relative"), ("../cls1/x.jpg", "relative"),
+                       ("img.jpg", "class folder")]:
+        listing.write_text(bad + "\n")
+        with pytest.raises(ValueError, match=match):
+            build_loader(cfg_for(root, train_list=str(listing)), "train", 1, 0, 1, 0, CPU)
+    listing.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="no images"):
+        build_loader(cfg_for(root, train_list=str(listing)), "train", 1, 0, 1, 0, CPU)
+
+
 def test_corrupt_jpeg_names_the_file(tmp_path):
     from tests.conftest import write_flat_tree
 

@@ -16,6 +16,11 @@ class DataConfig:
     root: str = "data/demo"            # holds <train_split>/ and <val_split>/ in class-folder layout
     train_split: str = "train"
     val_split: str = "val"
+    # Optional file lists (text, one image path per line, relative to the split folder, e.g.
+    # "n01440764/x.JPEG"): read only those images. Labels still come from the class folders
+    # (sorted folder names, as ImageFolder), so a subset keeps the full set's label indices.
+    train_list: Optional[str] = None
+    val_list: Optional[str] = None
     img_size: int = 224                # train crop side and eval crop side
     eval_crop_pct: float = 0.875       # eval resize = int(img_size / eval_crop_pct), then center crop
     scale: Tuple[float, float] = (0.08, 1.0)      # RandomResizedCrop area fraction

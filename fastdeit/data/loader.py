@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .folder import find_classes, scan_image_folder
+from .folder import find_classes, read_file_list, scan_image_folder
 from .pipeline import READER_NAME, Placement, build_train_pipeline, build_val_pipeline
 from .sampler import effective_repeats, train_indices, val_indices
 
@@ -40,7 +40,11 @@ def build_loader(cfg: DataConfig, split: str, batch_size: int, rank: int, world_
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     folder = os.path.join(cfg.root, cfg.train_split if split == "train" else cfg.val_split)
-    files, labels, classes = scan_image_folder(folder)
+    file_list = cfg.train_list if split == "train" else cfg.val_list
+    if file_list:
+        files, labels, classes = read_file_list(file_list, folder)
+    else:
+        files, labels, classes = scan_image_folder(folder)
     if split == "val":
         train_folder = os.path.join(cfg.root, cfg.train_split)
         if os.path.isdir(train_folder) and find_classes(train_folder) != classes:
