@@ -1,10 +1,9 @@
-"""Index-level tests of the epoch sampler (no DALI) and of the RandAugment spec parser."""
+"""Index-level tests of the epoch sampler (no DALI)."""
 import math
 
 import numpy as np
 import pytest
 
-from fastdeit.data.randaug import RandAugmentSpec, parse_rand_augment
 from fastdeit.data.sampler import (effective_repeats, epoch_permutation, train_indices,
                                    train_samples_per_rank, val_indices)
 
@@ -89,17 +88,3 @@ def test_val_indices_each_sample_once():
 def test_bad_rank():
     with pytest.raises(ValueError):
         train_indices(10, 2, 2, 0, 0)
-
-
-def test_parse_rand_augment():
-    assert parse_rand_augment("rand-m9-mstd0.5-inc1") == RandAugmentSpec(9, 2, 0.5, True)
-    assert parse_rand_augment("rand-n3-m7-inc0") == RandAugmentSpec(7, 3, 0.0, False)
-    assert parse_rand_augment("rand-m10") == RandAugmentSpec(10, 2, 0.0, False)
-
-
-@pytest.mark.parametrize("spec", ["augmix-m5", "rand", "rand-n2", "rand-m9.5", "rand-m11",
-                                  "rand-m9-mmax10", "rand-m9-w0", "rand-m9-p0.5", "rand-m9-inc2",
-                                  "rand-m9-mstd-1", "rand-m9-foo", "rand-mx"])
-def test_parse_rand_augment_rejects(spec):
-    with pytest.raises(ValueError, match="RandAugment"):
-        parse_rand_augment(spec)
