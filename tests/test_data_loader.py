@@ -54,6 +54,7 @@ def test_train_contract_and_range(synthetic_tree):
     assert len(batches) == len(loader)
     x, y = batches[0]
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and x.device == CPU
+    assert x.is_contiguous(memory_format=torch.channels_last)
     assert y.shape == (8,) and y.dtype == torch.int64 and y.device == CPU
     px = pixels(torch.cat([b[0] for b in batches]))
     assert px.min() > -0.5 and px.max() < 255.5  # uint8 range after de-normalising
@@ -84,6 +85,7 @@ def test_val_labels_order_and_partial_batch(flat_tree):
     for attempt in range(2):  # the kept pipeline serves a second evaluation identically
         batches = [(x, y) for x, y in loader]
         assert [len(y) for _, y in batches] == [5, 5, 5, 5, 4]
+        assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in batches)
         k = torch.cat([identify(x) for x, _ in batches])
         assert k.tolist() == list(range(24))  # unshuffled, folder order
         assert torch.cat([y for _, y in batches]).tolist() == [ids[i][1] for i in range(24)]
@@ -188,6 +190,95 @@ def _os_threads():
     return len(os.listdir("/proc/self/task"))
 
 
+def test_resume_mid_epoch_yields_the_same_batches(synthetic_tree):
+    """set_epoch(e, skip_batches=k) yields batches k.. of epoch e bit for bit (on CPU), with
+    RandAugment and repeated augmentation on; len() stays the full epoch's."""
+    cfg = cfg_for(synthetic_tree, rand_augment="rand-m9-mstd0.5-inc1", repeated_aug=3,
+                  repeated_aug_single_process=True)
+    loader = build_loader(cfg, "train", 8, 0, 1, 0, CPU)
+    full = epoch(loader, 2)
+    assert len(full) == len(loader) == 12
+    for skip in (1, 5, 11, 12):
+        loader.set_epoch(2, skip_batches=skip)
+        assert len(loader) == 12
+        rest = list(loader)
+        assert len(rest) == 12 - skip
+        for (x, y), (fx, fy) in zip(rest, full[skip:]):
+            assert torch.equal(x, fx) and torch.equal(y, fy)
+    with pytest.raises(ValueError, match="skip_batches"):
+        loader.set_epoch(2, skip_batches=13)
+    loader.close()
+
+
+def test_train_resize_matches_pil(tmp_path):
+    """Square images with scale and ratio pinned to 1: the crop is the whole image, so the
+    train output is the bicubic resize alone; on CPU it is torch's antialiased uint8 kernel,
+    PIL's algorithm: within one grey level of PIL's resize."""
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "train" / "a")
+    refs = []
+    for i in range(4):
+        side = int(rng.integers(40, 90))
+        base = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+        im = base.resize((side, side), Image.BICUBIC)
+        path = tmp_path / "train" / "a" / f"{i}.png"  # lossless: no decoder differences
+        im.save(path)
+        refs.append(np.asarray(im.resize((32, 32), Image.BICUBIC), np.float32))
+    cfg = cfg_for(str(tmp_path), scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)
+    (x, _), = epoch(build_loader(cfg, "train", 4, 0, 1, 0, CPU))
+    got = pixels(x).permute(0, 2, 3, 1).numpy()
+    order = [int(np.argmin([np.abs(g - r).mean() for r in refs])) for g in got]
+    assert sorted(order) == [0, 1, 2, 3]
+    for g, k in zip(got, order):
+        assert np.abs(g - refs[k]).max() < 1.01
+
+
+def test_random_resized_crop_statistics_match_torchvision(tmp_path):
+    """DALI's fused decode+crop draws windows like torchvision's RandomResizedCrop: area
+    fraction and log aspect ratio agree in mean and spread (4096 draws each)."""
+    import torchvision.transforms as T
+    from fastdeit.data.pipeline import Placement, build_train_pipeline
+
+    path = str(tmp_path / "x.jpg")
+    Image.new("RGB", (320, 240), (10, 20, 30)).save(path)
+    cfg = cfg_for(str(tmp_path), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    pipe = build_train_pipeline([path] * 64, [0] * 64, cfg, 64, 1, Placement(None))
+    shapes = np.concatenate([[t.shape() for t in pipe.run()[0]] for _ in range(32)])
+    ours = shapes[:, 0] * shapes[:, 1] / (320 * 240), np.log(shapes[:, 1] / shapes[:, 0])
+    torch.manual_seed(0)
+    tv = np.array([T.RandomResizedCrop.get_params(torch.empty(3, 240, 320), (0.08, 1.0),
+                                                  (3 / 4, 4 / 3))[2:] for _ in range(2048)])
+    ref = tv[:, 0] * tv[:, 1] / (320 * 240), np.log(tv[:, 1] / tv[:, 0])
+    for a, b in zip(ours, ref):
+        assert abs(a.mean() - b.mean()) < 0.02 and abs(a.std() - b.std()) < 0.02
+
+
+def test_file_list_subset_keeps_folder_labels(tmp_path, flat_tree):
+    root, ids = flat_tree
+    listing = tmp_path / "train.txt"
+    chosen = [k for k in ids if ids[k][1] in (1, 3)][:8]  # classes 1 and 3 only
+    lines = ["# a subset", ""] + [os.path.relpath(ids[k][0], os.path.join(root, "train"))
+                                  for k in chosen]
+    listing.write_text("\n".join(lines) + "\n")
+    loader = build_loader(cfg_for(root, train_list=str(listing)), "train", 4, 0, 1, 0, CPU)
+    assert loader.num_classes == FLAT_CLASSES and len(loader) == 2
+    seen = []
+    for x, y in epoch(loader):
+        k = identify(x)
+        assert y.tolist() == [ids[i][1] for i in k.tolist()]  # the full tree's label indices
+        seen += k.tolist()
+    assert sorted(seen) == sorted(chosen)
+    for bad, match in [("cls9/img000.jpg", "not a class folder"), ("cls1/nope.jpg", "no such file"),
+                       ("/abs/cls1/x.jpg", "relative"), ("../cls1/x.jpg", "relative"),
+                       ("img.jpg", "class folder")]:
+        listing.write_text(bad + "\n")
+        with pytest.raises(ValueError, match=match):
+            build_loader(cfg_for(root, train_list=str(listing)), "train", 1, 0, 1, 0, CPU)
+    listing.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="no images"):
+        build_loader(cfg_for(root, train_list=str(listing)), "train", 1, 0, 1, 0, CPU)
+
+
 def test_corrupt_jpeg_names_the_file(tmp_path):
     from tests.conftest import write_flat_tree
 
@@ -205,6 +296,38 @@ def test_corrupt_jpeg_names_the_file(tmp_path):
     with pytest.raises(RuntimeError, match=re.escape(bad)):
         epoch_ok = epoch(loader, 1)
     assert epoch_ok is None
+
+
+@pytest.mark.parametrize("damage", ["truncated_data", "not_an_image"])
+def test_bad_files_stop_with_the_file_named(tmp_path, damage):
+    """A JPEG cut inside its compressed data (DALI and PIL both refuse it) or a non-image
+    file with an image extension: the epoch stops with an error naming that file."""
+    from tests.conftest import write_flat_tree
+
+    ids = write_flat_tree(tmp_path, "train", classes=2, per_class=6)
+    bad = ids[7][0]
+    if damage == "truncated_data":
+        rng = np.random.default_rng(0)
+        Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(bad, quality=90)
+        data = open(bad, "rb").read()
+        open(bad, "wb").write(data[: int(len(data) * 0.6)])
+    else:
+        open(bad, "w").write("not a JPEG, despite the name")
+    loader = build_loader(cfg_for(str(tmp_path), rand_augment="rand-m9-inc1"), "train", 2, 0,
+                          1, 0, CPU)
+    with pytest.raises(RuntimeError, match=re.escape(bad)):
+        epoch(loader)
+
+
+def test_missing_split_folders_are_named(tmp_path, flat_tree):
+    root, _ = flat_tree
+    only_val = tmp_path / "only_val"
+    os.makedirs(only_val / "val" / "a")
+    Image.new("RGB", (8, 8)).save(only_val / "val" / "a" / "x.jpg")
+    with pytest.raises(ValueError, match=re.escape(str(only_val / "train"))):
+        build_loader(cfg_for(str(only_val)), "train", 1, 0, 1, 0, CPU)
+    with pytest.raises(ValueError, match="does not exist.*nope"):
+        build_loader(cfg_for(root, val_split="nope"), "val", 1, 0, 1, 0, CPU)
 
 
 def test_bad_trees(tmp_path, flat_tree):
@@ -225,8 +348,7 @@ def test_bad_trees(tmp_path, flat_tree):
     with pytest.raises(ValueError, match="split"):
         build_loader(cfg_for(root), "test", 2, 0, 1, 0, CPU)
     with pytest.raises(ValueError, match="RandAugment"):
-        build_loader(cfg_for(root, rand_augment="rand-m9-mmax10"), "train", 2, 0, 1, 0,
-                     CPU).set_epoch(0)
+        build_loader(cfg_for(root, rand_augment="rand-m9-tweights"), "train", 2, 0, 1, 0, CPU)
 
 
 def test_placement():
@@ -249,5 +371,33 @@ def test_gpu_pipeline_matches_contract(synthetic_tree):
         loader.set_epoch(0)
         x, y = next(iter(loader))
         assert x.device == dev and x.dtype == torch.float32 and x.shape == (8, 3, 32, 32)
+        assert x.is_contiguous(memory_format=torch.channels_last)
         assert y.device == dev and y.dtype == torch.int64 and y.shape == (8,)
         loader.close()
+
+
+@pytest.mark.gpu
+def test_gpu_resume_mid_epoch(synthetic_tree):
+    dev = torch.device("cuda", 0)
+    cfg = cfg_for(synthetic_tree, device="gpu", rand_augment="rand-m9-mstd0.5-inc1")
+    loader = build_loader(cfg, "train", 8, 0, 1, 0, dev)
+    full = epoch(loader, 1)
+    loader.set_epoch(1, skip_batches=4)
+    rest = list(loader)
+    assert len(rest) == len(full) - 4
+    for (x, y), (fx, fy) in zip(rest, full[4:]):
+        assert torch.equal(y, fy) and (x - fx).abs().max() < 1e-5
+    loader.close()
+
+
+@pytest.mark.gpu
+def test_cpu_data_for_gpu_training(synthetic_tree):
+    """data.device=cpu with a CUDA training device: DALI and the resize on the CPU, the uint8
+    batch copied over, RandAugment and normalisation on the GPU."""
+    dev = torch.device("cuda", 0)
+    cfg = cfg_for(synthetic_tree, device="cpu", rand_augment="rand-m9-mstd0.5-inc1")
+    loader = build_loader(cfg, "train", 8, 0, 1, 0, dev)
+    x, y = epoch(loader)[0]
+    assert x.device == dev and y.device == dev and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    loader.close()

@@ -1,12 +1,11 @@
-"""Index-level tests of the epoch sampler (no DALI) and of the RandAugment spec parser."""
+"""Index-level tests of the epoch sampler (no DALI)."""
 import math
 
 import numpy as np
 import pytest
 
-from fastdeit.data.randaug import RandAugmentSpec, parse_rand_augment
-from fastdeit.data.sampler import (epoch_permutation, train_indices, train_samples_per_rank,
-                                   val_indices)
+from fastdeit.data.sampler import (effective_repeats, epoch_permutation, train_indices,
+                                   train_samples_per_rank, val_indices)
 
 
 def reference_ra(n, rank, world, seed, epoch, repeats):
@@ -56,9 +55,19 @@ def test_repeated_aug_small_dataset_rule():
     assert train_samples_per_rank(101, 4, 3) == 26
 
 
-def test_repeated_aug_off_on_one_process():
-    idx = train_indices(500, 0, 1, seed=3, epoch=1, repeats=3)
-    assert np.array_equal(idx, epoch_permutation(500, 3, 1))
+def test_repeated_aug_off_on_one_process_unless_forced():
+    # the reference uses RASampler only when distributed; our switch forces it on one process
+    assert effective_repeats(3, world_size=1) == 1
+    assert effective_repeats(3, world_size=1, single_process=True) == 3
+    assert effective_repeats(3, world_size=2) == 3 and effective_repeats(1, world_size=8) == 1
+    with pytest.raises(ValueError):
+        effective_repeats(0, 1)
+    plain = train_indices(500, 0, 1, seed=3, epoch=1, repeats=effective_repeats(3, 1))
+    assert np.array_equal(plain, epoch_permutation(500, 3, 1))
+    # forced on one process: the reference sampler with num_replicas=1, copies back to back
+    forced = train_indices(500, 0, 1, seed=3, epoch=1, repeats=3).tolist()
+    assert forced == reference_ra(500, 0, 1, 3, 1, 3) and len(forced) == 256
+    assert forced[0] == forced[1] == forced[2] != forced[3]
 
 
 @pytest.mark.parametrize("n,world", [(100, 4), (101, 4), (7, 3)])
@@ -79,17 +88,3 @@ def test_val_indices_each_sample_once():
 def test_bad_rank():
     with pytest.raises(ValueError):
         train_indices(10, 2, 2, 0, 0)
-
-
-def test_parse_rand_augment():
-    assert parse_rand_augment("rand-m9-mstd0.5-inc1") == RandAugmentSpec(9, 2, 0.5, True)
-    assert parse_rand_augment("rand-n3-m7-inc0") == RandAugmentSpec(7, 3, 0.0, False)
-    assert parse_rand_augment("rand-m10") == RandAugmentSpec(10, 2, 0.0, False)
-
-
-@pytest.mark.parametrize("spec", ["augmix-m5", "rand", "rand-n2", "rand-m9.5", "rand-m11",
-                                  "rand-m9-mmax10", "rand-m9-w0", "rand-m9-p0.5", "rand-m9-inc2",
-                                  "rand-m9-mstd-1", "rand-m9-foo", "rand-mx"])
-def test_parse_rand_augment_rejects(spec):
-    with pytest.raises(ValueError, match="RandAugment"):
-        parse_rand_augment(spec)
