@@ -152,7 +152,8 @@ class Trainer:
                 continue
             done = micro // self.accum
             end_of_epoch = micro == len(self.train_loader)
-            if engine.global_steps % self.log_every == 0 or end_of_epoch:
+            if engine.global_steps % self.log_every == 0 or end_of_epoch or \
+                    engine.global_steps == self.cfg.stop_after_steps:    # stops land on logging steps
                 values = self._log_step(meter, clock, first_bad)
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
