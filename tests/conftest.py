@@ -65,3 +65,14 @@ def synthetic_tree(tmp_path_factory):
     generate(str(root), classes=4, train_per_class=24, val_per_class=9, min_size=48,
              max_size=96, seed=0)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """The end-to-end tests' tree: 4 classes x 48 train (6 steps of 32) and 10 val images each."""
+    from fastdeit.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("e2e-data")
+    generate(str(root), classes=4, train_per_class=48, val_per_class=10, min_size=36, max_size=48,
+             seed=0, quality=90)
+    return root

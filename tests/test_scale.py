@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from fastdeit.checkpoint import Checkpointer
-from fastdeit.data.synthetic import generate
 from fastdeit.models import ModelConfig, build_student
 from fastdeit.preemption import PREEMPTED_EXIT_CODE
 from tests.launching import ROOT, TINY, command, env, launch, records
@@ -22,13 +21,6 @@ from tests.launching import ROOT, TINY, command, env, launch, records
 pytestmark = pytest.mark.slow
 
 STEPS_PER_EPOCH = 6   # 4 classes x 48 images / global batch 32
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate(str(root), classes=4, train_per_class=48, val_per_class=10, min_size=36, max_size=48, seed=0, quality=90)
-    return root
 
 
 def base(dataset, run):

@@ -9,17 +9,9 @@ import pytest
 import timm
 import torch
 
-from fastdeit.data.synthetic import generate
 from tests.launching import launch, records
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate(str(root), classes=4, train_per_class=48, val_per_class=10, min_size=36, max_size=48, seed=0, quality=90)
-    return root
 
 
 def test_train_eval_checkpoint_resume(dataset, tmp_path):
