@@ -42,22 +42,32 @@ def step_losses(run):
     return {r["step"]: (r["loss"], r["lr"]) for r in records(run, "step")}
 
 
+RESUME_ARGS = ["trainer.epochs=2", "trainer.eval_every=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, teacher, tmp_path_factory):
+    """The reference run both exact-resume cases compare against."""
+    run = tmp_path_factory.mktemp("uninterrupted")
+    launch(*base(dataset, run), f"teacher.weights={teacher}", *RESUME_ARGS)
+    return run
+
+
 @pytest.mark.parametrize("stop_at", [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 2], ids=["epoch-boundary", "mid-epoch"])
-def test_exact_resume(dataset, teacher, tmp_path, stop_at):
+def test_exact_resume(dataset, teacher, uninterrupted, tmp_path, stop_at):
     """Stopped at step k and resumed == uninterrupted: same losses and LRs, bit for bit on CPU."""
-    full, split = tmp_path / "full", tmp_path / "split"
-    t = [f"teacher.weights={teacher}", "trainer.epochs=2", "trainer.eval_every=2"]
-    launch(*base(dataset, full), *t)
+    split = tmp_path / "split"
+    t = [f"teacher.weights={teacher}", *RESUME_ARGS]
     stopped = launch(*base(dataset, split), *t, f"trainer.stop_after_steps={stop_at}")
     assert "stopping after optimizer step" in stopped.stdout
     state = Checkpointer.read_state(split / "checkpoints" / f"step_{stop_at:08d}")
     assert (state["epoch"], state["epoch_step"]) == divmod(stop_at, STEPS_PER_EPOCH)
     resumed = launch(*base(dataset, split), *t)
     assert "resumed from" in resumed.stdout
-    a, b = step_losses(full), step_losses(split)
+    a, b = step_losses(uninterrupted), step_losses(split)
     assert sorted(a) == sorted(b) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
     assert a == b                                            # exact, not approximately
-    va, vb = records(full, "epoch")[-1], records(split, "epoch")[-1]
+    va, vb = records(uninterrupted, "epoch")[-1], records(split, "epoch")[-1]
     assert va["val/avg_top1"] == vb["val/avg_top1"]
 
 
