@@ -105,7 +105,9 @@ def equalize(x: Tensor) -> Tensor:
     k, c, h, w = x.shape
     index = _table_index(_nhwc(x))                                            # [k, H*W*C]
     index = index + torch.arange(k, device=x.device).view(k, 1) * (c * 256)
-    hist = torch.bincount(index.view(-1), minlength=k * c * 256).view(k * c, 256)
+    # scatter_add into a fixed-size histogram: bincount would read the max back to the host
+    hist = torch.zeros(k * c * 256, dtype=torch.int64, device=x.device)
+    hist = hist.scatter_add_(0, index.view(-1), torch.ones_like(index).view(-1)).view(k * c, 256)
     levels = torch.arange(256, device=x.device)
     top = torch.where(hist > 0, levels, -1).amax(dim=1, keepdim=True)       # highest level used
     step = (h * w - hist.gather(1, top)) // 255                               # [k*c, 1]
@@ -263,7 +265,11 @@ def shift_rows(x: Tensor, axis: int, shear: Tensor, shift: Tensor, fill: Tensor)
     inside = (along + 0.5 + s.view(k, lines, 1) >= 0) & (along + 0.5 + s.view(k, lines, 1) < length)
     index = index.clamp_(0, length).unsqueeze(-1).expand(k, lines, length, c)
     out = torch.gather(f, 2, index).clamp_(0, 255).to(torch.uint8)  # PIL truncates
-    out[~inside] = fill.to(dev, torch.uint8)
+    fill = fill.to(dev, torch.uint8)
+    if dev.type == "cpu":   # masked store: a fraction of torch.where's cost on the CPU
+        out[~inside] = fill
+    else:                   # a boolean-mask store would read the mask's count back to the host
+        out = torch.where(inside.unsqueeze(-1), out, fill)
     if axis == 2:
         out = out.transpose(1, 2)
     return out.permute(0, 3, 1, 2)
