@@ -9,11 +9,12 @@ reproduces PIL's (what timm's RandAugment calls) rather than approximating it:
     integer luma (ITU-R 601-2 in 16-bit fixed point, as PIL's RGB->L), PIL's float32 blend with
     truncation, the 3x3 SMOOTH kernel with PIL's rounding and untouched border, equalize's
     integer LUT, autocontrast's float64 LUT;
-  * affine warps (rotate, shear, translate) sample at PIL's coordinates (pixel centres, the
-    same output->input matrices), fill outside pixels exactly where PIL does, clamp taps at the
-    border like PIL and truncate like PIL, but interpolate with torch's bicubic kernel
-    (a = -0.75) where PIL's transform uses a = -1: a mean difference well under one grey level
-    (tests/test_data_randaug.py measures it).
+  * warps sample at PIL's coordinates (pixel centres, the same output->input matrices), fill
+    outside pixels exactly where PIL does, clamp taps at the border and truncate like PIL.
+    Shear and translate (shift_rows) also use PIL's bicubic kernel (a = -1), in float32:
+    about 0.1% of values one level apart. Rotation (affine) interpolates with torch's
+    grid_sample bicubic (a = -0.75): about half a grey level apart on average
+    (tests/test_data_randaug.py measures both).
 
 Results are rounded back to uint8 after every op, as chaining PIL ops does.
 """
