@@ -9,8 +9,10 @@ thread and the trainer keep the cores busy together instead of taking turns.
 """
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
+import weakref
 from typing import Any, Callable
 
 import numpy as np
@@ -36,24 +38,31 @@ def resize_crops(crops, flips: np.ndarray, size: int) -> torch.Tensor:
 class BackgroundBatches:
     """Calls produce(step) for step in [start, stop) in order in a daemon thread, up to `depth`
     results ahead of get(). An exception in produce is re-raised by the get() of that step.
-    close() stops and joins the thread (it finishes the produce call in flight first)."""
+    close() stops and joins the thread (it finishes the produce call in flight first).
+
+    A bound-method `produce` is held weakly between calls, so an owner dropped without close()
+    is still collected (its finaliser closes this) instead of being kept alive by the thread.
+    """
 
     def __init__(self, produce: Callable[[int], Any], start: int, stop: int, depth: int):
         self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(produce, start, stop),
+        ref = weakref.WeakMethod(produce) if inspect.ismethod(produce) else (lambda: produce)
+        self._thread = threading.Thread(target=self._run, args=(ref, start, stop),
                                         name="fastdeit-batches", daemon=True)
         self._thread.start()
 
-    def _run(self, produce, start: int, stop: int) -> None:
+    def _run(self, ref, start: int, stop: int) -> None:
         for step in range(start, stop):
-            if self._stop.is_set():
+            produce = ref()
+            if self._stop.is_set() or produce is None:
                 return
             try:
                 item = (produce(step), None)
             except BaseException as e:  # handed to the consumer, which re-raises it
                 item = (None, e)
-            while not self._stop.is_set():
+            del produce
+            while not self._stop.is_set() and ref() is not None:
                 try:
                     self._queue.put(item, timeout=0.05)
                     break
