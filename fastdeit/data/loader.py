@@ -171,7 +171,10 @@ class Loader:
         self._start(order, build_train_pipeline, pipe_args)
         self._epoch, self._skip = epoch, skip_batches
         for step in range(skip_batches):  # decode and discard: see the module docstring
-            self._run_dali(step)
+            try:
+                self._run_dali(step)
+            except RuntimeError as e:
+                self._fail(step, e)
         if self._it is None:  # CPU: produce the coming batches in the background (host.py)
             self._background = BackgroundBatches(self._produce_host, skip_batches,
                                                  self._num_batches, self.cfg.prefetch)
@@ -197,15 +200,15 @@ class Loader:
 
     def _batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         for step in range(self._skip, self._num_batches):
-            if self._background is not None:
-                try:
+            try:
+                if self._background is not None:
                     images, labels = self._background.get()
-                except RuntimeError as e:
-                    self._fail(step, e)
-            else:
-                images, labels = self._run_dali(step)
-                # DALI's HWC batch viewed as NCHW: channels-last memory, no copy.
-                images = images.permute(0, 3, 1, 2)
+                else:
+                    images, labels = self._run_dali(step)
+                    # DALI's HWC batch viewed as NCHW: channels-last memory, no copy.
+                    images = images.permute(0, 3, 1, 2)
+            except RuntimeError as e:
+                self._fail(step, e)
             if images.device != self.device:  # CPU pipeline feeding a GPU run: copy uint8
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
@@ -239,19 +242,17 @@ class Loader:
 
     def _run_dali(self, step: int):
         """One DALI batch: (images [B, H, W, 3], labels [B]) from the iterator, or the raw
-        pipeline outputs of the CPU train graph."""
-        try:
-            if self._it is not None:
+        pipeline outputs of the CPU train graph. Raises DALI's RuntimeError as is: callers in
+        the training thread turn it into one naming the file (_fail); in the producer thread
+        it travels to the training thread first."""
+        if self._it is not None:
+            try:
                 out = next(self._it)[0]
-                return out["images"], out["labels"].view(-1)
-            return self._pipe.run()
-        except StopIteration:  # cannot happen with a consistent epoch size; never hang
-            raise RuntimeError(f"DALI ended the {self.split} epoch after {step} of "
-                               f"{self._num_batches} batches") from None
-        except RuntimeError as e:
-            if self._background is not None:
-                raise  # in the producer thread: the consumer reports it (_fail)
-            self._fail(step, e)
+            except StopIteration:  # cannot happen with a consistent epoch size; never hang
+                raise RuntimeError(f"DALI ended the {self.split} epoch after {step} of "
+                                   f"{self._num_batches} batches") from None
+            return out["images"], out["labels"].view(-1)
+        return self._pipe.run()
 
     def close(self) -> None:
         """Release the DALI pipeline (and its threads and buffers)."""
