@@ -176,8 +176,9 @@ class Loader:
             except RuntimeError as e:
                 self._fail(step, e)
         if self._it is None:  # CPU: produce the coming batches in the background (host.py)
-            self._background = BackgroundBatches(self._produce_host, skip_batches,
-                                                 self._num_batches, self.cfg.prefetch)
+            self._background = BackgroundBatches(
+                self._read_host, self._finish_host, skip_batches, self._num_batches,
+                depth=self.cfg.prefetch, workers=self.cfg.host_threads)
         self._ready = True
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -231,14 +232,20 @@ class Loader:
             images = self.randaug.apply(images, plan)
         return imageops.normalize(images, self._mean, self._std)
 
-    def _produce_host(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """CPU placement, background thread: DALI's crops -> resized (and augmented when the
-        batches are for the CPU; for a GPU they are augmented there, in the training thread)."""
+    def _read_host(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """CPU placement, feeder thread: DALI's crops, resized and flipped (uint8 NCHW in
+        channels-last memory) before DALI's next run reuses their buffers."""
         crops, labels, flips = self._run_dali(step)
         images = resize_crops(crops, flips.as_array(), self.cfg.img_size).permute(0, 3, 1, 2)
+        return images, torch.from_numpy(labels.as_array().reshape(-1))
+
+    def _finish_host(self, step: int, batch):
+        """CPU placement, pool thread: RandAugment + normalisation when the batches are for the
+        CPU (for a GPU they are augmented there, in the training thread)."""
+        images, labels = batch
         if self.device.type == "cpu":
             images = self._augment(images, step)
-        return images, torch.from_numpy(labels.as_array().reshape(-1))
+        return images, labels
 
     def _run_dali(self, step: int):
         """One DALI batch: (images [B, H, W, 3], labels [B]) from the iterator, or the raw
