@@ -36,6 +36,8 @@ class DataConfig:
     device: str = "auto"               # auto | gpu | cpu: where DALI decodes (augmentation runs
                                        # on the training device either way)
     num_threads: int = 4               # DALI CPU threads per rank
+    host_threads: int = 2              # CPU placement: threads that RandAugment + normalise
+                                       # consecutive batches in parallel (plus one feeding DALI)
     prefetch: int = 2                  # DALI prefetch queue depth
     hw_decoder_load: float = 0.65      # GPU: share of JPEG decoding on the A100/H100/H200 hardware
                                        # decoder (the rest on CUDA cores); ignored on CPU

@@ -9,8 +9,11 @@ thread and the trainer keep the cores busy together instead of taking turns.
 """
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -34,26 +37,43 @@ def resize_crops(crops, flips: np.ndarray, size: int) -> torch.Tensor:
 
 
 class BackgroundBatches:
-    """Calls produce(step) for step in [start, stop) in order in a daemon thread, up to `depth`
-    results ahead of get(). An exception in produce is re-raised by the get() of that step.
-    close() stops and joins the thread (it finishes the produce call in flight first)."""
+    """Produces the batches of steps [start, stop) ahead of the consumer, in order.
 
-    def __init__(self, produce: Callable[[int], Any], start: int, stop: int, depth: int):
+    read(step) runs in one feeder thread, step after step (it drives DALI, whose pipeline is
+    not thread-safe and whose output buffers are only valid until its next run); then
+    finish(step, read's result) runs in a pool of `workers` threads, so consecutive batches
+    are finished in parallel. At most `depth` batches wait ahead of get(). An exception in
+    read or finish is re-raised by the get() of that step. close() stops the feeder, waits for
+    the calls in flight and joins every thread.
+
+    Bound methods are held weakly by the threads, so an owner dropped without close() is still
+    collected (its finaliser closes this) instead of being kept alive by its own threads.
+    """
+
+    def __init__(self, read: Callable[[int], Any], finish: Callable[[int, Any], Any],
+                 start: int, stop: int, depth: int, workers: int = 1):
         self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(produce, start, stop),
-                                        name="fastdeit-batches", daemon=True)
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="fastdeit-finish")
+        refs = tuple(weakref.WeakMethod(f) if inspect.ismethod(f) else (lambda f=f: f)
+                     for f in (read, finish))
+        self._thread = threading.Thread(target=self._run, args=(refs, start, stop),
+                                        name="fastdeit-read", daemon=True)
         self._thread.start()
 
-    def _run(self, produce, start: int, stop: int) -> None:
+    def _run(self, refs, start: int, stop: int) -> None:
+        read_ref, finish_ref = refs
         for step in range(start, stop):
-            if self._stop.is_set():
+            read = read_ref()
+            if self._stop.is_set() or read is None:
                 return
             try:
-                item = (produce(step), None)
+                raw = read(step)
+                item = (self._pool.submit(_call, finish_ref, step, raw), None)
             except BaseException as e:  # handed to the consumer, which re-raises it
                 item = (None, e)
-            while not self._stop.is_set():
+            del read
+            while not self._stop.is_set() and read_ref() is not None:
                 try:
                     self._queue.put(item, timeout=0.05)
                     break
@@ -65,16 +85,24 @@ class BackgroundBatches:
     def get(self) -> Any:
         while True:
             try:
-                value, error = self._queue.get(timeout=0.5)
+                future, error = self._queue.get(timeout=0.5)
                 break
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():  # never hang
                     raise RuntimeError("the batch producer thread ended without a batch")
         if error is not None:
             raise error
-        return value
+        return future.result()
 
     def close(self) -> None:
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _call(ref, step: int, raw: Any) -> Any:
+    finish = ref()
+    if finish is None:
+        raise RuntimeError("the loader was released")
+    return finish(step, raw)

@@ -9,11 +9,12 @@ reproduces PIL's (what timm's RandAugment calls) rather than approximating it:
     integer luma (ITU-R 601-2 in 16-bit fixed point, as PIL's RGB->L), PIL's float32 blend with
     truncation, the 3x3 SMOOTH kernel with PIL's rounding and untouched border, equalize's
     integer LUT, autocontrast's float64 LUT;
-  * affine warps (rotate, shear, translate) sample at PIL's coordinates (pixel centres, the
-    same output->input matrices), fill outside pixels exactly where PIL does, clamp taps at the
-    border like PIL and truncate like PIL, but interpolate with torch's bicubic kernel
-    (a = -0.75) where PIL's transform uses a = -1: a mean difference well under one grey level
-    (tests/test_data_randaug.py measures it).
+  * warps sample at PIL's coordinates (pixel centres, the same output->input matrices), fill
+    outside pixels exactly where PIL does, clamp taps at the border and truncate like PIL.
+    Shear and translate (shift_rows) also use PIL's bicubic kernel (a = -1), in float32:
+    about 0.1% of values one level apart. Rotation (affine) interpolates with torch's
+    grid_sample bicubic (a = -0.75): about half a grey level apart on average
+    (tests/test_data_randaug.py measures both).
 
 Results are rounded back to uint8 after every op, as chaining PIL ops does.
 """
@@ -103,16 +104,19 @@ def equalize(x: Tensor) -> Tensor:
     lut[v] = (step // 2 + #pixels below v) // step; identity when step is 0 (or one level).
     """
     k, c, h, w = x.shape
-    index = _table_index(_nhwc(x))                                            # [k, H*W*C]
-    index = index + torch.arange(k, device=x.device).view(k, 1) * (c * 256)
-    hist = torch.bincount(index.view(-1), minlength=k * c * 256).view(k * c, 256)
+    nhwc = _nhwc(x)
+    index = _table_index(nhwc)                                       # [k, H*W*C]: channel, value
+    flat = index + torch.arange(k, device=x.device).view(k, 1) * (c * 256)
+    # scatter_add into a fixed-size histogram: bincount would read the max back to the host
+    hist = torch.zeros(k * c * 256, dtype=torch.int64, device=x.device)
+    hist = hist.scatter_add_(0, flat.view(-1), torch.ones_like(flat).view(-1)).view(k * c, 256)
     levels = torch.arange(256, device=x.device)
     top = torch.where(hist > 0, levels, -1).amax(dim=1, keepdim=True)       # highest level used
     step = (h * w - hist.gather(1, top)) // 255                               # [k*c, 1]
     below = hist.cumsum(1) - hist                                             # exclusive cumsum
     lut = ((step // 2 + below) // step.clamp(min=1)).clamp_(max=255)
-    lut = torch.where(step > 0, lut, levels.expand_as(lut))
-    return apply_lut(x, lut.to(torch.uint8).view(k, c, 256))
+    lut = torch.where(step > 0, lut, levels.expand_as(lut)).to(torch.uint8).view(k, c * 256)
+    return _nchw(torch.gather(lut, 1, index).view(k, h, w, c))
 
 
 def _table_index(nhwc: Tensor) -> Tensor:
@@ -232,10 +236,12 @@ def shift_rows(x: Tensor, axis: int, shear: Tensor, shift: Tensor, fill: Tensor)
     [0, L), truncation. Exact up to float32 vs PIL's float64 rounding.
 
     Every line (row for axis x) moves by s = shear * (line + 0.5) + shift = q + d, integer q
-    plus fraction d. The fractional 4-tap filter is computed for every integer source position
-    with plain slices of an edge-padded copy (per-line weights), then one gather moves each line
-    by q: 1 gather instead of 4 (a gather costs about 10 slice operations on the CPU).
-    shear, shift: [k] (any float dtype, any device); fill: [3] uint8.
+    plus fraction d. (1) The 4-tap filter for fraction d is computed for every integer source
+    base u in [-1, L - 1] with plain slices of an edge-padded copy: f[u + 1]. (2) Output i of a
+    line is f[i + q + 1] where that lies in the line's valid range, else the fill. Each line's
+    f sits in the middle of a fill-padded row of a buffer, so (2) is one copy of overlapping
+    row windows (unfold + index_select), no per-pixel gather or mask. shear, shift: [k] (any
+    float dtype, any device); fill: [3] uint8.
     """
     k, c, h, w = x.shape
     dev = x.device
@@ -253,17 +259,32 @@ def shift_rows(x: Tensor, axis: int, shear: Tensor, shift: Tensor, fill: Tensor)
     # edge-pad 2 on each side: padded[i] = src[clamp(i - 2)], i in [0, length + 4)
     padded = torch.cat([src[:, :, :1].expand(-1, -1, 2, -1), src,
                         src[:, :, -1:].expand(-1, -1, 2, -1)], dim=2).to(torch.float32)
-    # f[u + 1] = sum_t w_t src[clamp(u + t - 1)] for the source base u in [-1, length - 1]
-    f = padded[:, :, 0:length + 1] * weights[0].view(k, lines, 1, 1)
+    # (1) rows of [pad fill | f (length + 1) | pad fill]; a line moved by |q| > length + 1 is
+    # all fill, so pad = length + 2 holds every window that can reach the line's f
+    pad = length + 2
+    row = length + 1 + 2 * pad
+    buf = torch.empty(k * lines, row * c, device=dev, dtype=torch.float32)
+    # fill both pads from one [pad * C] pattern (a per-channel broadcast would be a 3-wide
+    # innermost loop, several times slower on the CPU)
+    pattern = fill.to(dev, torch.float32).repeat(pad).expand(k * lines, pad * c)
+    buf[:, :pad * c].copy_(pattern)
+    buf[:, (pad + length + 1) * c:].copy_(pattern)
+    buf = buf.view(k, lines, row, c)
+    f = buf[:, :, pad:pad + length + 1]
+    torch.mul(padded[:, :, 0:length + 1], weights[0].view(k, lines, 1, 1), out=f)
     for t in (1, 2, 3):
         f.addcmul_(padded[:, :, t:t + length + 1], weights[t].view(k, lines, 1, 1))
-    # out[line, i] = f[i + q + 1] where the source i + 0.5 + s lies in [0, length)
-    along = torch.arange(length, device=dev).view(1, 1, length)
-    index = along + q.to(torch.int64).view(k, lines, 1) + 1
-    inside = (along + 0.5 + s.view(k, lines, 1) >= 0) & (along + 0.5 + s.view(k, lines, 1) < length)
-    index = index.clamp_(0, length).unsqueeze(-1).expand(k, lines, length, c)
-    out = torch.gather(f, 2, index).clamp_(0, 255).to(torch.uint8)  # PIL truncates
-    out[~inside] = fill.to(dev, torch.uint8)
+    # The source of output i is i + 0.5 + s, inside [0, length) iff f's index u = i + q + 1
+    # lies in [1, length] (d < 0.5) or [0, length - 1] (d >= 0.5): fill the one other end.
+    edge = torch.where(d < 0.5, 0, length).to(torch.int64).view(k, lines, 1, 1)
+    f.scatter_(2, edge.expand(k, lines, 1, c), fill.to(dev, torch.float32).expand(k, lines, 1, c))
+    # (2) output row = the window of `length` starting at f index q + 1 (clamped: beyond
+    # +-(length + 1) the window is fill either way)
+    start = q.clamp_(-length - 1, length + 1).to(torch.int64) + 1 + pad   # within a row
+    start = start + torch.arange(k * lines, device=dev).view(k, lines) * row
+    windows = buf.view(-1).unfold(0, length * c, c)                 # [positions, length * C]
+    out = windows.index_select(0, start.view(-1)).view(k, lines, length, c)
+    out = out.clamp_(0, 255).to(torch.uint8)                        # PIL truncates
     if axis == 2:
         out = out.transpose(1, 2)
     return out.permute(0, 3, 1, 2)

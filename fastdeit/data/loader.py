@@ -171,10 +171,14 @@ class Loader:
         self._start(order, build_train_pipeline, pipe_args)
         self._epoch, self._skip = epoch, skip_batches
         for step in range(skip_batches):  # decode and discard: see the module docstring
-            self._run_dali(step)
+            try:
+                self._run_dali(step)
+            except RuntimeError as e:
+                self._fail(step, e)
         if self._it is None:  # CPU: produce the coming batches in the background (host.py)
-            self._background = BackgroundBatches(self._produce_host, skip_batches,
-                                                 self._num_batches, self.cfg.prefetch)
+            self._background = BackgroundBatches(
+                self._read_host, self._finish_host, skip_batches, self._num_batches,
+                depth=self.cfg.prefetch, workers=self.cfg.host_threads)
         self._ready = True
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -197,15 +201,15 @@ class Loader:
 
     def _batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         for step in range(self._skip, self._num_batches):
-            if self._background is not None:
-                try:
+            try:
+                if self._background is not None:
                     images, labels = self._background.get()
-                except RuntimeError as e:
-                    self._fail(step, e)
-            else:
-                images, labels = self._run_dali(step)
-                # DALI's HWC batch viewed as NCHW: channels-last memory, no copy.
-                images = images.permute(0, 3, 1, 2)
+                else:
+                    images, labels = self._run_dali(step)
+                    # DALI's HWC batch viewed as NCHW: channels-last memory, no copy.
+                    images = images.permute(0, 3, 1, 2)
+            except RuntimeError as e:
+                self._fail(step, e)
             if images.device != self.device:  # CPU pipeline feeding a GPU run: copy uint8
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
@@ -228,30 +232,34 @@ class Loader:
             images = self.randaug.apply(images, plan)
         return imageops.normalize(images, self._mean, self._std)
 
-    def _produce_host(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """CPU placement, background thread: DALI's crops -> resized (and augmented when the
-        batches are for the CPU; for a GPU they are augmented there, in the training thread)."""
+    def _read_host(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """CPU placement, feeder thread: DALI's crops, resized and flipped (uint8 NCHW in
+        channels-last memory) before DALI's next run reuses their buffers."""
         crops, labels, flips = self._run_dali(step)
         images = resize_crops(crops, flips.as_array(), self.cfg.img_size).permute(0, 3, 1, 2)
+        return images, torch.from_numpy(labels.as_array().reshape(-1))
+
+    def _finish_host(self, step: int, batch):
+        """CPU placement, pool thread: RandAugment + normalisation when the batches are for the
+        CPU (for a GPU they are augmented there, in the training thread)."""
+        images, labels = batch
         if self.device.type == "cpu":
             images = self._augment(images, step)
-        return images, torch.from_numpy(labels.as_array().reshape(-1))
+        return images, labels
 
     def _run_dali(self, step: int):
         """One DALI batch: (images [B, H, W, 3], labels [B]) from the iterator, or the raw
-        pipeline outputs of the CPU train graph."""
-        try:
-            if self._it is not None:
+        pipeline outputs of the CPU train graph. Raises DALI's RuntimeError as is: callers in
+        the training thread turn it into one naming the file (_fail); in the producer thread
+        it travels to the training thread first."""
+        if self._it is not None:
+            try:
                 out = next(self._it)[0]
-                return out["images"], out["labels"].view(-1)
-            return self._pipe.run()
-        except StopIteration:  # cannot happen with a consistent epoch size; never hang
-            raise RuntimeError(f"DALI ended the {self.split} epoch after {step} of "
-                               f"{self._num_batches} batches") from None
-        except RuntimeError as e:
-            if self._background is not None:
-                raise  # in the producer thread: the consumer reports it (_fail)
-            self._fail(step, e)
+            except StopIteration:  # cannot happen with a consistent epoch size; never hang
+                raise RuntimeError(f"DALI ended the {self.split} epoch after {step} of "
+                                   f"{self._num_batches} batches") from None
+            return out["images"], out["labels"].view(-1)
+        return self._pipe.run()
 
     def close(self) -> None:
         """Release the DALI pipeline (and its threads and buffers)."""

@@ -166,7 +166,7 @@ class BatchMixer:
             (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(
                 images.shape, lam, ratio_minmax=self.mixup.cutmix_minmax,
                 correct_lam=self.mixup.correct_lam)
-            out = self._out(images, copy=True)
+            out = self._out(images)   # the input may be modified in place (see above)
             box = out[:, :, yl:yh, xl:xh]
             box.copy_(box.flip(0))        # sample i takes the box from sample B-1-i
         else:

@@ -2,9 +2,10 @@
 
 One graph definition serves both placements: on GPU the JPEG decode runs on the "mixed" backend
 (nvJPEG, partly on the hardware decoder) and every later op follows its input onto the GPU; on
-CPU every op runs on "cpu" and the pipeline has no device. Outputs, both HWC: train images uint8
-[S,S,3] (RandAugment and normalisation follow in torch, randaug.py), eval images float32
-[S,S,3] normalised with mean/std; labels int64 scalars.
+CPU every op runs on "cpu" and the pipeline has no device. Outputs, HWC: train images uint8
+[S,S,3] on GPU, or the unresized uint8 crops plus flip flags on CPU (see build_train_pipeline;
+RandAugment and normalisation follow in torch, randaug.py), eval images float32 [S,S,3]
+normalised with mean/std; labels int64 scalars.
 
 Inputs come from `fn.readers.file` with an explicit, already ordered and sharded `files` list:
 the sampler (sampler.py) decides the order in Python, and the reader does the file I/O in
@@ -34,6 +35,7 @@ _DEVICE_MEMORY_PADDING = 211 * 2**20
 _HOST_MEMORY_PADDING = 140 * 2**20
 _PREALLOC_WIDTH_HINT = 5980
 _PREALLOC_HEIGHT_HINT = 6430
+
 
 @dataclass(frozen=True)
 class Placement:

@@ -49,7 +49,6 @@ RAND_INCREASING_TRANSFORMS = (
     "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
     "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 
-_GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 _TRANSLATE_PCT = 0.45  # timm's hparams default translate_pct
 
 
