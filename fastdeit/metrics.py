@@ -70,29 +70,24 @@ class Throughput:
         self.t0, self.images = now, 0
         return rate
 
-    def values(self) -> Dict[str, float]:
-        """Extra numbers for the window just read (none here; see ``TelemetryWindow``)."""
-        return {}
-
-    def progress(self) -> Dict[str, str]:
-        return {}
-
 
 class StepTelemetry:
-    """Throughput telemetry for every training run: images/sec, MFU and data-wait share.
+    """Throughput telemetry for every training run: MFU and the data-wait share, per logging
+    window, next to the trainer's images/sec.
 
-    * images/sec: images over host wall time between two logging steps. Exact because each
-      logging step ends in a host sync (``DeviceMeter.read``), so the window holds finished work.
-    * MFU: images/sec x counted FLOPs per image (``fastdeit.flops``) / peak FLOP/s per device.
-    * data wait: host seconds blocked in the loader's ``next()`` over the window's wall time.
-      The loader prefetches on its own threads (DALI), so a pipeline that keeps up hands over
-      a ready batch at once. While the host is blocked there it enqueues no device work, so
-      once the device has drained what was already queued it idles: on GPU, with asynchronous
-      execution, host time blocked on the loader is data starvation (overstated at most by
-      the work the host had queued ahead of the device when it started waiting). On CPU the
-      step is synchronous and the share is exact.
+    * MFU: images/sec per device x counted FLOPs per image (``fastdeit.flops``) / peak FLOP/s
+      per device.
+    * data wait: host seconds blocked in the train loader's ``next()`` over the window's wall
+      time. The loader prefetches on its own threads (DALI), so a pipeline that keeps up hands
+      over a ready batch at once. While the host is blocked there it enqueues no device work,
+      so once the device has drained what was already queued it idles: on GPU, with
+      asynchronous execution, host time blocked on the loader is data starvation (overstated
+      at most by the work the host had queued ahead of the device when it started waiting).
+      On CPU the step is synchronous and the share is exact.
 
-    No device syncs: only ``time.perf_counter`` and arithmetic on host numbers.
+    A window runs from the start of an epoch's iteration, or the previous ``read``, to the next
+    ``read`` (a logging step), so evaluation time never dilutes it. No device syncs: only
+    ``time.perf_counter`` and arithmetic on host numbers.
     """
 
     def __init__(self, flops_per_image: Optional[float] = None, peak_flops: Optional[float] = None,
@@ -101,20 +96,51 @@ class StepTelemetry:
         self.peak_flops = peak_flops
         self.data_wait_warn = data_wait_warn
         self.warn = warn
-        self.waited = 0.0    # cumulative host seconds blocked in next(loader)
+        self.last: Dict[str, float] = {}
+        self.start_epoch()
+
+    def start_epoch(self) -> None:
+        """Open a new window and re-arm the data-bound warning (once per epoch)."""
+        self.t0 = time.perf_counter()
+        self.waited = 0.0        # host seconds blocked in next(loader) in this window
+        self.warned = False
 
     def timed(self, loader: Iterable) -> "TimedLoader":
-        """``loader`` with the time spent in its ``next()`` added to ``self.waited``."""
+        """``loader`` with the time spent in its ``next()`` added to this window."""
         return TimedLoader(loader, self)
 
-    def window(self) -> "TelemetryWindow":
-        """A fresh measuring window (one per epoch): the trainer's throughput clock."""
-        return TelemetryWindow(self)
+    def read(self, images_per_sec: float) -> Dict[str, float]:
+        """{'data_wait': share in [0, 1], 'mfu': share} for the window now ending; starts the next.
+
+        ``images_per_sec`` is this device's rate over the same window (not the global one).
+        """
+        now = time.perf_counter()
+        wait = min(max(self.waited / max(now - self.t0, 1e-9), 0.0), 1.0)
+        self.t0, self.waited = now, 0.0
+        self.last = {"data_wait": wait}
+        if self.flops_per_image and self.peak_flops:
+            self.last["mfu"] = images_per_sec * self.flops_per_image / self.peak_flops
+        if wait > self.data_wait_warn and not self.warned:
+            self.warned = True
+            self.warn(f"data-bound: {100 * wait:.0f}% of step time waiting for the loader "
+                      f"(above {100 * self.data_wait_warn:.0f}%); more data.num_threads, "
+                      "data.device=gpu or a faster disk would raise img/s")
+        return dict(self.last)
+
+    def progress(self) -> Dict[str, str]:
+        """The last read, formatted for the progress bar / lines."""
+        text = {}
+        if "mfu" in self.last:
+            text["mfu"] = f"{100 * self.last['mfu']:.1f}%"
+        if "data_wait" in self.last:
+            text["data"] = f"{100 * self.last['data_wait']:.0f}%"
+        return text
 
 
 class TimedLoader:
     """Iterates like the wrapped loader and forwards everything else to it (``set_epoch``,
-    ``len``, ``num_classes``...); only ``next()`` is timed."""
+    ``len``, ``num_classes``...); each ``iter()`` opens a telemetry window, each ``next()``
+    is timed."""
 
     def __init__(self, loader: Iterable, telemetry: StepTelemetry):
         self.loader = loader
@@ -127,8 +153,9 @@ class TimedLoader:
         return getattr(self.loader, name)
 
     def __iter__(self) -> Iterator:
-        it = iter(self.loader)
         telemetry = self.telemetry
+        telemetry.start_epoch()
+        it = iter(self.loader)
         while True:
             t0 = time.perf_counter()
             try:
@@ -138,49 +165,6 @@ class TimedLoader:
             finally:
                 telemetry.waited += time.perf_counter() - t0
             yield batch
-
-
-class TelemetryWindow(Throughput):
-    """``Throughput`` that also yields MFU and the data-wait share for the same window, and
-    warns once per window lifetime (an epoch) when the run is data-bound."""
-
-    def __init__(self, telemetry: StepTelemetry):
-        super().__init__()
-        self.telemetry = telemetry
-        self.waited0 = telemetry.waited
-        self.warned = False
-        self.last: Dict[str, float] = {}
-
-    def read(self) -> float:
-        """Images/sec on this rank since the last read; also computes ``values()``."""
-        t = self.telemetry
-        now = time.perf_counter()
-        elapsed = max(now - self.t0, 1e-9)
-        rate = self.images / elapsed
-        wait = min(max((t.waited - self.waited0) / elapsed, 0.0), 1.0)
-        self.t0, self.images, self.waited0 = now, 0, t.waited
-        self.last = {"data_wait": wait}
-        if t.flops_per_image and t.peak_flops:
-            self.last["mfu"] = rate * t.flops_per_image / t.peak_flops
-        if wait > t.data_wait_warn and not self.warned:
-            self.warned = True
-            t.warn(f"data-bound: {100 * wait:.0f}% of step time waiting for the loader "
-                   f"(above {100 * t.data_wait_warn:.0f}%); more data.num_threads, data.device=gpu "
-                   "or a faster disk would raise img/s")
-        return rate
-
-    def values(self) -> Dict[str, float]:
-        """{'data_wait': share in [0, 1], 'mfu': share (when FLOPs and peak are known)}."""
-        return dict(self.last)
-
-    def progress(self) -> Dict[str, str]:
-        """The same, formatted for the progress bar / lines."""
-        text = {}
-        if "mfu" in self.last:
-            text["mfu"] = f"{100 * self.last['mfu']:.1f}%"
-        if "data_wait" in self.last:
-            text["data"] = f"{100 * self.last['data_wait']:.0f}%"
-        return text
 
 
 class RunLogger:

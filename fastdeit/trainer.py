@@ -52,13 +52,13 @@ class Trainer:
         world_size: int,
         dtype: torch.dtype,
         device: torch.device,
-        telemetry: Optional[StepTelemetry] = None,
+        telemetry: StepTelemetry,
     ):
         self.cfg = cfg
         self.engine = engine
-        # img/s, MFU and data-wait share (metrics.StepTelemetry); the loader's next() is timed.
-        self.telemetry = telemetry or StepTelemetry(warn=logger.info)
-        self.train_loader = self.telemetry.timed(train_loader)
+        # MFU and data-wait share next to img/s (metrics.StepTelemetry): next() is timed.
+        self.telemetry = telemetry
+        self.train_loader = telemetry.timed(train_loader)
         self.val_loader = val_loader
         self.mixer = mixer
         self.criterion = criterion
@@ -116,7 +116,7 @@ class Trainer:
         engine.train()
         self.train_loader.set_epoch(epoch)
         meter = DeviceMeter(self.device)
-        clock = self.telemetry.window()
+        clock = Throughput()
         # Index of the first optimizer step whose loss was non-finite, -1 if none: on device.
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         sums: Dict[str, float] = {}
@@ -146,7 +146,7 @@ class Trainer:
                 logged_steps += 1
                 self.logger.progress(done, {
                     "epoch": f"{epoch + 1}/{self.cfg.epochs}", "step": f"{done}/{self.steps_per_epoch}",
-                    "loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.2e}", **clock.progress(),
+                    "loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.2e}", **self.telemetry.progress(),
                     "img/s": f"{values['img_per_sec']:.0f}"})
         self.logger.end_epoch()
         if micro == 0:
@@ -163,7 +163,7 @@ class Trainer:
             )
         values["img_per_sec"] = clock.read() * self.world_size
         values["lr"] = self.engine.get_lr()[0]
-        values.update(clock.values())                         # mfu, data_wait (host numbers)
+        values.update(self.telemetry.read(values["img_per_sec"] / self.world_size))  # host numbers only
         self.rates.append(values["img_per_sec"])
         self.logger.record("step", self.engine.global_steps, values)
         return values
