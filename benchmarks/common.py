@@ -82,6 +82,46 @@ def summarize(values_ms: Sequence[float]) -> Dict[str, float]:
             "mean": statistics.fmean(ordered), "n": len(ordered)}
 
 
+# --------------------------------------------------------------------------- peak FLOP/s
+
+
+class PeakFlops:
+    """The MFU denominator: ``--peak-tflops`` if given, else the best bf16 matmul rate seen.
+
+    Measured more than once (``sample()`` between rounds) and the maximum kept: a peak is a
+    maximum, and on a shared or throttled host one short measurement can land in a slow patch.
+    """
+
+    def __init__(self, device: torch.device, given_tflops: Optional[float] = None):
+        from fastdeit.flops import known_peak_tflops
+
+        self.device = device
+        self.given = given_tflops is not None
+        self.flops = given_tflops * 1e12 if self.given else 0.0
+        self.samples: List[float] = []
+        self.datasheet_tflops = (known_peak_tflops(torch.cuda.get_device_name(device))
+                                 if device.type == "cuda" else None)
+        self.sample()
+
+    def sample(self) -> None:
+        if self.given:
+            return
+        from fastdeit.flops import measure_matmul_flops
+
+        self.samples.append(measure_matmul_flops(self.device))
+        self.flops = max(self.samples)
+
+    @property
+    def source(self) -> str:
+        if self.given:
+            return "given"
+        return f"best of {len(self.samples)} bf16 matmul measurements"
+
+    def record(self) -> Dict[str, Any]:
+        return {"tflops": self.flops / 1e12, "source": self.source, "datasheet_tflops": self.datasheet_tflops,
+                "samples_tflops": [round(x / 1e12, 4) for x in self.samples]}
+
+
 # --------------------------------------------------------------------------- peak memory
 
 

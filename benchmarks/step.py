@@ -45,7 +45,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import timm
 import torch
-import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from benchmarks import common
@@ -121,15 +122,19 @@ class Setup:
 
 
 class Variant:
-    """One training step split into three timed phases: forward (incl. loss), backward, update."""
+    """One training step split into three timed phases: forward (incl. loss), backward, update.
+
+    ``forward`` takes the batch as a loader would deliver it: normalised float32 images
+    [B, 3, S, S] and int64 labels [B], on the device.
+    """
 
     name: str = ""
     about: str = ""
     flops_per_image: float = 0.0
-    kind: str = ""           # fastdeit | fastdeit-student | bare | baseline-a | baseline-b
+    kind: str = ""           # fastdeit | fastdeit-student | ds-defaults | bare | baseline-a | baseline-b
     stage: Optional[int] = None
 
-    def forward(self) -> None: ...
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> None: ...
     def backward(self) -> None: ...
     def update(self) -> None: ...
 
@@ -176,11 +181,11 @@ class FastdeitStep(Variant):
         self.meter = DeviceMeter(s.device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=s.device)
 
-    def forward(self) -> None:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         engine = self.engine
         self.step = engine.global_steps
         self.scheduler.step_update(self.step)
-        images, targets = self.mixer(self.s.fresh_images(), self.s.labels)
+        images, targets = self.mixer(images, labels)
         images = images.to(self.dtype)
         teacher_logits = self.teacher(images) if self.teacher is not None else None
         outputs = engine(images)
@@ -213,10 +218,10 @@ class BareStep(Variant):
         _, self.targets = BatchMixer(MixingConfig(prob=0.0, erase_prob=0.0), s.num_classes, s.device)(
             s.images.clone(), s.labels)
 
-    def forward(self) -> None:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         with torch.autocast(self.s.device.type, dtype=torch.bfloat16):
-            outputs = self.model(self.s.images)
-        self.loss, _ = self.criterion(outputs, self.targets)
+            outputs = self.model(images)
+        self.loss, _ = self.criterion(outputs, self.targets)    # the labels' smoothed one-hot
 
     def backward(self) -> None:
         self.loss.backward()
@@ -227,25 +232,42 @@ class BareStep(Variant):
 
 
 class ViTRecipeStep(Variant):
-    """Baseline A: timm ViT, autocast bf16, torch AdamW (its default implementation)."""
+    """Baseline A: timm ViT, autocast bf16, torch AdamW (its default implementation).
+
+    With ``mixup`` (the end-to-end baseline), timm's Mixup/CutMix with DeiT's settings and a
+    soft-target cross entropy, as timm's train.py does it; otherwise cross entropy with label
+    smoothing on the hard labels.
+    """
 
     kind = "baseline-a"
 
-    def __init__(self, s: Setup):
+    def __init__(self, s: Setup, mixup: bool = False):
         self.name = "A:vit-recipe"
-        self.about = f"timm {s.vit}, plain loop, autocast bf16, torch AdamW (default impl), CE + smoothing"
+        self.about = (f"timm {s.vit}, plain loop, autocast bf16, torch AdamW (default impl), "
+                      + ("timm Mixup/CutMix + soft-target CE" if mixup else "CE + smoothing"))
         self.s = s
         model = timm.create_model(s.vit, img_size=s.img_size, num_classes=s.num_classes, drop_path_rate=0.1,
                                   **s.model_kwargs).to(s.device)
         self.flops_per_image = s.count("baseline-a", lambda: flops_lib.train_flops_per_image(model, s.img_size))
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=scaled_lr(OptimConfig(), s.batch), weight_decay=0.05)
         self.model = s.maybe_compile(model)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+        self.mixup = None
+        if mixup:
+            m = MixingConfig()
+            self.mixup = Mixup(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob,
+                               switch_prob=m.switch_prob, mode=m.mode, label_smoothing=m.label_smoothing,
+                               num_classes=s.num_classes)
+            self.criterion = SoftTargetCrossEntropy()
+        else:
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
 
-    def forward(self) -> None:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        targets = labels
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
         with torch.autocast(self.s.device.type, dtype=torch.bfloat16):
-            outputs = self.model(self.s.images)
-            self.loss = self.criterion(outputs, self.s.labels)
+            outputs = self.model(images)
+            self.loss = self.criterion(outputs, targets)
 
     def backward(self) -> None:
         self.loss.backward()
@@ -284,8 +306,8 @@ class DeiTReferenceStep(Variant):
         self.mixer = BatchMixer(MixingConfig(prob=1.0 if s.args.mixing else 0.0, erase_prob=0.0),
                                 s.num_classes, s.device)   # reference: erasing runs in the data workers
 
-    def forward(self) -> None:
-        images, targets = self.mixer(self.s.fresh_images(), self.s.labels)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        images, targets = self.mixer(images, labels)
         with torch.autocast(self.s.device.type, dtype=self.amp_dtype):
             outputs = self.model(images)
             with torch.no_grad():
@@ -314,12 +336,12 @@ def reference_amp(choice: str, device: torch.device) -> str:
 # --------------------------------------------------------------------------- measuring
 
 
-def run_steps(v: Variant, n: int, clock: common.PhaseClock) -> List[List[Any]]:
+def run_steps(v: Variant, n: int, clock: common.PhaseClock, s: Setup) -> List[List[Any]]:
     """n steps; returns per step [start, after forward, after backward] and a final mark."""
     marks: List[List[Any]] = []
     for _ in range(n):
         start = clock.mark()
-        v.forward()
+        v.forward(s.fresh_images(), s.labels)
         fwd = clock.mark()
         v.backward()
         bwd = clock.mark()
@@ -358,7 +380,7 @@ def build_variants(s: Setup) -> List[Callable[[], Variant]]:
     return factories
 
 
-def measure(s: Setup, log=common.print_flush) -> List[Dict[str, Any]]:
+def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> List[Dict[str, Any]]:
     args, device = s.args, s.device
     clock = common.PhaseClock(device)
     probe = common.MemoryProbe(device)
@@ -368,7 +390,7 @@ def measure(s: Setup, log=common.print_flush) -> List[Dict[str, Any]]:
         before = probe.allocated()
         torch.manual_seed(0)
         v = factory()
-        run_steps(v, args.warmup, clock)                  # untimed: allocator, kernels, DS buffers
+        run_steps(v, args.warmup, clock, s)                  # untimed: allocator, kernels, DS buffers
         clock.synchronize()
         resident = probe.allocated() - before if before is not None else None
         results[v.name] = {"variant": v, "times": {}, "resident": resident, "transient": 0}
@@ -377,9 +399,9 @@ def measure(s: Setup, log=common.print_flush) -> List[Dict[str, Any]]:
     for r in range(args.rounds):
         k = r % len(built)
         for v in built[k:] + built[:k]:                   # rotate: no variant always goes first
-            run_steps(v, 1, clock)                        # re-warm after the other variants ran
+            run_steps(v, 1, clock, s)                        # re-warm after the other variants ran
             start = probe.start()
-            marks = run_steps(v, args.steps, clock)
+            marks = run_steps(v, args.steps, clock, s)
             clock.synchronize()
             res = results[v.name]
             transient = probe.transient(start)
@@ -387,6 +409,7 @@ def measure(s: Setup, log=common.print_flush) -> List[Dict[str, Any]]:
                 res["transient"] = max(res["transient"], transient)
             for phase, values in phase_times(marks, clock).items():
                 res["times"].setdefault(phase, []).extend(values)
+        peak.sample()
         log(f"  round {r + 1}/{args.rounds} done")
     out = []
     for v in built:
@@ -514,18 +537,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     device = common.pick_device(args.device)
+    record = common.base_record("step", device, argv)     # commit and time as the run starts
     common.quiet_deepspeed()
     started = common.ensure_distributed()
     s = Setup(args, device)
     try:
-        if args.peak_tflops is not None:
-            peak, source = args.peak_tflops * 1e12, "given"
-        else:
-            peak, source = flops_lib.measure_matmul_flops(device), "measured bf16 matmul"
-        datasheet = flops_lib.known_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-        common.print_flush(f"step benchmark on {device}: {s.student} family at {args.img_size}px, batch {args.batch}; "
-                           f"peak {peak / 1e12:.3g} TFLOP/s ({source})")
-        rows = measure(s)
+        peak = common.PeakFlops(device, args.peak_tflops)
+        common.print_flush(f"step benchmark on {device}: {s.student} family at {args.img_size}px, batch {args.batch}")
+        rows = measure(s, peak)
     finally:
         s.close()
         if started:
@@ -533,8 +552,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
             distributed.teardown()
     for r in rows:
-        r["mfu"] = r["tflops_per_sec"] * 1e12 / peak
-    record = common.base_record("step", device, argv)
+        r["mfu"] = r["tflops_per_sec"] * 1e12 / peak.flops
     record.update(
         settings={"student": s.student, "distilled": s.distilled, "vit": s.vit, "model_kwargs": s.model_kwargs,
                   "batch": args.batch, "img_size": args.img_size, "classes": args.classes,
@@ -542,7 +560,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   "teacher_kwargs": s.teacher_kwargs, "teacher_format": args.teacher_format, "mixing": args.mixing,
                   "ref_amp": reference_amp(args.ref_amp, device), "ds_config": args.ds_config, "warmup": args.warmup, "steps": args.steps,
                   "rounds": args.rounds},
-        peak={"tflops": peak / 1e12, "source": source, "datasheet_tflops": datasheet},
+        peak=peak.record(),
         variants=rows,
         ratios=ratios(rows, args.zero_stage),
     )
