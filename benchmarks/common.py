@@ -73,13 +73,15 @@ class PhaseClock:
 
 
 def summarize(values_ms: Sequence[float]) -> Dict[str, float]:
-    """Median and quartiles (ms) of timed steps."""
+    """Median, quartiles, mean and best (ms) of timed steps. The median is the headline; the
+    best is what a step costs when nothing else competes for the host, since contention
+    only ever adds time (a useful cross-check on a shared machine)."""
     if not values_ms:
         raise ValueError("no timed steps")
     ordered = sorted(values_ms)
     q = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else [ordered[0]] * 3
     return {"median": statistics.median(ordered), "p25": q[0], "p75": q[2],
-            "mean": statistics.fmean(ordered), "n": len(ordered)}
+            "mean": statistics.fmean(ordered), "min": ordered[0], "n": len(ordered)}
 
 
 # --------------------------------------------------------------------------- peak FLOP/s

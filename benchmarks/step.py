@@ -399,7 +399,8 @@ def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> List[Di
     for r in range(args.rounds):
         k = r % len(built)
         for v in built[k:] + built[:k]:                   # rotate: no variant always goes first
-            run_steps(v, 1, clock, s)                        # re-warm after the other variants ran
+            if args.rewarm:
+                run_steps(v, args.rewarm, clock, s)           # re-warm after the other variants ran
             start = probe.start()
             marks = run_steps(v, args.steps, clock, s)
             clock.synchronize()
@@ -420,6 +421,7 @@ def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> List[Di
         out.append({
             "name": v.name, "kind": v.kind, "zero_stage": v.stage, "about": v.about,
             "img_per_sec": ips, "ms_per_step": step["median"], "ms_p25": step["p25"], "ms_p75": step["p75"],
+            "ms_best": step["min"], "img_per_sec_best": s.batch / (step["min"] / 1e3),
             "ms_phases": {p: common.summarize(res["times"][p])["median"] for p in ("forward", "backward", "optimizer")},
             "steps_timed": step["n"],
             "peak_mem_gib": peak_mem / 2**30 if peak_mem is not None else None,
@@ -433,10 +435,13 @@ def ratios(rows: List[Dict[str, Any]], stages: Sequence[int]) -> List[Dict[str, 
     by = {r["name"]: r for r in rows}
     out = []
 
+    best = {"ms_per_step": "ms_best", "img_per_sec": "img_per_sec_best"}
+
     def add(name, num, den, key, meaning, target=None):
         if num in by and den in by:
             a, b = by[num][key], by[den][key]
             out.append({"name": name, "numerator": num, "denominator": den, "of": key, "value": a / b,
+                        "value_best": by[num][best[key]] / by[den][best[key]],
                         "meaning": meaning, **({"target": target} if target else {})})
 
     for z in stages:
@@ -472,9 +477,12 @@ def table_rows(rows: List[Dict[str, Any]], peak: float) -> List[List[str]]:
     return out
 
 
+RATIO_COLUMNS = ["ratio", "median", "best", "of", "target", "meaning"]
+
+
 def ratio_rows(rs: List[Dict[str, Any]]) -> List[List[str]]:
-    return [[r["name"], f"{r['value']:.3f}", f"{r['numerator']} / {r['denominator']} ({r['of']})",
-             r.get("target", ""), r["meaning"]] for r in rs]
+    return [[r["name"], f"{r['value']:.3f}", f"{r['value_best']:.3f}",
+             f"{r['numerator']} / {r['denominator']} ({r['of']})", r.get("target", ""), r["meaning"]] for r in rs]
 
 
 def markdown(record: Dict[str, Any]) -> str:
@@ -487,8 +495,9 @@ def markdown(record: Dict[str, Any]) -> str:
              f"- MFU peak: {peak['tflops']:,.3g} TFLOP/s per device ({peak['source']})"
              + (f"; datasheet {peak['datasheet_tflops']:,.0f}" if peak.get("datasheet_tflops") else ""),
              "", common.markdown_table(COLUMNS, table_rows(record["variants"], peak["tflops"])), "",
-             common.markdown_table(["ratio", "value", "of", "target", "meaning"], ratio_rows(record["ratios"]),
-                                   align="lrllll"), "",
+             common.markdown_table(RATIO_COLUMNS, ratio_rows(record["ratios"]), align="lrrlll"), "",
+             "Ratios from the median step time (the headline) and from the best step time (what a "
+             "step costs when nothing else competes for the host).", "",
              "Variants:", ""]
     lines += [f"- `{r['name']}`: {r['about']}" for r in record["variants"]]
     if record.get("notes"):
@@ -521,9 +530,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the rounds")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all variants")
+    p.add_argument("--rewarm", type=int, default=1, help="untimed steps per variant at the start of each round")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="MFU denominator per device; default: a bf16 matmul measured now")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice); on a shared CPU host one "
+                        "thread per free core avoids OpenMP threads waiting on a descheduled peer")
     p.add_argument("--out", default=str(common.RESULTS), help="directory for the JSON / markdown / PNG record")
     p.add_argument("--name", default=None, help="suffix of the record's file name")
     p.add_argument("--readme", default=None, help="also splice the table into this markdown file")
@@ -537,6 +550,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     device = common.pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     record = common.base_record("step", device, argv)     # commit and time as the run starts
     common.quiet_deepspeed()
     started = common.ensure_distributed()
@@ -558,7 +573,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   "batch": args.batch, "img_size": args.img_size, "classes": args.classes,
                   "zero_stage": args.zero_stage, "compile": args.compile, "teacher": args.teacher,
                   "teacher_kwargs": s.teacher_kwargs, "teacher_format": args.teacher_format, "mixing": args.mixing,
-                  "ref_amp": reference_amp(args.ref_amp, device), "ds_config": args.ds_config, "warmup": args.warmup, "steps": args.steps,
+                  "ref_amp": reference_amp(args.ref_amp, device), "ds_config": args.ds_config, "warmup": args.warmup, "steps": args.steps, "rewarm": args.rewarm,
                   "rounds": args.rounds},
         peak=peak.record(),
         variants=rows,
@@ -581,8 +596,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 def print_report(record: Dict[str, Any]) -> None:
     common.print_flush("\n" + common.text_table(COLUMNS, table_rows(record["variants"], record["peak"]["tflops"])))
     if record["ratios"]:
-        common.print_flush("\n" + common.text_table(["ratio", "value", "of", "target", "meaning"],
-                                                     ratio_rows(record["ratios"])))
+        common.print_flush("\n" + common.text_table(RATIO_COLUMNS, ratio_rows(record["ratios"])))
 
 
 def chart(record: Dict[str, Any], path: Path) -> Path:
