@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdeit import distributed, engine as engine_lib
+from fastdeit import distributed, engine as engine_lib, flops as flops_lib
 from fastdeit.checkpoint import Checkpointer
 from fastdeit.config import Config, save_config
 from fastdeit.data import build_loader
 from fastdeit.data.mixing import BatchMixer
 from fastdeit.losses import DeiTLoss
-from fastdeit.metrics import RunLogger
+from fastdeit.metrics import RunLogger, StepTelemetry
 from fastdeit.models import build_student, build_teacher, count_params, is_distilled
 from fastdeit.optim import build_optimizer, build_scheduler, scaled_lr
 from fastdeit.trainer import Trainer
@@ -63,12 +63,17 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
         )
     teacher = build_teacher(cfg.teacher, num_classes, device) if criterion.needs_teacher else None
 
+    # Counted on meta-device copies before DeepSpeed wraps the student: no memory, no hooks.
+    flops_per_image = flops_lib.train_flops_per_image(
+        model, cfg.data.img_size, teacher.module if teacher is not None else None)
     optimizer = build_optimizer(cfg.optim, model, global_batch)
     engine = engine_lib.initialize(model, optimizer, ds_config)
     accum = ds_config["gradient_accumulation_steps"]
     scheduler = build_scheduler(cfg.schedule, engine.optimizer, len(train_loader) // accum, cfg.trainer.epochs)
 
     logger = RunLogger(cfg.logging, str(run_dir), env.is_main)
+    peak, peak_source = flops_lib.peak_flops(device, cfg.logging.peak_tflops)
+    telemetry = StepTelemetry(flops_per_image, peak, cfg.logging.data_wait_warn, warn=logger.info)
     fingerprint = {"model": cfg.model.name, "num_classes": num_classes, "img_size": cfg.data.img_size,
                    "zero_stage": cfg.engine.zero_stage}
     checkpointer = Checkpointer(cfg.checkpoint, str(run_dir), fingerprint, env.is_main)
@@ -77,8 +82,10 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
         f"batch {global_batch} = {micro} x {accum} x {env.world_size} | lr {scaled_lr(cfg.optim, global_batch):.2e} | "
         f"{len(train_loader) // accum} steps/epoch | distill {cfg.distill.type} | {device.type}"
     )
+    logger.info(f"MFU basis: {flops_per_image / 1e9:.2f} GFLOPs per trained image (counted), "
+                f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
     return Trainer(
         cfg.trainer, engine, train_loader, val_loader, mixer, criterion, teacher, scheduler, logger,
         checkpointer, log_every=cfg.logging.log_every, world_size=env.world_size,
-        dtype=engine_lib.model_dtype(cfg.engine), device=device,
+        dtype=engine_lib.model_dtype(cfg.engine), device=device, telemetry=telemetry,
     )

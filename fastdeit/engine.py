@@ -54,11 +54,21 @@ def deepspeed_config(cfg: EngineConfig, world_size: int) -> Dict[str, Any]:
         "train_micro_batch_size_per_gpu": m,
         "gradient_accumulation_steps": a,
         "gradient_clipping": cfg.gradient_clipping,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "bf16": {
+            "enabled": cfg.precision == "bf16",
+            # On by default in DeepSpeed (copied from fp16, where loss scaling needs it): a pass
+            # over every gradient for inf/NaN whose verdict is read on the host, i.e. a device
+            # sync inside every engine.step(). bf16 has fp32's range, and the trainer already
+            # catches a non-finite loss on the device and stops before the next checkpoint.
+            "check_grad_overflow": False,
+        },
         "zero_optimization": {
             "stage": cfg.zero_stage,
             "overlap_comm": cfg.zero_stage > 0,
             "contiguous_gradients": cfg.zero_stage > 0,
+            # ZeRO-1/2 compute the global gradient norm every step; only clipping uses it.
+            # (Stage 0 has no such switch: DeepSpeed's bf16 stage-0 optimizer always checks.)
+            **({"compute_grad_norm": cfg.gradient_clipping > 0} if cfg.zero_stage > 0 else {}),
         },
         # Our optimizers (torch fused AdamW, Apex) are standard Adam(W) maths; ZeRO partitions
         # their state the same way it does for its own.

@@ -1,7 +1,9 @@
-"""On-device meters, throughput, JSON-lines logs, TensorBoard and the progress display.
+"""On-device meters, throughput telemetry (img/s, MFU, data wait), JSON-lines logs, TensorBoard
+and the progress display.
 
 Nothing here synchronises with the device except ``DeviceMeter.read``, which the trainer calls
-on logging steps only: between them, losses accumulate in device tensors.
+on logging steps only: between them, losses accumulate in device tensors. Telemetry is host
+clocks and host arithmetic only.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, Literal, Optional
 
 import torch
 
@@ -20,6 +22,10 @@ class LoggingConfig:
     log_every: int = 50                          # optimizer steps between logging steps
     progress: Literal["auto", "bar", "lines"] = "auto"   # auto: a bar on a terminal, lines otherwise
     tensorboard: bool = False
+    # MFU denominator per device, TFLOP/s. None: the datasheet dense-bf16 figure for known GPUs
+    # (fastdeit.flops.KNOWN_PEAK_TFLOPS), else a short bf16 matmul measured at start-up.
+    peak_tflops: Optional[float] = None
+    data_wait_warn: float = 0.10                 # warn (once per epoch) above this data-wait share
 
 
 class DeviceMeter:
@@ -63,6 +69,102 @@ class Throughput:
         rate = self.images / max(now - self.t0, 1e-9)
         self.t0, self.images = now, 0
         return rate
+
+
+class StepTelemetry:
+    """Throughput telemetry for every training run: MFU and the data-wait share, per logging
+    window, next to the trainer's images/sec.
+
+    * MFU: images/sec per device x counted FLOPs per image (``fastdeit.flops``) / peak FLOP/s
+      per device.
+    * data wait: host seconds blocked in the train loader's ``next()`` over the window's wall
+      time. The loader prefetches on its own threads (DALI), so a pipeline that keeps up hands
+      over a ready batch at once. While the host is blocked there it enqueues no device work,
+      so once the device has drained what was already queued it idles: on GPU, with
+      asynchronous execution, host time blocked on the loader is data starvation (overstated
+      at most by the work the host had queued ahead of the device when it started waiting).
+      On CPU the step is synchronous and the share is exact.
+
+    A window runs from the start of an epoch's iteration, or the previous ``read``, to the next
+    ``read`` (a logging step), so evaluation time never dilutes it. No device syncs: only
+    ``time.perf_counter`` and arithmetic on host numbers.
+    """
+
+    def __init__(self, flops_per_image: Optional[float] = None, peak_flops: Optional[float] = None,
+                 data_wait_warn: float = 0.10, warn: Callable[[str], None] = print):
+        self.flops_per_image = flops_per_image
+        self.peak_flops = peak_flops
+        self.data_wait_warn = data_wait_warn
+        self.warn = warn
+        self.last: Dict[str, float] = {}
+        self.start_epoch()
+
+    def start_epoch(self) -> None:
+        """Open a new window and re-arm the data-bound warning (once per epoch)."""
+        self.t0 = time.perf_counter()
+        self.waited = 0.0        # host seconds blocked in next(loader) in this window
+        self.warned = False
+
+    def timed(self, loader: Iterable) -> "TimedLoader":
+        """``loader`` with the time spent in its ``next()`` added to this window."""
+        return TimedLoader(loader, self)
+
+    def read(self, images_per_sec: float) -> Dict[str, float]:
+        """{'data_wait': share in [0, 1], 'mfu': share} for the window now ending; starts the next.
+
+        ``images_per_sec`` is this device's rate over the same window (not the global one).
+        """
+        now = time.perf_counter()
+        wait = min(max(self.waited / max(now - self.t0, 1e-9), 0.0), 1.0)
+        self.t0, self.waited = now, 0.0
+        self.last = {"data_wait": wait}
+        if self.flops_per_image and self.peak_flops:
+            self.last["mfu"] = images_per_sec * self.flops_per_image / self.peak_flops
+        if wait > self.data_wait_warn and not self.warned:
+            self.warned = True
+            self.warn(f"data-bound: {100 * wait:.0f}% of step time waiting for the loader "
+                      f"(above {100 * self.data_wait_warn:.0f}%); more data.num_threads, "
+                      "data.device=gpu or a faster disk would raise img/s")
+        return dict(self.last)
+
+    def progress(self) -> Dict[str, str]:
+        """The last read, formatted for the progress bar / lines."""
+        text = {}
+        if "mfu" in self.last:
+            text["mfu"] = f"{100 * self.last['mfu']:.1f}%"
+        if "data_wait" in self.last:
+            text["data"] = f"{100 * self.last['data_wait']:.0f}%"
+        return text
+
+
+class TimedLoader:
+    """Iterates like the wrapped loader and forwards everything else to it (``set_epoch``,
+    ``len``, ``num_classes``...); each ``iter()`` opens a telemetry window, each ``next()``
+    is timed."""
+
+    def __init__(self, loader: Iterable, telemetry: StepTelemetry):
+        self.loader = loader
+        self.telemetry = telemetry
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator:
+        telemetry = self.telemetry
+        telemetry.start_epoch()
+        it = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            finally:
+                telemetry.waited += time.perf_counter() - t0
+            yield batch
 
 
 class RunLogger:

@@ -7,7 +7,6 @@ non-finite-loss detector accumulate in device tensors; on a logging step one sma
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -19,7 +18,7 @@ from fastdeit.checkpoint import Checkpointer, fp32_state_dict, save_state_dict
 from fastdeit.data.mixing import BatchMixer
 from fastdeit.evaluate import evaluate
 from fastdeit.losses import DeiTLoss
-from fastdeit.metrics import DeviceMeter, RunLogger, Throughput
+from fastdeit.metrics import DeviceMeter, RunLogger, StepTelemetry, Throughput
 from fastdeit.models import FrozenTeacher
 from fastdeit.preemption import SignalWatch, Stopped
 
@@ -54,10 +53,13 @@ class Trainer:
         world_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        telemetry: StepTelemetry,
     ):
         self.cfg = cfg
         self.engine = engine
-        self.train_loader = train_loader
+        # MFU and data-wait share next to img/s (metrics.StepTelemetry): next() is timed.
+        self.telemetry = telemetry
+        self.train_loader = telemetry.timed(train_loader)
         self.val_loader = val_loader
         self.mixer = mixer
         self.criterion = criterion
@@ -160,7 +162,7 @@ class Trainer:
                 logged += 1
                 self.logger.progress(done, {
                     "epoch": f"{epoch + 1}/{self.cfg.epochs}", "step": f"{done}/{self.steps_per_epoch}",
-                    "loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.2e}",
+                    "loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.2e}", **self.telemetry.progress(),
                     "img/s": f"{values['img_per_sec']:.0f}"})
                 self._maybe_stop(epoch, done, end_of_epoch)
         self.logger.end_epoch()
@@ -186,6 +188,7 @@ class Trainer:
         values = meter.read()
         values["img_per_sec"] = clock.read() * self.world_size
         values["lr"] = self.engine.get_lr()[0]
+        values.update(self.telemetry.read(values["img_per_sec"] / self.world_size))  # host numbers only
         self.rates.append(values["img_per_sec"])
         self.logger.record("step", self.engine.global_steps, values)
         return values

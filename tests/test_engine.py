@@ -31,11 +31,15 @@ def test_deepspeed_dict():
     assert ds["train_batch_size"] == 1024 and ds["train_micro_batch_size_per_gpu"] == 128
     assert ds["gradient_accumulation_steps"] == 1
     assert ds["gradient_clipping"] == 0.0            # DeiT clips nothing; DS defaults to 1.0
-    assert ds["bf16"] == {"enabled": True}
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False}   # no host sync per step
     assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["compute_grad_norm"] is False          # nothing to clip
+    assert deepspeed_config(EngineConfig(zero_stage=1, gradient_clipping=1.0), 1)["zero_optimization"]["compute_grad_norm"]
+    assert "compute_grad_norm" not in deepspeed_config(EngineConfig(zero_stage=0), 1)["zero_optimization"]
     assert ds["timers"]["throughput"]["synchronized"] is False
     ds = deepspeed_config(EngineConfig(precision="fp32", deepspeed={"zero_optimization": {"reduce_bucket_size": 1}}), 1)
-    assert ds["bf16"] == {"enabled": False}
-    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 1}
+    assert ds["bf16"] == {"enabled": False, "check_grad_overflow": False}
+    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True, "contiguous_gradients": True,
+                                       "compute_grad_norm": False, "reduce_bucket_size": 1}
     with pytest.raises(ValueError, match="zero_stage must be 0, 1 or 2"):
         deepspeed_config(EngineConfig(zero_stage=3), 1)

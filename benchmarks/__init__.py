@@ -1,0 +1,1 @@
+"""Throughput benchmarks: python -m benchmarks.step | benchmarks.e2e (see benchmarks/README.md)."""

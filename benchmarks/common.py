@@ -1,0 +1,371 @@
+"""What every benchmark shares: step clocks, statistics, peak memory, the run record, JSON and
+markdown writers, the README splice and the images/sec bar chart.
+
+Timing rules (the same in every benchmark):
+* on GPU, CUDA events recorded on the current stream at phase boundaries, read after one
+  synchronize at the end of a round, so timing itself adds no host sync to the step;
+* on CPU, ``time.perf_counter`` (CPU kernels run synchronously on the calling thread);
+* warm-up steps are never timed; figures are medians over the timed steps, with the
+  25th/75th percentiles to show the noise.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# --------------------------------------------------------------------------- device and clocks
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> the first CUDA device if there is one, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseClock:
+    """Time marks within steps: CUDA events on GPU (no sync when marking), perf_counter on CPU.
+
+    ``mark()`` returns an opaque handle; ``elapsed_ms(a, b)`` is valid after ``synchronize``.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def elapsed_ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def synchronize(self) -> None:
+        synchronize(self.device)
+
+
+def summarize(values_ms: Sequence[float]) -> Dict[str, float]:
+    """Median, quartiles, mean and best (ms) of timed steps. The median is the headline; the
+    best is what a step costs when nothing else competes for the host, since contention
+    only ever adds time (a useful cross-check on a shared machine)."""
+    if not values_ms:
+        raise ValueError("no timed steps")
+    ordered = sorted(values_ms)
+    q = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else [ordered[0]] * 3
+    return {"median": statistics.median(ordered), "p25": q[0], "p75": q[2],
+            "mean": statistics.fmean(ordered), "min": ordered[0], "n": len(ordered)}
+
+
+# --------------------------------------------------------------------------- peak FLOP/s
+
+
+class PeakFlops:
+    """The MFU denominator: ``--peak-tflops`` if given, else the best bf16 matmul rate seen.
+
+    Measured more than once (``sample()`` between rounds) and the maximum kept: a peak is a
+    maximum, and on a shared or throttled host one short measurement can land in a slow patch.
+    """
+
+    def __init__(self, device: torch.device, given_tflops: Optional[float] = None):
+        from fastdeit.flops import known_peak_tflops
+
+        self.device = device
+        self.given = given_tflops is not None
+        self.flops = given_tflops * 1e12 if self.given else 0.0
+        self.samples: List[float] = []
+        self.datasheet_tflops = (known_peak_tflops(torch.cuda.get_device_name(device))
+                                 if device.type == "cuda" else None)
+        self.sample()
+
+    def sample(self) -> None:
+        if self.given:
+            return
+        from fastdeit.flops import measure_matmul_flops
+
+        self.samples.append(measure_matmul_flops(self.device))
+        self.flops = max(self.samples)
+
+    @property
+    def source(self) -> str:
+        if self.given:
+            return "given"
+        return f"best of {len(self.samples)} bf16 matmul measurements"
+
+    def record(self) -> Dict[str, Any]:
+        return {"tflops": self.flops / 1e12, "source": self.source, "datasheet_tflops": self.datasheet_tflops,
+                "samples_tflops": [round(x / 1e12, 4) for x in self.samples]}
+
+
+# --------------------------------------------------------------------------- peak memory
+
+
+class MemoryProbe:
+    """Peak device memory of one variant while several variants share the device.
+
+    Each variant's own peak = its resident state (parameters, gradients, optimizer state, kept
+    after warm-up) + the largest transient rise above the resting total during its own steps.
+    Other variants' resident state is constant meanwhile, so it cancels. CUDA only: PyTorch
+    keeps no peak statistics for CPU memory, and process RSS mixes variants and the C
+    allocator's caching, so on CPU the figure is reported as unknown (None).
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def allocated(self) -> Optional[int]:
+        return torch.cuda.memory_allocated(self.device) if self.cuda else None
+
+    def start(self) -> Optional[int]:
+        if not self.cuda:
+            return None
+        synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def transient(self, start: Optional[int]) -> Optional[int]:
+        if not self.cuda or start is None:
+            return None
+        synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - start
+
+
+# --------------------------------------------------------------------------- the record
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(device: torch.device) -> Dict[str, Any]:
+    hw: Dict[str, Any] = {"device": device.type, "cpu": _cpu_name(), "cpu_cores": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads(), "host": socket.gethostname()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        hw.update(gpu=torch.cuda.get_device_name(device), gpu_count=torch.cuda.device_count(),
+                  gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return hw
+
+
+def hardware_tag(device: torch.device) -> str:
+    """Short name for result files: 'cpu', 'h200', 'a100-sxm4-80gb', ..."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower().replace("nvidia", "").strip()
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
+
+
+def software() -> Dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for module in ("timm", "deepspeed", "nvidia.dali", "torchvision"):
+        try:
+            versions[module.split(".")[-1]] = __import__(module, fromlist=["__version__"]).__version__
+        except Exception:  # not installed, or broken: the record says so
+            versions[module.split(".")[-1]] = "unavailable"
+    return versions
+
+
+def base_record(benchmark: str, device: torch.device, argv: Sequence[str]) -> Dict[str, Any]:
+    now = _dt.datetime.now()
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "benchmark": benchmark,
+        "date": now.date().isoformat(),
+        "time": now.isoformat(timespec="seconds"),
+        "commit": _git("rev-parse", "--short=12", "HEAD"),
+        "dirty": bool(dirty) if dirty is not None else None,
+        "command": " ".join(["python", "-m", f"benchmarks.{benchmark}", *map(shlex.quote, argv)]),
+        "hardware": hardware(device),
+        "software": software(),
+    }
+
+
+def result_stem(record: Dict[str, Any], device: torch.device, name: Optional[str]) -> str:
+    """``YYYY-MM-DD-<hardware>-<benchmark>[-<name>]``: dated records that sort by date."""
+    stem = f"{record['date']}-{hardware_tag(device)}-{record['benchmark']}"
+    return f"{stem}-{name}" if name else stem
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: Optional[str] = None) -> str:
+    """``align``: one of 'l'/'r' per column (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    out = []
+    for j, row in enumerate(cells):
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def record_header_md(record: Dict[str, Any], title: str) -> str:
+    hw = record["hardware"]
+    where = hw.get("gpu") or f"{hw['cpu']} ({hw['cpu_cores']} cores, {hw['torch_threads']} torch threads)"
+    sw = record["software"]
+    commit = f"`{record['commit']}`" + (" (uncommitted changes)" if record.get("dirty") else "")
+    return "\n".join([
+        f"### {title}",
+        "",
+        f"- date: {record['time']}",
+        f"- commit: {commit}",
+        f"- hardware: {where}",
+        f"- software: torch {sw['torch']}, timm {sw['timm']}, deepspeed {sw['deepspeed']}, "
+        f"DALI {sw['dali']}, python {sw['python']}",
+        f"- command: `{record['command']}`",
+    ])
+
+
+# --------------------------------------------------------------------------- output files
+
+
+def write_record(record: Dict[str, Any], markdown: str, out_dir: Path, stem: str) -> Dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(record, indent=2) + "\n")
+    paths["md"].write_text(markdown.rstrip() + "\n")
+    return paths
+
+
+def update_readme(readme: Path, key: str, markdown: str) -> None:
+    """Replace the text between ``<!-- bench:KEY -->`` and ``<!-- /bench:KEY -->`` in ``readme``
+    (appending the marked block if it is not there yet): the README shows the latest table."""
+    readme = Path(readme)
+    begin, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+    text = readme.read_text() if readme.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
+    readme.write_text(text)
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[float], path: Path, title: str,
+              xlabel: str = "images / second", highlight: Sequence[str] = (),
+              notes: Sequence[str] = ()) -> Path:
+    """Horizontal bars, one per variant, value printed at each bar's end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(8.5, 0.55 * n + 1.6 + 0.25 * len(notes)))
+    colours = ["#d95f02" if lab in highlight else "#7570b3" for lab in labels]
+    y = list(range(n))[::-1]
+    ax.barh(y, values, color=colours)
+    ax.set_yticks(y, labels)
+    top = max(values) if values else 1.0
+    for yi, v in zip(y, values):
+        ax.text(v + 0.01 * top, yi, f"{v:,.1f}", va="center", fontsize=9)
+    ax.set_xlim(0, top * 1.15)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    for i, note in enumerate(notes):
+        fig.text(0.01, 0.01 + 0.03 * (len(notes) - 1 - i), note, fontsize=7, color="#444444")
+    fig.tight_layout(rect=(0, 0.035 * len(notes), 1, 1))
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def ensure_distributed() -> bool:
+    """A world of one for DeepSpeed engines in this process; True if this call started it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return False
+    from fastdeit import distributed
+
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)         # a benchmark is one process, whatever launched it
+    distributed.init(distributed.env_from(os.environ))
+    return True
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed logs every engine it builds at INFO; benchmarks build several."""
+    import logging
+
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except Exception:
+        pass
+
+
+def print_flush(*args: Any) -> None:
+    print(*args, flush=True)
+    sys.stdout.flush()

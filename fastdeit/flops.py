@@ -1,0 +1,144 @@
+"""FLOPs per trained image, counted by torch's FLOP counter, and the peak FLOP/s that MFU divides by.
+
+MFU = achieved FLOP/s / peak FLOP/s, where achieved = images/sec x FLOPs per image. FLOPs per
+image are counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` sums the matmul,
+convolution and attention FLOPs (2 per multiply-add) of one real forward and backward. Norms,
+activations, softmax and the optimizer are not counted, the usual MFU convention (PaLM, nanoGPT).
+
+Counting runs on a *meta-device copy* of the model: no memory, no kernels, no RNG draws, no
+gradient hooks touched, so it is safe on a model that is already on the GPU and about to be
+wrapped by DeepSpeed, and it takes well under a second even for DeiT-B. For a ViT the backward
+costs twice the forward except for the patch embedding, which gets no input gradient, so a
+training step is just under 3x the forward FLOPs (DeiT-B at 224: 35.1 GFLOPs forward, 105.2
+forward + backward per image).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (no 2:4 sparsity). V100 has
+# no bf16: its figure is fp16. Matched as substrings of torch.cuda.get_device_name, first hit wins.
+KNOWN_PEAK_TFLOPS: Tuple[Tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),        # SXM
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("V100", 125.0),
+)
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers live on the meta device.
+
+    Parameters and buffers are pre-seeded in deepcopy's memo, so the real tensors are never
+    copied (nothing is allocated on the module's device).
+    """
+    memo = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
+
+
+def _input_dtype(module: nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def count_flops(module: nn.Module, img_size: int, train: bool, batch: int = 2, in_chans: int = 3) -> float:
+    """FLOPs per image of one forward (``train=False``, under no_grad, eval mode) or one forward
+    plus backward (``train=True``, train mode, gradients for every trainable parameter).
+
+    ``batch`` 2 rather than 1 so that nothing batch-size dependent hides (the count is linear).
+    """
+    model = meta_copy(module)
+    model.train(train)
+    x = torch.empty(batch, in_chans, img_size, img_size, device="meta", dtype=_input_dtype(model))
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            out = model(x)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            # Any scalar of all outputs: the backward FLOPs do not depend on the loss.
+            sum(o.float().sum() for o in outs).backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    return counter.get_total_flops() / batch
+
+
+def train_flops_per_image(student: nn.Module, img_size: int, teacher: Optional[nn.Module] = None) -> float:
+    """FLOPs per image of one training step: student forward + backward, plus the frozen
+    teacher's forward when distilling (the teacher has no backward)."""
+    flops = count_flops(student, img_size, train=True)
+    if teacher is not None:
+        flops += count_flops(teacher, img_size, train=False)
+    return flops
+
+
+# --------------------------------------------------------------------------- peak FLOP/s
+
+
+def known_peak_tflops(device_name: str) -> Optional[float]:
+    for key, tflops in KNOWN_PEAK_TFLOPS:
+        if key in device_name:
+            return tflops
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                         size: Optional[int] = None, seconds: Optional[float] = None) -> float:
+    """Best observed FLOP/s of a square ``dtype`` matmul on ``device``: what this device
+    actually sustains on the op that dominates a ViT, a fair (if slightly generous to us, since
+    it is below the datasheet) ceiling where no datasheet figure is known, e.g. a CPU."""
+    device = torch.device(device)
+    n = size or (8192 if device.type == "cuda" else 1024)
+    seconds = seconds if seconds is not None else (0.3 if device.type == "cuda" else 0.6)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up: kernel selection, thread pool start
+    _sync(device)
+    best, spent, reps = 0.0, 0.0, 1
+    while spent < seconds:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        _sync(device)
+        dt = time.perf_counter() - t0
+        spent += dt
+        best = max(best, 2.0 * n ** 3 * reps / dt)
+        reps = min(reps * 2, 64)
+    return best
+
+
+def peak_flops(device: torch.device, override_tflops: Optional[float] = None) -> Tuple[float, str]:
+    """(peak FLOP/s per device, where the figure came from) for MFU.
+
+    An explicit figure wins; then the datasheet table for known GPUs; then a measured bf16
+    matmul (CPUs, unknown GPUs).
+    """
+    device = torch.device(device)
+    if override_tflops is not None:
+        if override_tflops <= 0:
+            raise ValueError(f"peak TFLOP/s must be positive, got {override_tflops}")
+        return override_tflops * 1e12, "given"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        tflops = known_peak_tflops(name)
+        if tflops is not None:
+            return tflops * 1e12, f"datasheet ({name}, dense bf16)"
+    return measure_matmul_flops(device), "measured (bf16 matmul)"

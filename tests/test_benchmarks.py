@@ -1,0 +1,150 @@
+"""Every benchmark at tiny size for a few steps, so none of them can rot; the run report.
+
+Structure and positivity only: the numbers of a 32-pixel model on a shared CPU say nothing.
+The benchmarks run as subprocesses, exactly as documented (python -m benchmarks.<name>).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import common
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_VIT = '{"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}'
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_module(module, *args, timeout=300):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def the_record(out: Path, stem_end: str):
+    files = sorted(out.glob(f"*{stem_end}.json"))
+    assert len(files) == 1, list(out.iterdir())
+    record = json.loads(files[0].read_text())
+    stem = files[0].with_suffix("")
+    md = Path(f"{stem}.md").read_text()
+    png = Path(f"{stem}.png").read_bytes()
+    assert png.startswith(PNG_MAGIC)
+    for key in ("date", "time", "commit", "command", "hardware", "software"):
+        assert record[key], key
+    assert record["hardware"]["device"] == "cpu" and record["hardware"]["cpu_cores"] >= 1
+    assert files[0].name.startswith(record["date"] + "-cpu-")
+    assert record["command"].startswith("python -m benchmarks.")
+    assert record["peak"]["tflops"] > 0
+    return record, md
+
+
+def positive(row, keys):
+    for key in keys:
+        assert row[key] > 0, (row["name"], key, row[key])
+
+
+def test_step_benchmark(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n\nintro stays\n")
+    proc = run_module(
+        "benchmarks.step", "--model", "ti", "--model-kwargs", TINY_VIT, "--img-size", 32, "--batch", 4,
+        "--classes", 5, "--teacher", "resnet10t", "--zero-stage", 0, 1, "--mixing",
+        "--variants", "fastdeit", "fastdeit-student", "ds-defaults", "bare", "baseline-a", "baseline-b",
+        "--warmup", 1, "--steps", 2, "--rounds", 2, "--out", tmp_path, "--name", "tiny", "--readme", readme)
+    record, md = the_record(tmp_path, "-step-tiny")
+    names = [v["name"] for v in record["variants"]]
+    assert names == ["fastdeit[z0]", "fastdeit-student[z0]", "ds-defaults[z0]", "fastdeit[z1]",
+                     "fastdeit-student[z1]", "ds-defaults[z1]", "bare-student", "A:vit-recipe", "B:deit-reference"]
+    for v in record["variants"]:
+        positive(v, ["img_per_sec", "ms_per_step", "flops_per_image", "tflops_per_sec", "mfu"])
+        assert v["steps_timed"] == 4                               # 2 rounds x 2 steps
+        assert all(ms > 0 for ms in v["ms_phases"].values())
+        assert v["peak_mem_gib"] is None                           # GPU-only figure
+        assert v["img_per_sec"] == pytest.approx(4 / (v["ms_per_step"] / 1e3))
+    # Distillation adds the teacher's forward to the counted FLOPs.
+    by = {v["name"]: v for v in record["variants"]}
+    assert by["fastdeit[z1]"]["flops_per_image"] > by["fastdeit-student[z1]"]["flops_per_image"]
+    assert by["B:deit-reference"]["flops_per_image"] == by["fastdeit[z1]"]["flops_per_image"]
+    ratios = {r["name"]: r for r in record["ratios"]}
+    assert {"overhead z0", "overhead z1", "speed-up vs A z1", "speed-up vs B z1", "teacher cost z1",
+            "DS defaults z1"} <= set(ratios)
+    assert all(r["value"] > 0 and r["value_best"] > 0 for r in ratios.values())
+    assert ratios["overhead z1"]["target"] == "<= 1.10"
+    # Printed and written tables; the README keeps its text and gains the marked table.
+    assert "overhead z1" in proc.stdout and "B:deit-reference" in proc.stdout
+    assert "| fastdeit[z1] |" in md and record["commit"] in md
+    text = readme.read_text()
+    assert text.startswith("# Benchmarks\n\nintro stays\n") and "<!-- bench:step -->" in text
+    assert "| fastdeit[z1] |" in text
+
+
+@pytest.fixture(scope="module")
+def jpeg_tree(tmp_path_factory):
+    from fastdeit.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("jpegs")
+    generate(str(root), classes=4, train_per_class=16, val_per_class=1, min_size=40, max_size=64, seed=0, quality=90)
+    return root
+
+
+def test_e2e_benchmark(tmp_path, jpeg_tree):
+    proc = run_module(
+        "benchmarks.e2e", "--data", jpeg_tree, "--model", "ti", "--model-kwargs", TINY_VIT, "--img-size", 32,
+        "--batch", 8, "--workers", 1, "--warmup", 2, "--steps", 10, "--out", tmp_path)
+    record, md = the_record(tmp_path, "-e2e")
+    assert [s["name"] for s in record["sides"]] == ["fastdeit", "baseline"]
+    for side in record["sides"]:
+        positive(side, ["img_per_sec", "ms_per_step", "wall_s", "flops_per_image", "mfu"])
+        assert side["images"] == 80 and 0.0 <= side["data_wait"] <= 1.0
+    assert record["settings"]["train_images"] == 64 and record["settings"]["classes"] == 4
+    assert record["ratios"][0]["name"] == "speed-up" and record["ratios"][0]["value"] > 0
+    assert "| fastdeit |" in md and "speed-up" in proc.stdout
+
+
+def test_readme_splice_replaces_only_its_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nbefore\n")
+    common.update_readme(readme, "step", "table one")
+    common.update_readme(readme, "e2e", "e2e table")
+    common.update_readme(readme, "step", "table two")
+    text = readme.read_text()
+    assert text.count("<!-- bench:step -->") == 1 and "table two" in text and "table one" not in text
+    assert text.startswith("# Title\n\nbefore\n") and "e2e table" in text
+
+
+def test_statistics_and_cpu_clock():
+    s = common.summarize([4.0, 1.0, 3.0, 2.0, 100.0])
+    assert s["median"] == 3.0 and s["n"] == 5 and s["p25"] <= s["median"] <= s["p75"]
+    clock = common.PhaseClock(torch.device("cpu"))
+    a = clock.mark()
+    b = clock.mark()
+    assert clock.elapsed_ms(a, b) >= 0
+    assert common.MemoryProbe(torch.device("cpu")).start() is None   # CPU: peak memory unknown
+    assert common.hardware_tag(torch.device("cpu")) == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_benchmark_gpu_timing_and_memory(tmp_path):
+    run_module("benchmarks.step", "--model", "ti", "--img-size", 224, "--batch", 32, "--teacher", "resnet50",
+               "--zero-stage", 1, "--warmup", 2, "--steps", 5, "--rounds", 2, "--out", tmp_path, "--device", "cuda")
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["hardware"]["gpu"]
+    for v in record["variants"]:
+        assert v["peak_mem_gib"] > 0 and v["img_per_sec"] > 0
