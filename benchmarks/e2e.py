@@ -205,7 +205,8 @@ def markdown(record: Dict[str, Any]) -> str:
 def chart(record: Dict[str, Any], path: Path) -> Path:
     st = record["settings"]
     rows = record["sides"]
-    hw = record["hardware"].get("gpu") or f"CPU ({record['hardware']['cpu_cores']} cores)"
+    hw = record["hardware"].get("gpu") or (f"CPU ({record['hardware']['cpu_cores']} cores, "
+                                           f"{record['hardware']['torch_threads']} torch threads)")
     notes = [f"{record['date']} · {record['commit']} · {hw} · {st['steps']} timed steps · "
              + " · ".join(f"{r['name']} data wait {100 * r['data_wait']:.0f}%" for r in rows)]
     return common.bar_chart([r["name"] for r in rows], [r["img_per_sec"] for r in rows], path,

@@ -602,7 +602,8 @@ def print_report(record: Dict[str, Any]) -> None:
 def chart(record: Dict[str, Any], path: Path) -> Path:
     st = record["settings"]
     rows = record["variants"]
-    hw = record["hardware"].get("gpu") or f"CPU ({record['hardware']['cpu_cores']} cores)"
+    hw = record["hardware"].get("gpu") or (f"CPU ({record['hardware']['cpu_cores']} cores, "
+                                           f"{record['hardware']['torch_threads']} torch threads)")
     notes = [f"{record['date']} · {record['commit']} · {hw} · median of {rows[0]['steps_timed']} timed steps"]
     return common.bar_chart(
         [r["name"] for r in rows], [r["img_per_sec"] for r in rows], path,
