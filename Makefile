@@ -33,7 +33,7 @@ install: $(STAMP)
 
 $(DEMO_DATA)/.complete: | $(STAMP)
 	$(PY) -m fastdeit.data.synthetic --out $(DEMO_DATA) --classes 10 --train-per-class 120 \
-		--val-per-class 30 --min-size 56 --max-size 96 --seed 0
+		--val-per-class 30 --min-size 56 --max-size 96 --seed 0 --difficulty 0.5
 	touch $@
 
 data: $(DEMO_DATA)/.complete

@@ -50,7 +50,7 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
                          f"but val has {val_loader.num_classes}")
     num_classes = train_loader.num_classes
 
-    mixer = BatchMixer(cfg.mixing, num_classes, device)
+    mixer = BatchMixer(cfg.mixing, num_classes, device, dtype=engine_lib.model_dtype(cfg.engine))
     mixer.check_batch_size(micro)
     criterion = DeiTLoss(cfg.distill)
 

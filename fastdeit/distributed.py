@@ -79,6 +79,14 @@ def init(env: Optional[DistEnv] = None) -> DistEnv:
     import deepspeed
 
     env = env or env_from(os.environ)
+    if env.world_size == 1 and "MASTER_PORT" not in os.environ:
+        # A lone process needs a rendezvous port too; a fixed default collides with any other
+        # job on the host, so take a free one.
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            env = DistEnv(master_port=s.getsockname()[1])
     # DeepSpeed reads these; srun does not export them.
     os.environ.update(
         RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),

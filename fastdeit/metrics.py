@@ -216,7 +216,8 @@ class RunLogger:
             return
         if self.bar is not None:
             self.bar.update(steps_done - self.bar.n)
-            self.bar.set_postfix(text, refresh=True)
+            # The bar itself shows the epoch and the step count.
+            self.bar.set_postfix({k: v for k, v in text.items() if k not in ("epoch", "step")}, refresh=True)
         else:
             print(" ".join(f"{k} {v}" for k, v in text.items()), flush=True)
 

@@ -51,7 +51,17 @@ def is_distilled(model: nn.Module) -> bool:
     return hasattr(model, "head_dist") and hasattr(model, "set_distilled_training")
 
 
+def _check_kwargs(kwargs: Dict[str, Any], section: str) -> None:
+    # timm drops None-valued kwargs silently; in YAML '{depth:2}' (no space) is the key
+    # 'depth:2' with no value, which would then build the default-sized model unnoticed.
+    empty = [k for k, v in kwargs.items() if v is None]
+    if empty:
+        raise ValueError(f"{section}.kwargs: {empty} have no value (YAML needs a space after ':', "
+                         "as in {depth: 2})")
+
+
 def build_student(cfg: ModelConfig, img_size: int, num_classes: int) -> nn.Module:
+    _check_kwargs(cfg.kwargs, "model")
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ValueError(
             f"model.num_classes={cfg.num_classes} but the training folder has {num_classes} classes"
@@ -66,7 +76,7 @@ def build_student(cfg: ModelConfig, img_size: int, num_classes: int) -> nn.Modul
     if is_distilled(model):
         model.set_distilled_training(True)  # train: (cls, dist) logits; eval: their average
     if cfg.init_weights:
-        load_weights(model, cfg.init_weights, what=f"model.init_weights for {cfg.name}")
+        load_weights(model, cfg.init_weights, what=f"model.init_weights for {cfg.name}", adapt=True)
     return model
 
 
@@ -133,8 +143,29 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
         raise CheckpointMismatchError(f"{source} does not match {what}: " + "; ".join(parts))
 
 
-def load_weights(model: nn.Module, source: str, what: str) -> None:
+def adapt_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Fit weights trained at another resolution: timm's per-architecture filter resamples a
+    ViT's position embedding to the model's patch grid (prefix tokens kept as they are).
+
+    Bicubic without antialiasing, as the DeiT reference's F.interpolate does for its 224->384
+    fine-tuning. Architectures without a filter (convnets) need no adaptation.
+    """
+    import sys
+
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state
+    try:
+        return filter_fn(state, model, interpolation="bicubic", antialias=False)
+    except TypeError:   # filters of other families take no interpolation arguments
+        return filter_fn(state, model)
+
+
+def load_weights(model: nn.Module, source: str, what: str, adapt: bool = False) -> None:
+    """Strictly load ``source`` into ``model``; ``adapt`` first resamples position embeddings."""
     state = read_state_dict(source)
+    if adapt:
+        state = adapt_state_dict(model, state)
     check_state_dict(model, state, source, what)
     model.load_state_dict(state, strict=True)
 
@@ -166,6 +197,7 @@ def build_teacher(cfg: TeacherConfig, num_classes: int, device: torch.device) ->
             "distillation needs teacher.weights (a file, a URL, 'hf-hub:org/repo' or 'timm'); "
             "a randomly initialised teacher would only add noise"
         )
+    _check_kwargs(cfg.kwargs, "teacher")
     if cfg.dtype not in ("bf16", "fp32"):
         raise ValueError(f"teacher.dtype must be bf16 or fp32, got {cfg.dtype!r}")
     hub = cfg.weights == "timm" or cfg.weights.startswith("hf-hub:")

@@ -1,14 +1,12 @@
-"""The training loop: epochs, per-step LR, evaluation, logging cadence, checkpoint/resume.
+"""The training loop: epochs, per-step LR, evaluation, logging cadence, checkpoint/resume, stops.
 
-Hot-loop rule: between logging steps nothing reads a device value on the host. Losses,
-non-finite detection and eval counts accumulate in device tensors; the logging step reads
-them in one transfer.
+Hot-loop rule: between logging steps nothing reads a device value on the host. Losses and the
+non-finite-loss detector accumulate in device tensors; on a logging step one small all-reduce
+(stop requested? non-finite loss? at which step?) and one read of the meters happen together.
 """
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -16,11 +14,13 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
-from fastdeit.checkpoint import Checkpointer, export_state_dict
+from fastdeit.checkpoint import Checkpointer, fp32_state_dict, save_state_dict
 from fastdeit.data.mixing import BatchMixer
+from fastdeit.evaluate import evaluate
 from fastdeit.losses import DeiTLoss
 from fastdeit.metrics import DeviceMeter, RunLogger, StepTelemetry, Throughput
-from fastdeit.models import FrozenTeacher, eval_heads
+from fastdeit.models import FrozenTeacher
+from fastdeit.preemption import SignalWatch, Stopped
 
 
 class NonFiniteLossError(RuntimeError):
@@ -30,9 +30,10 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class TrainerConfig:
     epochs: int = 300
-    eval_every: int = 1            # evaluate every N epochs (and after the last); 0 = last only
+    eval_every: int = 1                      # evaluate every N epochs (and after the last); 0 = last only
     seed: int = 0
     run_dir: str = "runs/deit"
+    stop_after_steps: Optional[int] = None   # checkpoint and stop cleanly after this optimizer step
 
 
 class Trainer:
@@ -74,56 +75,68 @@ class Trainer:
         self.steps_per_epoch = len(train_loader) // self.accum
         self.best_top1 = -1.0
         self.rates: list = []
+        self.signals: Optional[SignalWatch] = None
+        self._stop_requested = False
 
     # ------------------------------------------------------------------ fit
 
     def fit(self) -> Dict[str, Any]:
-        start_epoch = self._maybe_resume()
+        epoch, epoch_step = self._maybe_resume()
         last = self.cfg.epochs - 1
         metrics: Dict[str, float] = {}
-        for epoch in range(start_epoch, self.cfg.epochs):
-            train_stats = self.train_epoch(epoch)
-            metrics = {}
-            if (self.cfg.eval_every and (epoch + 1) % self.cfg.eval_every == 0) or epoch == last:
-                metrics = self.evaluate()
-                head = "val/avg_top1" if "val/avg_top1" in metrics else "val/cls_top1"
-                self.best_top1 = max(self.best_top1, metrics[head])
-            self.logger.record("epoch", self.engine.global_steps, {"epoch": epoch, **train_stats, **metrics})
-            self.logger.info(self._epoch_line(epoch, train_stats, metrics))
-            if self.checkpointer.should_save(epoch, last):
-                self.checkpointer.save(self.engine, epoch, self._state(epoch))
+        with SignalWatch() as self.signals:
+            while epoch < self.cfg.epochs:
+                train_stats = self.train_epoch(epoch, epoch_step)
+                epoch_step = 0
+                metrics, best = {}, False
+                if (self.cfg.eval_every and (epoch + 1) % self.cfg.eval_every == 0) or epoch == last:
+                    metrics = evaluate(self.engine.module, self.val_loader, self.dtype, self.device)
+                    head = "val/avg_top1" if "val/avg_top1" in metrics else "val/cls_top1"
+                    best = metrics[head] > self.best_top1
+                    self.best_top1 = max(self.best_top1, metrics[head])
+                self.logger.record("epoch", self.engine.global_steps, {"epoch": epoch, **train_stats, **metrics})
+                self.logger.info(self._epoch_line(epoch, train_stats, metrics))
+                if self.checkpointer.should_save(epoch, last) or best:
+                    self.checkpointer.save(self.engine, self._state(epoch + 1, 0), best=best)
+                epoch += 1
         return self._finish(metrics)
 
-    def _state(self, epoch: int) -> Dict[str, Any]:
+    def _state(self, epoch: int, epoch_step: int) -> Dict[str, Any]:
         # No scheduler state: the LR is a pure function of the optimizer step, which DeepSpeed
         # restores; a resumed run with a longer trainer.epochs gets the longer schedule.
-        return {"epoch": epoch, "best_top1": self.best_top1}
+        return {"epoch": epoch, "epoch_step": epoch_step, "best_top1": self.best_top1}
 
-    def _maybe_resume(self) -> int:
+    def _maybe_resume(self):
+        """(epoch, optimizer steps already done in it) to continue from."""
         path = self.checkpointer.resume_path()
         if path is None:
-            return 0
+            return 0, 0
         state = self.checkpointer.load(self.engine, path)
         self.best_top1 = state.get("best_top1", -1.0)
-        self.logger.info(f"resumed from {path} after epoch {state['epoch'] + 1} "
-                         f"(optimizer step {self.engine.global_steps})")
-        return state["epoch"] + 1
+        where = f"epoch {state['epoch'] + 1}" + (f", step {state['epoch_step']}" if state["epoch_step"] else "")
+        note = f" (resharded from {state['resharded_from']} ranks)" if state.get("resharded_from") else ""
+        self.logger.info(f"resumed from {path} at {where} (optimizer step {self.engine.global_steps}){note}")
+        return state["epoch"], state["epoch_step"]
 
     # ------------------------------------------------------------------ train
 
-    def train_epoch(self, epoch: int) -> Dict[str, float]:
+    def train_epoch(self, epoch: int, start_step: int = 0) -> Dict[str, float]:
         engine = self.engine
         engine.train()
-        self.train_loader.set_epoch(epoch)
+        skip = start_step * self.accum
+        if skip:
+            self.train_loader.set_epoch(epoch, skip_batches=skip)
+        else:
+            self.train_loader.set_epoch(epoch)
         meter = DeviceMeter(self.device)
         clock = Throughput()
-        # Index of the first optimizer step whose loss was non-finite, -1 if none: on device.
+        # First optimizer step whose loss was non-finite on this rank, -1 if none: on device.
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         sums: Dict[str, float] = {}
-        logged_steps = 0
+        logged = 0
         self.logger.start_epoch(epoch, self.cfg.epochs, self.steps_per_epoch)
-        micro = 0
-        for micro, (images, labels) in enumerate(self.train_loader, start=1):
+        micro = skip
+        for micro, (images, labels) in enumerate(self.train_loader, start=skip + 1):
             step = engine.global_steps
             self.scheduler.step_update(step)                  # host-side: sets param-group LRs
             images, targets = self.mixer(images, labels)
@@ -137,30 +150,42 @@ class Trainer:
             clock.add(images.shape[0])
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
                                     torch.full_like(first_bad, step), first_bad)
-            boundary = micro % self.accum == 0
-            done = engine.global_steps - epoch * self.steps_per_epoch
-            if boundary and (engine.global_steps % self.log_every == 0 or micro == len(self.train_loader)):
+            if micro % self.accum:
+                continue
+            done = micro // self.accum
+            end_of_epoch = micro == len(self.train_loader)
+            if engine.global_steps % self.log_every == 0 or end_of_epoch or \
+                    engine.global_steps == self.cfg.stop_after_steps:    # stops land on logging steps
                 values = self._log_step(meter, clock, first_bad)
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
-                logged_steps += 1
+                logged += 1
                 self.logger.progress(done, {
                     "epoch": f"{epoch + 1}/{self.cfg.epochs}", "step": f"{done}/{self.steps_per_epoch}",
                     "loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.2e}", **self.telemetry.progress(),
                     "img/s": f"{values['img_per_sec']:.0f}"})
+                self._maybe_stop(epoch, done, end_of_epoch)
         self.logger.end_epoch()
-        if micro == 0:
+        if micro == skip:
             raise RuntimeError("the training loader yielded no batch: the dataset is smaller than one global batch")
-        return {f"train/{k}": v / max(logged_steps, 1) for k, v in sums.items()}
+        return {f"train/{k}": v / max(logged, 1) for k, v in sums.items()}
 
     def _log_step(self, meter: DeviceMeter, clock: Throughput, first_bad: torch.Tensor) -> Dict[str, float]:
-        values = meter.read()                                  # host sync (logging steps only)
-        bad = int(first_bad.item())
-        if bad >= 0 or not math.isfinite(values["loss"]):
+        # One all-reduce carries: stop requested (any rank), non-finite loss (any rank) and the
+        # earliest such step (max of -step). It and the meter read are this step's host syncs.
+        stop = self.signals is not None and self.signals.received is not None
+        flags = torch.stack([torch.tensor(int(stop), device=self.device), (first_bad >= 0).long(),
+                             torch.where(first_bad >= 0, -first_bad, torch.full_like(first_bad, -(2**62)))])
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        any_stop, any_bad, neg_step = flags.cpu().tolist()
+        self._stop_requested = bool(any_stop)
+        if any_bad:
             raise NonFiniteLossError(
-                f"the loss became non-finite at optimizer step {max(bad, 0)}; stopping without "
-                f"saving, so the last checkpoint in {self.checkpointer.dir} stays the last good one"
+                f"the loss became non-finite at optimizer step {-neg_step}; stopping without saving, "
+                f"so the last checkpoint in {self.checkpointer.dir} stays the last good one"
             )
+        values = meter.read()
         values["img_per_sec"] = clock.read() * self.world_size
         values["lr"] = self.engine.get_lr()[0]
         values.update(self.telemetry.read(values["img_per_sec"] / self.world_size))  # host numbers only
@@ -168,42 +193,20 @@ class Trainer:
         self.logger.record("step", self.engine.global_steps, values)
         return values
 
-    # ------------------------------------------------------------------ eval
-
-    @torch.no_grad()
-    def evaluate(self) -> Dict[str, float]:
-        """Top-1/top-5 over the whole val set (each image once across ranks), per head."""
-        module = self.engine.module
-        module.eval()
-        self.val_loader.set_epoch(0)
-        counts: Optional[torch.Tensor] = None   # [heads, 2] correct@1, correct@5
-        heads = []
-        total = torch.zeros((), dtype=torch.long, device=self.device)
-        for images, labels in self.val_loader:
-            logits = eval_heads(module, images.to(self.dtype))
-            heads = list(logits)
-            k = min(5, next(iter(logits.values())).shape[1])
-            batch = []
-            for z in logits.values():
-                top = z.topk(k, dim=1).indices == labels[:, None]     # [B, k]
-                batch.append(torch.stack([top[:, 0].sum(), top.any(dim=1).sum()]))
-            batch = torch.stack(batch)
-            counts = batch if counts is None else counts + batch
-            total += labels.numel()
-        module.train()
-        if not heads:  # this rank got no val sample; still join the reduction
-            heads = ["cls", "dist", "avg"] if hasattr(module, "head_dist") else ["cls"]
-            counts = torch.zeros(len(heads), 2, dtype=torch.long, device=self.device)
-        packed = torch.cat([counts.flatten(), total.view(1)])
-        if dist.is_initialized():
-            dist.all_reduce(packed)
-        packed = packed.cpu().tolist()
-        n = max(packed[-1], 1)
-        out = {"val/images": float(packed[-1])}
-        for i, head in enumerate(heads):
-            out[f"val/{head}_top1"] = 100.0 * packed[2 * i] / n
-            out[f"val/{head}_top5"] = 100.0 * packed[2 * i + 1] / n
-        return out
+    def _maybe_stop(self, epoch: int, done: int, end_of_epoch: bool) -> None:
+        """After a logging step: honour a signal or trainer.stop_after_steps, all ranks alike."""
+        limit = self.cfg.stop_after_steps
+        by_limit = limit is not None and self.engine.global_steps >= limit
+        if not (self._stop_requested or by_limit):
+            return
+        state = self._state(epoch + 1, 0) if end_of_epoch else self._state(epoch, done)
+        path = self.checkpointer.save(self.engine, state)
+        self.logger.end_epoch()
+        reason = (f"signal {self.signals.received}" if self.signals and self.signals.received
+                  else "signal on another rank") if self._stop_requested else f"trainer.stop_after_steps={limit}"
+        self.logger.info(f"stopping after optimizer step {self.engine.global_steps} ({reason}); "
+                         f"checkpoint written to {path}")
+        raise Stopped(reason, self.engine.global_steps, str(path), preempted=self._stop_requested)
 
     # ------------------------------------------------------------------ end
 
@@ -226,8 +229,12 @@ class Trainer:
         }
         if self.logger.is_main:
             if self.checkpointer.cfg.export:
-                export_state_dict(self.engine.module, str(run_dir / "model.pth"))
+                # The fp32 master weights of the final checkpoint, not the bf16 working copy.
+                latest = self.checkpointer.latest()
+                save_state_dict(fp32_state_dict(latest), str(run_dir / "model.pth"), self.engine.module)
                 summary["export"] = str(run_dir / "model.pth")
             with open(run_dir / "summary.json", "w") as f:
                 json.dump(summary, f, indent=2)
+        if dist.is_initialized():
+            dist.barrier()
         return summary

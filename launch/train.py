@@ -1,6 +1,8 @@
 """Train DeiT.  deepspeed launch/train.py --config configs/deit_b.yaml [key.sub=value ...]
 
-Also runs under torchrun, srun (one task per GPU) or plain python (one process).
+Also runs under torchrun, srun (one task per GPU) or plain python (one process). Exit codes:
+0 done (or stopped by trainer.stop_after_steps), 75 preempted by SIGUSR1/SIGTERM after writing
+a checkpoint (requeue and it resumes), 1 an error.
 """
 import argparse
 import os
@@ -11,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastdeit import distributed  # noqa: E402
 from fastdeit.build import build_trainer  # noqa: E402
 from fastdeit.config import load_config  # noqa: E402
+from fastdeit.preemption import Stopped  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -27,6 +30,8 @@ def main(argv=None) -> dict:
     env = distributed.init()
     try:
         return build_trainer(cfg, env).fit()
+    except Stopped as stop:
+        sys.exit(stop.exit_code)
     finally:
         distributed.teardown()
 

@@ -4,59 +4,14 @@ One module-scoped dataset and teacher; each test launches `deepspeed --num_gpus 
 launch/train.py` exactly as a user would (about 15 s of start-up per launch).
 """
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 
-from fastdeit.data.synthetic import generate
-
-ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+from tests.launching import launch, records
 
 pytestmark = pytest.mark.slow
-
-TINY = [
-    "data.img_size=32", "data.scale=[0.35,1.0]", "data.rand_augment=null", "data.repeated_aug=1",
-    "data.num_threads=1", "mixing.prob=0.0", "mixing.erase_prob=0.0",
-    "model.drop_path=0.0", "model.kwargs={patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2}",
-    "optim.lr=2e-3", "optim.lr_base_batch=32", "schedule.warmup_epochs=0.5",
-    "engine.global_batch_size=32", "trainer.eval_every=1", "logging.log_every=2",
-    "logging.progress=lines", "checkpoint.keep_last=2",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(*overrides, check=True):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "launch" / "train.py"), *TINY, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def records(run_dir, kind):
-    rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == kind]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate(str(root), classes=4, train_per_class=48, val_per_class=10, min_size=36, max_size=48, seed=0, quality=90)
-    return root
 
 
 def test_train_eval_checkpoint_resume(dataset, tmp_path):
@@ -74,7 +29,11 @@ def test_train_eval_checkpoint_resume(dataset, tmp_path):
     assert epochs[-1]["val/cls_top1"] > 25.0                             # above chance (4 classes)
     assert all(r["lr"] > 0 and r["img_per_sec"] > 0 for r in records(run, "step"))
     assert (run / "config.yaml").is_file() and (run / "model.pth").is_file()
-    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
+    ckpts = run / "checkpoints"
+    best = (ckpts / "best").read_text()
+    assert (ckpts / "latest").read_text() == "step_00000018"
+    # keep_last=2 plus the best-by-accuracy one
+    assert {p.name for p in ckpts.glob("step_*")} == {"step_00000012", "step_00000018", best}
     assert "epoch 3/3 step" in first.stdout                              # plain progress lines
 
     # Resume: the same run dir with more epochs picks up after epoch 3, steps continue.

@@ -16,17 +16,29 @@ class DataConfig:
     root: str = "data/demo"            # holds <train_split>/ and <val_split>/ in class-folder layout
     train_split: str = "train"
     val_split: str = "val"
+    # Optional file lists (text, one image path per line, relative to the split folder, e.g.
+    # "n01440764/x.JPEG"): read only those images. Labels still come from the class folders
+    # (sorted folder names, as ImageFolder), so a subset keeps the full set's label indices.
+    train_list: Optional[str] = None
+    val_list: Optional[str] = None
     img_size: int = 224                # train crop side and eval crop side
     eval_crop_pct: float = 0.875       # eval resize = int(img_size / eval_crop_pct), then center crop
     scale: Tuple[float, float] = (0.08, 1.0)      # RandomResizedCrop area fraction
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)   # RandomResizedCrop aspect ratio
     hflip: float = 0.5
-    rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"   # timm-style spec; null disables
+    rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"   # timm spec (randaug.py); null disables
     repeated_aug: int = 3              # repeats per index (reference RASampler); 1 disables
+    # The reference uses RASampler only when distributed; true applies the repeats on a single
+    # process too (copies then share a rank and usually a batch, augmented independently).
+    repeated_aug_single_process: bool = False
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
-    device: str = "auto"               # auto | gpu | cpu: where DALI decodes and augments
+    device: str = "auto"               # auto | gpu | cpu: where DALI decodes (augmentation runs
+                                       # on the training device either way)
     num_threads: int = 4               # DALI CPU threads per rank
+    host_threads: int = 2              # CPU placement: threads that RandAugment + normalise
+                                       # consecutive batches in parallel (plus one feeding DALI)
     prefetch: int = 2                  # DALI prefetch queue depth
-    hw_decoder_load: float = 0.65      # share of JPEG decoding on the A100/H100 hardware decoder
-    decoder_preallocate: bool = True   # preallocate nvJPEG buffers for ImageNet-sized images
+    hw_decoder_load: float = 0.65      # GPU: share of JPEG decoding on the A100/H100/H200 hardware
+                                       # decoder (the rest on CUDA cores); ignored on CPU
+    decoder_preallocate: bool = True   # GPU: preallocate nvJPEG buffers for ImageNet-sized images

@@ -51,3 +51,40 @@ def find_classes(root: str) -> List[str]:
     if not classes:
         raise ValueError(f"no class folders found in {root}")
     return classes
+
+
+def read_file_list(list_path: str, root: str) -> Tuple[List[str], List[int], List[str]]:
+    """(files, labels, classes) for the images named in a text file, relative to `root`.
+
+    One path per line ("<class folder>/.../<file>"; blank lines and lines starting with '#'
+    are skipped), kept in the list's order. Labels are the index of each path's class folder
+    among the sorted class folders of `root`, exactly as scan_image_folder (ImageFolder) would
+    assign them, so a list naming a subset trains with the full tree's label indices. A line
+    that is absolute, escapes `root`, names no class folder, or names a missing file is a
+    ValueError naming the list and line: a wrong or missing image must never become a label.
+    """
+    root = os.path.abspath(os.path.expanduser(root))
+    classes = find_classes(root)
+    index = {name: i for i, name in enumerate(classes)}
+    files: List[str] = []
+    labels: List[int] = []
+    with open(os.path.expanduser(list_path)) as f:
+        for number, line in enumerate(f, start=1):
+            rel = line.strip()
+            if not rel or rel.startswith("#"):
+                continue
+            where = f"{list_path}:{number}: {rel!r}"
+            norm = os.path.normpath(rel)
+            parts = norm.split(os.sep)
+            if os.path.isabs(rel) or parts[0] == os.pardir or len(parts) < 2:
+                raise ValueError(f"{where}: need a path relative to {root}, inside a class folder")
+            if parts[0] not in index:
+                raise ValueError(f"{where}: {parts[0]!r} is not a class folder of {root}")
+            path = os.path.join(root, norm)
+            if not os.path.isfile(path):
+                raise ValueError(f"{where}: no such file {path}")
+            files.append(path)
+            labels.append(index[parts[0]])
+    if not files:
+        raise ValueError(f"file list {list_path} names no images")
+    return files, labels, classes

@@ -1,11 +1,20 @@
 """The sharded, epoch-aware loader the trainer iterates: DALI pipeline + sampler + bookkeeping.
 
+Train batches: DALI decodes, crops, resizes and flips (pipeline.py) into uint8 NHWC on its
+device; then, on the training device, the batched RandAugment (randaug.py) and one normalising
+pass turn them into float32 [B, 3, S, S] in channels-last memory.
+
 Determinism and resume: a train epoch is fully described by (seed, epoch, rank, world):
 `set_epoch(e)` computes this rank's index order from (seed, e) (sampler.py) and builds a fresh
-DALI pipeline whose random seed is derived from (seed, e, rank). Nothing carries over from
-earlier epochs, so a run resumed at an epoch boundary reads the same batches, bit for bit on
-the same placement and thread settings, as an uninterrupted one. The old pipeline is released
-before the new one is built.
+DALI pipeline whose random seed is derived from (seed, e, rank); RandAugment's draws for batch
+i come from a torch.Generator seeded by (seed, e, rank, i), never from the global RNG. Nothing
+carries over from earlier epochs, so a run resumed at an epoch boundary reads the same batches,
+bit for bit on the same placement and thread settings, as an uninterrupted one.
+`set_epoch(e, skip_batches=k)` resumes mid-epoch: DALI's random crop/flip state can only be
+advanced by running it, so the first k batches are decoded and discarded inside DALI's own
+pipeline (about k/len of an epoch's data-loading time, with no RandAugment, normalisation or
+training step) and iteration yields batches k, k+1, ... bit-identical to those of an
+uninterrupted epoch. The old pipeline is released before the new one is built.
 
 Val is unshuffled and seedless: one pipeline is kept across evaluations and rebuilt only if an
 evaluation was abandoned part way (DALI cannot rewind a reader mid-epoch).
@@ -19,10 +28,13 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from . import imageops
 from .config import DataConfig
-from .folder import find_classes, scan_image_folder
+from .folder import find_classes, read_file_list, scan_image_folder
+from .host import BackgroundBatches, resize_crops
 from .pipeline import READER_NAME, Placement, build_train_pipeline, build_val_pipeline
-from .sampler import train_indices, val_indices
+from .randaug import BatchRandAugment, parse_rand_augment
+from .sampler import effective_repeats, train_indices, val_indices
 
 SPLITS = ("train", "val")
 
@@ -40,7 +52,11 @@ def build_loader(cfg: DataConfig, split: str, batch_size: int, rank: int, world_
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     folder = os.path.join(cfg.root, cfg.train_split if split == "train" else cfg.val_split)
-    files, labels, classes = scan_image_folder(folder)
+    file_list = cfg.train_list if split == "train" else cfg.val_list
+    if file_list:
+        files, labels, classes = read_file_list(file_list, folder)
+    else:
+        files, labels, classes = scan_image_folder(folder)
     if split == "val":
         train_folder = os.path.join(cfg.root, cfg.train_split)
         if os.path.isdir(train_folder) and find_classes(train_folder) != classes:
@@ -72,12 +88,20 @@ def dali_seed(seed: int, epoch: int, rank: int) -> int:
     return int(state) & 0x7FFFFFFF
 
 
-class Loader:
-    """Yields (images float32 [B,3,S,S], labels int64 [B]) on `device` for one rank.
+def augment_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
+    """RandAugment generator seed for one train batch: a function of its position only, so a
+    resumed epoch draws the same choices without replaying the skipped batches."""
+    state = np.random.SeedSequence([seed, epoch, rank, batch, 0xA06]).generate_state(2)
+    return int(state[0]) << 32 | int(state[1])
 
-    Train: call set_epoch(e) before each epoch; every rank has the same len(); the last
-    partial batch is dropped. Val: set_epoch is optional (no randomness); each sample is seen
-    exactly once over all ranks; the last batch may be partial.
+
+class Loader:
+    """Yields (images float32 [B,3,S,S] channels-last, labels int64 [B]) on `device`, one rank.
+
+    Train: call set_epoch(e[, skip_batches]) before each epoch; every rank has the same len()
+    (the batches of a full epoch; after skip_batches=k, iteration yields len() - k of them);
+    the last partial batch is dropped. Val: set_epoch is optional (no randomness); each sample
+    is seen exactly once over all ranks; the last batch may be partial.
     """
 
     def __init__(self, cfg: DataConfig, split: str, files: List[str], labels: List[int],
@@ -91,13 +115,25 @@ class Loader:
         self._files = np.asarray(files, dtype=object)
         self._labels = np.asarray(labels, dtype=np.int64)
         self._pipe = None
-        self._it = None
+        self._it = None                 # DALIGenericIterator (GPU train, val)
+        self._background: Optional[BackgroundBatches] = None   # CPU train
         self._order: Optional[np.ndarray] = None  # indices the current pipeline reads
         self._ready = False   # train: set_epoch built a pipeline not yet iterated
         self._clean = False   # val: the kept pipeline sits at an epoch start
+        self._epoch = 0
+        self._skip = 0
+        self._mean = torch.tensor(cfg.mean, dtype=torch.float32)
+        self._std = torch.tensor(cfg.std, dtype=torch.float32)
+        self.randaug: Optional[BatchRandAugment] = None
         if split == "train":
+            self.repeats = effective_repeats(cfg.repeated_aug, world_size,
+                                             cfg.repeated_aug_single_process)
+            if cfg.rand_augment:
+                # timm/DeiT fill the warps with the mean pixel: round(255 * mean)
+                fill = [min(255, round(255 * m)) for m in cfg.mean]
+                self.randaug = BatchRandAugment(parse_rand_augment(cfg.rand_augment), fill)
             # Same count on every rank (sampler.py), so the same number of batches.
-            per_rank = len(train_indices(len(files), rank, world_size, seed, 0, cfg.repeated_aug))
+            per_rank = len(train_indices(len(files), rank, world_size, seed, 0, self.repeats))
             self._num_batches = per_rank // batch_size
             if self._num_batches == 0:
                 raise ValueError(
@@ -105,21 +141,44 @@ class Loader:
                     f"batch_size {batch_size}, so an epoch would have no batches")
             self.num_samples = self._num_batches * batch_size
         else:
+            self.repeats = 1
             self.num_samples = len(val_indices(len(files), rank, world_size))
             self._num_batches = math.ceil(self.num_samples / batch_size)
 
     def __len__(self) -> int:
+        """Batches in a full epoch (also after set_epoch(e, skip_batches=k), which yields
+        len() - k of them)."""
         return self._num_batches
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Prepare train epoch `epoch`; iteration then yields its batches skip_batches,
+        skip_batches + 1, ..., len() - 1, identical to those of an uninterrupted epoch.
+
+        Skipped batches are decoded and discarded by DALI (its random crop and flip state
+        only advances by running), at the cost of that much data loading.
+        """
         if self.split != "train":
+            if skip_batches:
+                raise ValueError("skip_batches applies to the train loader only")
             return  # val order and transforms do not depend on the epoch
+        if not 0 <= skip_batches <= self._num_batches:
+            raise ValueError(f"skip_batches must be in [0, {self._num_batches}], got {skip_batches}")
         self.close()
         order = train_indices(len(self._files), self.rank, self.world_size, self.seed, epoch,
-                              self.cfg.repeated_aug)[: self.num_samples]
+                              self.repeats)[: self.num_samples]
         pipe_args = (self._files[order].tolist(), self._labels[order].tolist(), self.cfg,
                      self.batch_size, dali_seed(self.seed, epoch, self.rank), self.placement)
         self._start(order, build_train_pipeline, pipe_args)
+        self._epoch, self._skip = epoch, skip_batches
+        for step in range(skip_batches):  # decode and discard: see the module docstring
+            try:
+                self._run_dali(step)
+            except RuntimeError as e:
+                self._fail(step, e)
+        if self._it is None:  # CPU: produce the coming batches in the background (host.py)
+            self._background = BackgroundBatches(
+                self._read_host, self._finish_host, skip_batches, self._num_batches,
+                depth=self.cfg.prefetch, workers=self.cfg.host_threads)
         self._ready = True
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -141,28 +200,72 @@ class Loader:
         return self._batches()
 
     def _batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        it = self._it
-        for step in range(self._num_batches):
+        for step in range(self._skip, self._num_batches):
             try:
-                out = next(it)[0]
-            except StopIteration:  # cannot happen with a consistent epoch size; never hang
-                raise RuntimeError(f"DALI ended the {self.split} epoch after {step} of "
-                                   f"{self._num_batches} batches") from None
+                if self._background is not None:
+                    images, labels = self._background.get()
+                else:
+                    images, labels = self._run_dali(step)
+                    # DALI's HWC batch viewed as NCHW: channels-last memory, no copy.
+                    images = images.permute(0, 3, 1, 2)
             except RuntimeError as e:
                 self._fail(step, e)
-            images, labels = out["images"], out["labels"].view(-1)
-            if images.device != self.device:  # CPU pipeline feeding a GPU run
+            if images.device != self.device:  # CPU pipeline feeding a GPU run: copy uint8
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
+            if self.split == "train" and images.dtype == torch.uint8:
+                images = self._augment(images, step)
             yield images, labels
         if self.split == "val":
             try:  # run the iterator to its end so it auto-resets for the next evaluation
-                next(it)
+                next(self._it)
             except StopIteration:
                 self._clean = True
 
+    def _augment(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """uint8 [B, 3, S, S] -> RandAugment -> normalised float32, on the images' device."""
+        if self.randaug is not None:
+            gen = torch.Generator().manual_seed(
+                augment_seed(self.seed, self._epoch, self.rank, step))
+            b, _, h, w = images.shape
+            plan = self.randaug.sample(b, h, w, gen).to(images.device)
+            images = self.randaug.apply(images, plan)
+        return imageops.normalize(images, self._mean, self._std)
+
+    def _read_host(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """CPU placement, feeder thread: DALI's crops, resized and flipped (uint8 NCHW in
+        channels-last memory) before DALI's next run reuses their buffers."""
+        crops, labels, flips = self._run_dali(step)
+        images = resize_crops(crops, flips.as_array(), self.cfg.img_size).permute(0, 3, 1, 2)
+        return images, torch.from_numpy(labels.as_array().reshape(-1))
+
+    def _finish_host(self, step: int, batch):
+        """CPU placement, pool thread: RandAugment + normalisation when the batches are for the
+        CPU (for a GPU they are augmented there, in the training thread)."""
+        images, labels = batch
+        if self.device.type == "cpu":
+            images = self._augment(images, step)
+        return images, labels
+
+    def _run_dali(self, step: int):
+        """One DALI batch: (images [B, H, W, 3], labels [B]) from the iterator, or the raw
+        pipeline outputs of the CPU train graph. Raises DALI's RuntimeError as is: callers in
+        the training thread turn it into one naming the file (_fail); in the producer thread
+        it travels to the training thread first."""
+        if self._it is not None:
+            try:
+                out = next(self._it)[0]
+            except StopIteration:  # cannot happen with a consistent epoch size; never hang
+                raise RuntimeError(f"DALI ended the {self.split} epoch after {step} of "
+                                   f"{self._num_batches} batches") from None
+            return out["images"], out["labels"].view(-1)
+        return self._pipe.run()
+
     def close(self) -> None:
         """Release the DALI pipeline (and its threads and buffers)."""
+        if self._background is not None:
+            self._background.close()
+            self._background = None
         self._it = None
         self._pipe = None
         self._order = None
@@ -183,6 +286,8 @@ class Loader:
         self._order = order
         try:
             self._pipe = build(*args)
+            if self.split == "train" and not self.placement.gpu:
+                return  # ragged crops (pipeline.py): set_epoch runs the pipeline directly
             # The iterator runs the first batches right away (prefetch), overlapping them with
             # whatever the trainer does between set_epoch and the first step.
             self._it = DALIGenericIterator(
@@ -209,8 +314,10 @@ class Loader:
         bad = _first_undecodable(candidates)
         if bad is not None:
             path, why = bad
-            raise RuntimeError(f"cannot decode image {path}: {why} (DALI: "
-                               f"{str(error).strip().splitlines()[-1]})") from error
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            dali = next((line for line in lines if line.startswith("Error in")),
+                        lines[-1] if lines else "")
+            raise RuntimeError(f"cannot decode image {path}: {why} (DALI: {dali})") from error
         raise RuntimeError(
             f"DALI {self.split} pipeline failed at batch {step}; the images it was reading "
             f"({len(candidates)} files from {candidates[:1]}) decode fine with PIL") from error

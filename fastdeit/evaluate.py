@@ -1,0 +1,44 @@
+"""Top-1/top-5 over a sharded validation loader, per head, reduced across ranks.
+
+Counts stay on the device during the pass; one all-reduce and one host read at the end.
+Each val image is read by exactly one rank, so the reduced counts cover the set once.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastdeit.models import eval_heads, is_distilled
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+             dtype: torch.dtype, device: torch.device) -> Dict[str, float]:
+    """``{'val/images', 'val/<head>_top1', 'val/<head>_top5'}`` in percent; heads: cls[, dist, avg]."""
+    was_training = module.training
+    module.eval()
+    heads = ["cls", "dist", "avg"] if is_distilled(module) else ["cls"]
+    counts = torch.zeros(len(heads), 2, dtype=torch.long, device=device)   # correct@1, correct@5
+    total = torch.zeros(1, dtype=torch.long, device=device)
+    for images, labels in loader:
+        logits = eval_heads(module, images.to(dtype))
+        for i, head in enumerate(heads):
+            z = logits[head]
+            hit = z.topk(min(5, z.shape[1]), dim=1).indices == labels[:, None]   # [B, k]
+            counts[i, 0] += hit[:, 0].sum()
+            counts[i, 1] += hit.any(dim=1).sum()
+        total += labels.numel()
+    module.train(was_training)
+    packed = torch.cat([counts.flatten(), total])
+    if dist.is_initialized():
+        dist.all_reduce(packed)
+    packed = packed.cpu().tolist()
+    n = max(packed[-1], 1)
+    out = {"val/images": float(packed[-1])}
+    for i, head in enumerate(heads):
+        out[f"val/{head}_top1"] = 100.0 * packed[2 * i] / n
+        out[f"val/{head}_top5"] = 100.0 * packed[2 * i + 1] / n
+    return out

@@ -1,0 +1,78 @@
+"""Shared data fixtures (tiny JPEG trees) and the `gpu` marker for tests that need CUDA."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# Flat-colour tree: every image is one solid colour that identifies it uniquely, so a decoded
+# batch tells us which file each sample came from (crop and flip keep a flat colour flat).
+# Levels 70 apart survive JPEG, resizing and the mean/std round trip with a wide margin.
+_LEVELS = (30, 100, 170, 240)
+FLAT_CLASSES = 4
+FLAT_PER_CLASS = 6
+
+
+def flat_colour(image_id: int):
+    return (_LEVELS[image_id % 4], _LEVELS[image_id // 4 % 4], _LEVELS[image_id // 16 % 4])
+
+
+def write_flat_tree(root, split="train", classes=FLAT_CLASSES, per_class=FLAT_PER_CLASS, seed=0):
+    """Class c holds images with ids c*per_class .. ; returns {image_id: (path, label)}."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for c in range(classes):
+        folder = os.path.join(root, split, f"cls{c}")
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            k = c * per_class + i
+            h, w = (int(v) for v in rng.integers(40, 90, size=2))
+            path = os.path.join(folder, f"img{k:03d}.jpg")
+            Image.new("RGB", (w, h), flat_colour(k)).save(path, quality=95)
+            out[k] = (path, c)
+    return out
+
+
+@pytest.fixture(scope="session")
+def flat_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flat")
+    ids = write_flat_tree(root, "train")
+    # val reuses the same colours and classes: sample identity is what the tests check there
+    write_flat_tree(root, "val")
+    return str(root), ids
+
+
+@pytest.fixture(scope="session")
+def synthetic_tree(tmp_path_factory):
+    from fastdeit.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(str(root), classes=4, train_per_class=24, val_per_class=9, min_size=48,
+             max_size=96, seed=0)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """The end-to-end tests' tree: 4 classes x 48 train (6 steps of 32) and 10 val images each."""
+    from fastdeit.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("e2e-data")
+    generate(str(root), classes=4, train_per_class=48, val_per_class=10, min_size=36, max_size=48,
+             seed=0, quality=90)
+    return root

@@ -1,0 +1,52 @@
+"""Helpers for tests that run the real entry points as subprocesses (2 CPU ranks over gloo)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+
+# A tiny but complete run: DeiT with patch 8 at 32 px, 2 blocks; batch 32 over 2 ranks.
+TINY = [
+    "data.img_size=32", "data.scale=[0.35,1.0]", "data.rand_augment=null", "data.repeated_aug=1",
+    "data.num_threads=1", "mixing.prob=0.0", "mixing.erase_prob=0.0",
+    "model.drop_path=0.0", "model.kwargs={patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2}",
+    "optim.lr=2e-3", "optim.lr_base_batch=32", "schedule.warmup_epochs=0.5",
+    "engine.global_batch_size=32", "trainer.eval_every=1", "logging.log_every=2",
+    "logging.progress=lines", "checkpoint.keep_last=2",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def command(script: str, *args, ranks: int = 2):
+    """``deepspeed --num_gpus N script args`` for N > 1, plain python for one rank."""
+    path = str(ROOT / "launch" / script)
+    if ranks == 1:
+        return [sys.executable, path, *args]
+    return [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), path, *args]
+
+
+def launch(*overrides, ranks: int = 2, check: bool = True, tiny: bool = True, script: str = "train.py"):
+    args = [*(TINY if tiny else []), *overrides]
+    proc = subprocess.run(command(script, *args, ranks=ranks), cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def records(run_dir, kind):
+    rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == kind]
