@@ -336,6 +336,37 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], path: Path, title:
     return path
 
 
+def deit_train_transform(img_size: int):
+    """The reference DeiT train transform, built the way the reference builds it: timm's
+    create_transform with RandomResizedCrop (bicubic), flip, RandAugment rand-m9-mstd0.5-inc1,
+    normalise and random erasing 0.25 'pixel' (color_jitter is passed but ignored under
+    RandAugment, as in the reference).
+
+    Pillow >= 11 raises on posterize with 0 bits, which timm's posterize ops ask for at the
+    highest magnitude (m9 plus noise clipped at 10, about 0.15% of images), so a baseline epoch
+    would crash; those ops get Pillow's old behaviour (a black image) instead, as
+    benchmarks/data.py does and as fastdeit's own RandAugment does.
+    """
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment, create_transform
+
+    from fastdeit.data.config import IMAGENET_MEAN, IMAGENET_STD
+
+    def posterize(img, bits_to_keep, **_):
+        if bits_to_keep >= 8:
+            return img
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)
+        return ImageOps.posterize(img, bits_to_keep)
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        auto_augment.NAME_TO_OP[name] = posterize
+    return create_transform(
+        input_size=img_size, is_training=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
+        color_jitter=0.3, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
+        re_prob=0.25, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
 def ensure_distributed() -> bool:
     """A world of one for DeepSpeed engines in this process; True if this call started it."""
     import torch.distributed as dist

@@ -8,11 +8,11 @@ Both sides read the same folder (``<data>/train``, class sub-folders), train the
 size at the same batch and resolution with DeiT's augmentation recipe, and get the same
 number of loader workers:
 
-  fastdeit   fastdeit.data.build_loader: a DALI graph (decode, RandomResizedCrop bicubic,
-             flip, RandAugment rand-m9-mstd0.5-inc1, normalise; on the GPU when there is
-             one), repeated augmentation x3, then BatchMixer on the device (random erasing,
-             Mixup/CutMix, label smoothing) and fastdeit's engine step (benchmarks/step.py,
-             student only, ZeRO --zero-stage, bf16).
+  fastdeit   fastdeit.data.build_loader: DALI decode, RandomResizedCrop bicubic and flip
+             (on the GPU when there is one), batched RandAugment rand-m9-mstd0.5-inc1 and
+             normalise, repeated augmentation x3, then BatchMixer on the device (random
+             erasing, Mixup/CutMix, label smoothing) and fastdeit's engine step
+             (benchmarks/step.py, student only, ZeRO --zero-stage, bf16).
   baseline   torchvision ImageFolder + PIL + timm.data.create_transform with DeiT's settings
              (RandomResizedCrop bicubic, flip, RandAugment, random erasing 0.25 'pixel', in
              the workers), a DataLoader with the same number of worker processes and pinned
@@ -39,7 +39,6 @@ import torch
 from benchmarks import common
 from benchmarks.step import SIZES, FastdeitStep, Setup, ViTRecipeStep
 from fastdeit.data import DataConfig, build_loader, scan_image_folder
-from fastdeit.data.config import IMAGENET_MEAN, IMAGENET_STD
 from fastdeit.metrics import StepTelemetry
 
 DEFAULT_DATA = common.ROOT / "data" / "bench-synthetic"
@@ -49,20 +48,18 @@ DEFAULT_DATA = common.ROOT / "data" / "bench-synthetic"
 
 
 def fastdeit_loader(args: argparse.Namespace, device: torch.device):
-    cfg = DataConfig(root=args.data, img_size=args.img_size, num_threads=args.workers)
+    # --workers DALI threads (decode, crop, resize) and, on CPU placement, as many host threads
+    # for batched RandAugment + normalise; the DeiT recipe otherwise (repeated augmentation x3).
+    cfg = DataConfig(root=args.data, img_size=args.img_size, num_threads=args.workers,
+                     host_threads=args.workers)
     return build_loader(cfg, "train", args.batch, rank=0, world_size=1, seed=0, device=device)
 
 
 def baseline_loader(args: argparse.Namespace, device: torch.device):
     """What a PyTorch DeiT/ViT user writes: ImageFolder + timm's DeiT transform + DataLoader."""
-    from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
-    transform = create_transform(
-        input_size=args.img_size, is_training=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
-        color_jitter=0.3, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
-        re_prob=0.25, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    dataset = ImageFolder(os.path.join(args.data, "train"), transform=transform)
+    dataset = ImageFolder(os.path.join(args.data, "train"), transform=common.deit_train_transform(args.img_size))
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers,
         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
@@ -205,7 +202,8 @@ def markdown(record: Dict[str, Any]) -> str:
 def chart(record: Dict[str, Any], path: Path) -> Path:
     st = record["settings"]
     rows = record["sides"]
-    hw = record["hardware"].get("gpu") or f"CPU ({record['hardware']['cpu_cores']} cores)"
+    hw = record["hardware"].get("gpu") or (f"CPU ({record['hardware']['cpu_cores']} cores, "
+                                           f"{record['hardware']['torch_threads']} torch threads)")
     notes = [f"{record['date']} · {record['commit']} · {hw} · {st['steps']} timed steps · "
              + " · ".join(f"{r['name']} data wait {100 * r['data_wait']:.0f}%" for r in rows)]
     return common.bar_chart([r["name"] for r in rows], [r["img_per_sec"] for r in rows], path,

@@ -162,7 +162,8 @@ class FastdeitStep(Variant):
             "fastdeit" if distill else "fastdeit-student", lambda: flops_lib.train_flops_per_image(
                 model, s.img_size, self.teacher.module if self.teacher else None))
         self.criterion = DeiTLoss(DistillConfig(type="hard" if distill else "none"))
-        self.mixer = BatchMixer(s.mixing, s.num_classes, s.device)
+        self.dtype = engine_lib.model_dtype(engine_lib.EngineConfig(precision="bf16"))
+        self.mixer = BatchMixer(s.mixing, s.num_classes, s.device, dtype=self.dtype)   # as build.py makes it
         model = s.maybe_compile(model)
         optimizer = build_optimizer(OptimConfig(), model, s.batch)
         overrides = json.loads(s.args.ds_config) if s.args.ds_config else {}
@@ -175,7 +176,6 @@ class FastdeitStep(Variant):
                                     deepspeed=overrides), world_size=1)
         self.engine = engine_lib.initialize(model, optimizer, ds)
         self.engine.train()
-        self.dtype = engine_lib.model_dtype(engine_lib.EngineConfig(precision="bf16"))
         # ImageNet-like schedule length; only the per-step LR computation matters here.
         self.scheduler = build_scheduler(ScheduleConfig(), self.engine.optimizer, steps_per_epoch=1251, epochs=300)
         self.meter = DeviceMeter(s.device)
@@ -253,10 +253,7 @@ class ViTRecipeStep(Variant):
         self.model = s.maybe_compile(model)
         self.mixup = None
         if mixup:
-            m = MixingConfig()
-            self.mixup = Mixup(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob,
-                               switch_prob=m.switch_prob, mode=m.mode, label_smoothing=m.label_smoothing,
-                               num_classes=s.num_classes)
+            self.mixup = timm_mixup(s.num_classes, enabled=True)
             self.criterion = SoftTargetCrossEntropy()
         else:
             self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -303,11 +300,12 @@ class DeiTReferenceStep(Variant):
                                            foreach=False, fused=False)
         self.scaler = torch.amp.GradScaler(s.device.type)
         self.criterion = DeiTLoss(DistillConfig(type="hard"))
-        self.mixer = BatchMixer(MixingConfig(prob=1.0 if s.args.mixing else 0.0, erase_prob=0.0),
-                                s.num_classes, s.device)   # reference: erasing runs in the data workers
+        # timm's Mixup as the reference uses it (its erasing runs in the data workers); with
+        # --mixing off it only smooths the labels.
+        self.mixup = timm_mixup(s.num_classes, enabled=s.args.mixing)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        images, targets = self.mixer(images, labels)
+        images, targets = self.mixup(images, labels)
         with torch.autocast(self.s.device.type, dtype=self.amp_dtype):
             outputs = self.model(images)
             with torch.no_grad():
@@ -325,6 +323,15 @@ class DeiTReferenceStep(Variant):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         common.synchronize(self.s.device)                 # torch.cuda.synchronize() every step
+
+
+def timm_mixup(num_classes: int, enabled: bool) -> Mixup:
+    """timm's Mixup/CutMix with DeiT's settings (what the baselines use); ``enabled=False``
+    keeps only the label smoothing."""
+    m = MixingConfig()
+    return Mixup(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob if enabled else 0.0,
+                 switch_prob=m.switch_prob, mode=m.mode, label_smoothing=m.label_smoothing,
+                 num_classes=num_classes)
 
 
 def reference_amp(choice: str, device: torch.device) -> str:
@@ -602,7 +609,8 @@ def print_report(record: Dict[str, Any]) -> None:
 def chart(record: Dict[str, Any], path: Path) -> Path:
     st = record["settings"]
     rows = record["variants"]
-    hw = record["hardware"].get("gpu") or f"CPU ({record['hardware']['cpu_cores']} cores)"
+    hw = record["hardware"].get("gpu") or (f"CPU ({record['hardware']['cpu_cores']} cores, "
+                                           f"{record['hardware']['torch_threads']} torch threads)")
     notes = [f"{record['date']} · {record['commit']} · {hw} · median of {rows[0]['steps_timed']} timed steps"]
     return common.bar_chart(
         [r["name"] for r in rows], [r["img_per_sec"] for r in rows], path,

@@ -74,3 +74,47 @@ def test_compute_bound_run_is_quiet_and_mfu_needs_flops():
     values = telemetry.read(rate)
     assert values["data_wait"] < 0.10 and "mfu" not in values
     assert warnings == []
+
+
+@pytest.mark.slow
+def test_training_run_logs_telemetry_and_draws_its_report(tmp_path):
+    """A real (one-process) training run: every step record carries img/s, MFU and data
+    wait, the progress lines show them, and python -m fastdeit.report draws the run."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastdeit import report
+    from fastdeit.data.synthetic import generate
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    generate(str(data), classes=4, train_per_class=24, val_per_class=4, min_size=36, max_size=48, seed=0, quality=90)
+    run = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    overrides = [
+        f"data.root={data}", "data.img_size=32", "data.rand_augment=null", "data.repeated_aug=1",
+        "data.num_threads=1", "mixing.prob=0.0", "mixing.erase_prob=0.0", "model.name=deit_tiny_patch16_224",
+        "model.drop_path=0.0", "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+        "distill.type=none", "engine.global_batch_size=16", "trainer.epochs=1", f"trainer.run_dir={run}",
+        "logging.log_every=2", "logging.progress=lines", "logging.peak_tflops=1.0", "checkpoint.keep_last=1",
+    ]
+    proc = subprocess.run([sys.executable, str(root / "launch" / "train.py"), *overrides], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "MFU basis:" in proc.stdout and "peak 1 TFLOP/s per device (given)" in proc.stdout
+    assert " mfu " in proc.stdout and " data " in proc.stdout                  # progress lines
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert steps and all(r["img_per_sec"] > 0 and r["mfu"] > 0 and 0 <= r["data_wait"] <= 1 for r in steps)
+    epoch = [r for r in rows if r["kind"] == "epoch"][-1]
+    assert epoch["train/mfu"] > 0 and "train/data_wait" in epoch
+    assert report.main([str(run)]).read_bytes().startswith(b"\x89PNG")
