@@ -16,8 +16,8 @@ HEAD_STYLE = {"cls": "-", "dist": "--", "avg": "-"}
 
 
 def read_log(path: Path) -> Dict[str, List[Dict[str, Any]]]:
-    """{'step': [...], 'epoch': [...]} records, in file order; unreadable lines are skipped
-    (a run killed mid-write leaves a partial last line)."""
+    """{'step': [...], 'epoch': [...]} records, one per step / epoch in order; unreadable lines
+    are skipped (a run killed mid-write leaves a partial last line)."""
     kinds: Dict[str, List[Dict[str, Any]]] = {"step": [], "epoch": []}
     with open(path) as f:
         for line in f:
@@ -27,6 +27,11 @@ def read_log(path: Path) -> Dict[str, List[Dict[str, Any]]]:
                 continue
             if isinstance(row, dict) and row.get("kind") in kinds:
                 kinds[row["kind"]].append(row)
+    # A resumed run re-runs the steps after its checkpoint (after a crash or a divergence) and
+    # appends their records again: the last record of each step or epoch is the one that counts.
+    for kind, key in (("step", "step"), ("epoch", "epoch")):
+        last = {r.get(key): r for r in kinds[kind]}
+        kinds[kind] = sorted(last.values(), key=lambda r: (r.get(key) is None, r.get(key) or 0))
     return kinds
 
 

@@ -42,3 +42,18 @@ def test_report_needs_a_log(tmp_path):
     (tmp_path / "log.jsonl").write_text("")
     with pytest.raises(SystemExit, match="no step or epoch records"):
         report.main([str(tmp_path)])
+
+
+def test_rerun_steps_count_once(tmp_path):
+    """After a resume re-runs steps 3-4 (e.g. past a divergence), their later records win."""
+    import json
+
+    from fastdeit.report import read_log
+
+    rows = [{"kind": "step", "step": s, "loss": 1.0} for s in (1, 2, 3, 4)]
+    rows += [{"kind": "step", "step": s, "loss": 0.5} for s in (3, 4)]
+    rows += [{"kind": "epoch", "step": 4, "epoch": 0, "train/loss": 0.7}]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    log = read_log(tmp_path / "log.jsonl")
+    assert [(r["step"], r["loss"]) for r in log["step"]] == [(1, 1.0), (2, 1.0), (3, 0.5), (4, 0.5)]
+    assert len(log["epoch"]) == 1
