@@ -232,6 +232,18 @@ def result_stem(record: Dict[str, Any], device: torch.device, name: Optional[str
 # --------------------------------------------------------------------------- tables
 
 
+def model_label(name: str, kwargs: Any = None) -> str:
+    """'deit_tiny' or 'deit_tiny (depth=1, embed_dim=96)' when timm kwargs resize the model."""
+    name = name.replace("_patch16_224", "")
+    if isinstance(kwargs, str):
+        kwargs = json.loads(kwargs) if kwargs else None
+    return f"{name} ({', '.join(f'{k}={v}' for k, v in kwargs.items())})" if kwargs else name
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "n/a"
@@ -262,7 +274,7 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def record_header_md(record: Dict[str, Any], title: str) -> str:
     hw = record["hardware"]
-    where = hw.get("gpu") or f"{hw['cpu']} ({hw['cpu_cores']} cores, {hw['torch_threads']} torch threads)"
+    where = hw.get("gpu") or f"{hw['cpu']} ({hw['cpu_cores']} cores, {plural(hw['torch_threads'], 'torch thread')})"
     sw = record["software"]
     commit = f"`{record['commit']}`" + (" (uncommitted changes)" if record.get("dirty") else "")
     return "\n".join([

@@ -19,9 +19,10 @@ number of loader workers:
              memory, timm's Mixup/CutMix on the device and the plain loop of baseline A
              (timm ViT, autocast bf16, torch AdamW, soft-target cross entropy).
 
-Per side: sustained images/sec (timed images / wall time between two device syncs, after
-warm-up; epoch boundaries included), median step time, the share of time blocked waiting for
-the loader (the same StepTelemetry as training runs), peak memory (GPU) and MFU.
+Per side: sustained images/sec (timed images / wall time between device syncs, after warm-up;
+epoch boundaries included), median step time, the share of time blocked waiting for the loader
+(the same StepTelemetry as training runs), peak memory (GPU) and MFU. Both sides stay built
+and alternate in rounds, so load from other processes hits both alike.
 """
 from __future__ import annotations
 
@@ -79,71 +80,116 @@ def endless(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
 # --------------------------------------------------------------------------- one side
 
 
-def run_side(name: str, args: argparse.Namespace, device: torch.device, log=common.print_flush) -> Dict[str, Any]:
-    probe_cuda = device.type == "cuda"
-    if probe_cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    loader = fastdeit_loader(args, device) if name == "fastdeit" else baseline_loader(args, device)
-    num_classes = loader.num_classes if name == "fastdeit" else len(loader.dataset.classes)
-    setup = Setup(step_args(args, num_classes), device)
-    torch.manual_seed(0)
-    if name == "fastdeit":
-        variant = FastdeitStep(setup, args.zero_stage, distill=False)
-        about = (f"DALI {'GPU' if getattr(loader.placement, 'gpu', False) else 'CPU'} pipeline "
-                 f"({args.workers} threads) + repeated aug x3 + BatchMixer on {device.type} + "
-                 f"DeepSpeed ZeRO-{args.zero_stage} bf16 step")
-    else:
-        variant = ViTRecipeStep(setup, mixup=True)
-        about = (f"ImageFolder + PIL + timm DeiT transform, DataLoader ({args.workers} workers"
-                 f"{', pinned' if device.type == 'cuda' else ''}) + timm Mixup + plain autocast bf16 loop")
-    telemetry = StepTelemetry(warn=lambda message: None)
-    batches = iter(telemetry.timed(_Endless(loader)))
+class Side:
+    """One pipeline + step, kept alive across rounds. While the other side runs, this one's
+    loader fills its prefetch queue and then blocks, so it steals no time; the first steps
+    after a switch (``--rewarm``) drain that queue untimed."""
 
-    def one_step() -> int:
-        images, labels = next(batches)
-        if images.device != device:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-        variant.forward(images, labels)
-        variant.backward()
-        variant.update()
+    def __init__(self, name: str, args: argparse.Namespace, device: torch.device):
+        self.name, self.device = name, device
+        self.loader = fastdeit_loader(args, device) if name == "fastdeit" else baseline_loader(args, device)
+        self.num_classes = self.loader.num_classes if name == "fastdeit" else len(self.loader.dataset.classes)
+        setup = Setup(step_args(args, self.num_classes), device)
+        torch.manual_seed(0)
+        if name == "fastdeit":
+            self.variant = FastdeitStep(setup, args.zero_stage, distill=False)
+            gpu = getattr(getattr(self.loader, "placement", None), "gpu", False)
+            self.about = (f"DALI {'GPU' if gpu else 'CPU'} placement ({args.workers} DALI threads"
+                          f"{'' if gpu else f', {args.workers} host threads'}) + repeated aug x3 + "
+                          f"BatchMixer on {device.type} + DeepSpeed ZeRO-{args.zero_stage} bf16 step")
+        else:
+            self.variant = ViTRecipeStep(setup, mixup=True)
+            self.about = (f"ImageFolder + PIL + timm DeiT transform, DataLoader ({args.workers} worker "
+                          f"processes{', pinned' if device.type == 'cuda' else ''}) + timm Mixup + "
+                          "plain autocast bf16 loop")
+        self.telemetry = StepTelemetry(warn=lambda message: None)
+        self.batches = iter(self.telemetry.timed(_Endless(self.loader)))
+        self.step_ms: List[float] = []
+        self.images = 0
+        self.wall = 0.0
+        self.waited = 0.0
+
+    def step(self) -> int:
+        images, labels = next(self.batches)
+        if images.device != self.device:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+        self.variant.forward(images, labels)
+        self.variant.backward()
+        self.variant.update()
         return images.shape[0]
 
-    t_build = time.perf_counter()
-    for _ in range(args.warmup):                           # loader start-up, allocator, kernels
-        one_step()
-    common.synchronize(device)
-    log(f"  {name}: warmed up ({args.warmup} steps, {time.perf_counter() - t_build:.1f} s)")
-    telemetry.start_epoch()
-    step_ms: List[float] = []
-    images = 0
-    t0 = last = time.perf_counter()
-    for _ in range(args.steps):
-        images += one_step()
-        now = time.perf_counter()
-        step_ms.append((now - last) * 1e3)
-        last = now
-    common.synchronize(device)
-    wall = time.perf_counter() - t0
-    rate = images / wall
-    data_wait = telemetry.read(rate)["data_wait"]
-    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if probe_cuda else None
-    row = {
-        "name": name, "about": about, "img_per_sec": rate, "wall_s": wall, "images": images,
-        "ms_per_step": common.summarize(step_ms)["median"], "data_wait": data_wait,
-        "peak_mem_gib": peak_mem, "flops_per_image": variant.flops_per_image,
-        "tflops_per_sec": rate * variant.flops_per_image / 1e12, "steps_timed": len(step_ms),
-        "num_classes": num_classes,
-    }
-    log(f"  {name}: {rate:,.1f} img/s, data wait {100 * data_wait:.0f}%")
-    # Free this side (loader threads or worker processes, engine) before the other runs.
-    del batches, variant, setup
-    if hasattr(loader, "close"):
-        loader.close()
-    del loader
-    gc.collect()
-    return row
+    def run(self, n: int, timed: bool) -> None:
+        """n steps; when timed, their images, wall time (between device syncs), per-step host
+        times and time blocked on the loader are added to this side's totals."""
+        common.synchronize(self.device)
+        self.telemetry.start_epoch()
+        t0 = last = time.perf_counter()
+        images = 0
+        step_ms = []
+        for _ in range(n):
+            images += self.step()
+            now = time.perf_counter()
+            step_ms.append((now - last) * 1e3)
+            last = now
+        common.synchronize(self.device)
+        if timed:
+            self.wall += time.perf_counter() - t0
+            self.images += images
+            self.step_ms += step_ms
+            self.waited += self.telemetry.waited
+
+    def close(self) -> None:
+        self.batches = None
+        if hasattr(self.loader, "close"):
+            self.loader.close()
+        self.loader = self.variant = None
+        gc.collect()
+
+
+def measure(args: argparse.Namespace, device: torch.device, peak: common.PeakFlops,
+            log=common.print_flush) -> List[Dict[str, Any]]:
+    probe = common.MemoryProbe(device)
+    sides: List[Side] = []
+    mem: Dict[str, Dict[str, Any]] = {}
+    try:
+        for name in args.sides:
+            before = probe.allocated()
+            t0 = time.perf_counter()
+            side = Side(name, args, device)
+            side.run(args.warmup, timed=False)             # loader start-up, allocator, kernels
+            mem[name] = {"resident": probe.allocated() - before if before is not None else None, "transient": 0}
+            sides.append(side)
+            log(f"  {name}: built and warmed up ({args.warmup} steps, {time.perf_counter() - t0:.1f} s)")
+        for r in range(args.rounds):
+            k = r % len(sides)
+            for side in sides[k:] + sides[:k]:             # rotate: no side always goes first
+                side.run(args.rewarm, timed=False)
+                start = probe.start()
+                side.run(args.steps, timed=True)
+                transient = probe.transient(start)
+                if transient is not None:
+                    mem[side.name]["transient"] = max(mem[side.name]["transient"], transient)
+            peak.sample()
+            log(f"  round {r + 1}/{args.rounds} done")
+        rows = []
+        for side in sides:
+            rate = side.images / side.wall
+            resident = mem[side.name]["resident"]
+            rows.append({
+                "name": side.name, "about": side.about, "img_per_sec": rate, "wall_s": side.wall,
+                "images": side.images, "ms_per_step": common.summarize(side.step_ms)["median"],
+                "data_wait": min(side.waited / side.wall, 1.0),
+                "peak_mem_gib": (resident + mem[side.name]["transient"]) / 2**30 if resident is not None else None,
+                "flops_per_image": side.variant.flops_per_image,
+                "tflops_per_sec": rate * side.variant.flops_per_image / 1e12,
+                "steps_timed": len(side.step_ms), "num_classes": side.num_classes,
+            })
+            log(f"  {side.name}: {rate:,.1f} img/s, data wait {100 * rows[-1]['data_wait']:.0f}%")
+        return rows
+    finally:
+        for side in sides:
+            side.close()
 
 
 class _Endless:
@@ -184,11 +230,13 @@ def ratio_rows(rs: List[Dict[str, Any]]) -> List[List[str]]:
 
 def markdown(record: Dict[str, Any]) -> str:
     st = record["settings"]
-    lines = [common.record_header_md(record, f"End to end: {st['model']} at {st['img_size']}px, batch {st['batch']}, "
-                                              f"{st['workers']} loader workers"),
+    model = common.model_label(st["model"], st["model_kwargs"])
+    lines = [common.record_header_md(record, f"End to end: {model} at {st['img_size']}px, batch {st['batch']}, "
+                                              f"{common.plural(st['workers'], 'loader worker')}"),
              f"- data: {st['data']} ({st['train_images']} train images, {st['classes']} classes)",
-             f"- timing: {st['warmup']} warm-up steps, then {st['steps']} timed steps per side, one side after "
-             f"the other; img/s = timed images / wall time between device syncs",
+             f"- timing: {st['warmup']} warm-up steps per side, then {st['rounds']} rounds alternating the sides, "
+             f"each {st['rewarm']} untimed + {st['steps']} timed steps per side; img/s = timed images / wall "
+             f"time between device syncs",
              f"- MFU peak: {record['peak']['tflops']:,.3g} TFLOP/s per device ({record['peak']['source']})",
              "", common.markdown_table(COLUMNS, table_rows(record["sides"])), "",
              common.markdown_table(["ratio", "value", "of", "meaning"], ratio_rows(record["ratios"]), align="lrll"),
@@ -203,12 +251,13 @@ def chart(record: Dict[str, Any], path: Path) -> Path:
     st = record["settings"]
     rows = record["sides"]
     hw = record["hardware"].get("gpu") or (f"CPU ({record['hardware']['cpu_cores']} cores, "
-                                           f"{record['hardware']['torch_threads']} torch threads)")
-    notes = [f"{record['date']} · {record['commit']} · {hw} · {st['steps']} timed steps · "
+                                           f"{common.plural(record['hardware']['torch_threads'], 'torch thread')})")
+    notes = [f"{record['date']} · {record['commit']} · {hw} · {rows[0]['steps_timed']} timed steps per side · "
              + " · ".join(f"{r['name']} data wait {100 * r['data_wait']:.0f}%" for r in rows)]
     return common.bar_chart([r["name"] for r in rows], [r["img_per_sec"] for r in rows], path,
-                            f"End to end from JPEGs, {st['model']} at {st['img_size']}px, batch {st['batch']}, "
-                            f"{st['workers']} workers", highlight=["fastdeit"], notes=notes)
+                            f"End to end from JPEGs, {common.model_label(st['model'], st['model_kwargs'])} at "
+                            f"{st['img_size']}px, batch {st['batch']}, {common.plural(st['workers'], 'loader worker')}",
+                            highlight=["fastdeit"], notes=notes)
 
 
 # --------------------------------------------------------------------------- main
@@ -229,8 +278,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--ds-config", default=None, help="JSON merged into fastdeit's DeepSpeed config")
     p.add_argument("--sides", nargs="+", default=["fastdeit", "baseline"], choices=["fastdeit", "baseline"])
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per side after building it")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per side per round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds alternating the sides")
+    p.add_argument("--rewarm", type=int, default=3,
+                   help="untimed steps per side at the start of each round: they drain the batches "
+                        "its loader prefetched while the other side ran")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None,
@@ -272,10 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         peak = common.PeakFlops(device, args.peak_tflops)
         common.print_flush(f"e2e benchmark on {device}: {args.data}, deit_{SIZES[args.model]} at {args.img_size}px, "
                            f"batch {args.batch}, {args.workers} workers")
-        rows = []
-        for side in args.sides:
-            rows.append(run_side(side, args, device))
-            peak.sample()
+        rows = measure(args, device, peak)
     finally:
         if started:
             from fastdeit import distributed
@@ -293,7 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         settings={"data": args.data, "model": f"deit_{SIZES[args.model]}", "model_kwargs": args.model_kwargs,
                   "batch": args.batch, "img_size": args.img_size, "workers": args.workers,
                   "zero_stage": args.zero_stage, "compile": args.compile, "ds_config": args.ds_config,
-                  "warmup": args.warmup, "steps": args.steps, "classes": rows[0]["num_classes"],
+                  "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "rewarm": args.rewarm,
+                  "classes": rows[0]["num_classes"],
                   "train_images": len(scan_image_folder(os.path.join(args.data, "train"))[0])},
         peak=peak.record(), sides=rows, ratios=ratios)
     if device.type != "cuda":

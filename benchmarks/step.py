@@ -495,7 +495,8 @@ def ratio_rows(rs: List[Dict[str, Any]]) -> List[List[str]]:
 def markdown(record: Dict[str, Any]) -> str:
     st = record["settings"]
     peak = record["peak"]
-    lines = [common.record_header_md(record, f"Training step: {st['student']} at {st['img_size']}px, batch {st['batch']}"),
+    model = common.model_label(st["student"], st["model_kwargs"])
+    lines = [common.record_header_md(record, f"Training step: {model} at {st['img_size']}px, batch {st['batch']}"),
              f"- settings: ZeRO {st['zero_stage']}, compile {'on' if st['compile'] else 'off'}, teacher "
              f"{st['teacher']} ({st['teacher_format']}), mixing {'on' if st['mixing'] else 'off (label smoothing only)'}, "
              f"{st['warmup']} warm-up + {st['rounds']} rounds x {st['steps']} timed steps per variant, interleaved",
@@ -610,11 +611,12 @@ def chart(record: Dict[str, Any], path: Path) -> Path:
     st = record["settings"]
     rows = record["variants"]
     hw = record["hardware"].get("gpu") or (f"CPU ({record['hardware']['cpu_cores']} cores, "
-                                           f"{record['hardware']['torch_threads']} torch threads)")
+                                           f"{common.plural(record['hardware']['torch_threads'], 'torch thread')})")
     notes = [f"{record['date']} · {record['commit']} · {hw} · median of {rows[0]['steps_timed']} timed steps"]
     return common.bar_chart(
         [r["name"] for r in rows], [r["img_per_sec"] for r in rows], path,
-        f"Training step, {st['student'].replace('_patch16_224', '')} at {st['img_size']}px, batch {st['batch']}",
+        f"Training step, {common.model_label(st['student'], st['model_kwargs'])} at {st['img_size']}px, "
+        f"batch {st['batch']}",
         highlight=[r["name"] for r in rows if r["kind"].startswith("fastdeit")], notes=notes)
 
 

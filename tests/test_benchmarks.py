@@ -106,7 +106,8 @@ def jpeg_tree(tmp_path_factory):
 def test_e2e_benchmark(tmp_path, jpeg_tree):
     proc = run_module(
         "benchmarks.e2e", "--data", jpeg_tree, "--model", "ti", "--model-kwargs", TINY_VIT, "--img-size", 32,
-        "--batch", 8, "--workers", 1, "--warmup", 2, "--steps", 10, "--out", tmp_path)
+        "--batch", 8, "--workers", 1, "--warmup", 2, "--steps", 5, "--rounds", 2, "--rewarm", 1,
+        "--out", tmp_path)
     record, md = the_record(tmp_path, "-e2e")
     assert [s["name"] for s in record["sides"]] == ["fastdeit", "baseline"]
     for side in record["sides"]:
