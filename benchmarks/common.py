@@ -412,3 +412,16 @@ def quiet_deepspeed() -> None:
 def print_flush(*args: Any) -> None:
     print(*args, flush=True)
     sys.stdout.flush()
+
+
+def save_record(record: Dict[str, Any], markdown_text: str, chart_fn, args, device, kind: str) -> Dict[str, Any]:
+    """Write a benchmark's JSON + markdown + bar chart under ``args.out`` (and its README table
+    when ``args.readme`` is set); list the files in the record and print them."""
+    stem = result_stem(record, device, args.name)
+    paths = write_record(record, markdown_text, Path(args.out), stem)
+    paths["png"] = chart_fn(record, Path(args.out) / f"{stem}.png")
+    if args.readme:
+        update_readme(Path(args.readme), kind, markdown_text)
+    record["files"] = {k: str(v) for k, v in paths.items()}
+    print_flush("wrote " + ", ".join(str(p) for p in paths.values()))
+    return record

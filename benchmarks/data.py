@@ -72,23 +72,12 @@ def run_ours(args, device):
 
 def run_baseline(args, device):
     import torchvision
-    from PIL import Image
-    from timm.data import Mixup, create_transform
-    from timm.data import auto_augment
+    from timm.data import Mixup
 
-    def posterize(img, bits_to_keep, **_):  # Pillow < 11 behaviour for 0 bits (see docstring)
-        if bits_to_keep >= 8:
-            return img
-        if bits_to_keep <= 0:
-            return Image.new(img.mode, img.size)
-        from PIL import ImageOps
-        return ImageOps.posterize(img, bits_to_keep)
+    from benchmarks.common import deit_train_transform
 
-    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-        auto_augment.NAME_TO_OP[name] = posterize
-    transform = create_transform(
-        input_size=args.img_size, is_training=True, color_jitter=0.3, auto_augment=RAND_AUGMENT,
-        interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1)
+    # timm's create_transform with the DeiT settings, made Pillow-safe (see its docstring).
+    transform = deit_train_transform(args.img_size)
     dataset = torchvision.datasets.ImageFolder(os.path.join(args.data, "train"), transform)
     data = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch, shuffle=True, num_workers=args.workers, drop_last=True,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -354,14 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     common.print_flush("\n" + common.text_table(COLUMNS, table_rows(rows)))
     if ratios:
         common.print_flush("\n" + common.text_table(["ratio", "value", "of", "meaning"], ratio_rows(ratios)))
-    stem = common.result_stem(record, device, args.name)
-    paths = common.write_record(record, markdown(record), Path(args.out), stem)
-    paths["png"] = chart(record, Path(args.out) / f"{stem}.png")
-    if args.readme:
-        common.update_readme(Path(args.readme), "e2e", markdown(record))
-    record["files"] = {k: str(v) for k, v in paths.items()}
-    common.print_flush("wrote " + ", ".join(str(p) for p in paths.values()))
-    return record
+    return common.save_record(record, markdown(record), chart, args, device, "e2e")
 
 
 if __name__ == "__main__":

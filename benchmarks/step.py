@@ -591,14 +591,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         record["notes"] = ["Peak memory is GPU-only (n/a on CPU). Baseline B autocasts to bf16 on CPU: "
                            "fp16 matmuls have no fast CPU path, so as published (fp16) it would measure emulation."]
     print_report(record)
-    stem = common.result_stem(record, device, args.name)
-    paths = common.write_record(record, markdown(record), Path(args.out), stem)
-    paths["png"] = chart(record, Path(args.out) / f"{stem}.png")
-    if args.readme:
-        common.update_readme(Path(args.readme), "step", markdown(record))
-    record["files"] = {k: str(v) for k, v in paths.items()}
-    common.print_flush("wrote " + ", ".join(str(p) for p in paths.values()))
-    return record
+    return common.save_record(record, markdown(record), chart, args, device, "step")
 
 
 def print_report(record: Dict[str, Any]) -> None:
