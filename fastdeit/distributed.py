@@ -99,6 +99,25 @@ def init(env: Optional[DistEnv] = None) -> DistEnv:
     return env
 
 
-def teardown() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def shm_buffers(master_addr: str, master_port: int, ranks=None) -> List[str]:
+    """DeepSpeed's CPU shared-memory all-reduce buffers (/dev/shm, 66 MB per rank) of one job."""
+    import glob
+
+    pattern = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_"
+    return [p for p in glob.glob(pattern + "*") if ranks is None or p[len(pattern):] in {str(r) for r in ranks}]
+
+
+def teardown(env: Optional[DistEnv] = None) -> None:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    env = env or env_from(os.environ)
+    torch.distributed.destroy_process_group()
+    # DeepSpeed's CPU shm all-reduce never unlinks its buffer: in tmpfs it holds RAM until
+    # reboot, and many runs on one host exhaust memory. Each rank removes its own; peers map
+    # each other's buffers once, at initialisation, so unlinking now is safe (no barrier:
+    # a rank leaving on an error must not wait for the others).
+    for path in shm_buffers(env.master_addr, env.master_port, ranks={env.rank, env.local_rank}):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

@@ -38,10 +38,22 @@ def command(script: str, *args, ranks: int = 2):
     return [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), path, *args]
 
 
+def release_shm(cmd) -> None:
+    """Remove the DeepSpeed shm buffers a launch may have left (a rank killed before teardown)."""
+    from fastdeit.distributed import shm_buffers
+
+    if "--master_port" in cmd:
+        for path in shm_buffers("127.0.0.1", int(cmd[cmd.index("--master_port") + 1])):
+            os.unlink(path)
+
+
 def launch(*overrides, ranks: int = 2, check: bool = True, tiny: bool = True, script: str = "train.py"):
     args = [*(TINY if tiny else []), *overrides]
-    proc = subprocess.run(command(script, *args, ranks=ranks), cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=600)
+    cmd = command(script, *args, ranks=ranks)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    finally:
+        release_shm(cmd)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
