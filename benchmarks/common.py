@@ -425,3 +425,13 @@ def save_record(record: Dict[str, Any], markdown_text: str, chart_fn, args, devi
     record["files"] = {k: str(v) for k, v in paths.items()}
     print_flush("wrote " + ", ".join(str(p) for p in paths.values()))
     return record
+
+
+def start_run(kind: str, args, argv):
+    """The device, the thread count and a fresh record (commit and time now) for a benchmark run."""
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    record = base_record(kind, device, argv)
+    quiet_deepspeed()
+    return device, record

@@ -313,11 +313,7 @@ def ensure_data(args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    device = common.pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    record = common.base_record("e2e", device, argv)
-    common.quiet_deepspeed()
+    device, record = common.start_run("e2e", args, argv)   # commit and time as the run starts
     ensure_data(args)
     started = common.ensure_distributed()
     try:

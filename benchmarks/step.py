@@ -557,11 +557,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    device = common.pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    record = common.base_record("step", device, argv)     # commit and time as the run starts
-    common.quiet_deepspeed()
+    device, record = common.start_run("step", args, argv)   # commit and time as the run starts
     started = common.ensure_distributed()
     s = Setup(args, device)
     try:
