@@ -31,6 +31,7 @@ import torch
 from . import imageops
 from .config import DataConfig
 from .folder import find_classes, read_file_list, scan_image_folder
+from .imagecheck import check_image_file
 from .host import BackgroundBatches, resize_crops
 from .pipeline import READER_NAME, Placement, build_train_pipeline, build_val_pipeline
 from .randaug import BatchRandAugment, parse_rand_augment
@@ -324,12 +325,8 @@ class Loader:
 
 
 def _first_undecodable(paths: List[str]) -> Optional[Tuple[str, str]]:
-    from PIL import Image
-
     for path in paths:
-        try:
-            with Image.open(path) as im:
-                im.load()  # a full decode: truncation only shows up here
-        except Exception as e:  # any failure is a reason DALI may have failed too
-            return path, f"{type(e).__name__}: {e}"
+        why = check_image_file(path)
+        if why is not None:
+            return path, why
     return None
