@@ -47,7 +47,7 @@ demo: install data
 	$(PY) launch/summary.py $(DEMO_RUNS)/teacher $(DEMO_RUNS)/student
 
 test: install
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -rs tests
 
 clean-demo:
 	rm -rf $(DEMO_RUNS) $(DEMO_DATA)

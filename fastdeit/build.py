@@ -78,7 +78,8 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
                    "zero_stage": cfg.engine.zero_stage}
     checkpointer = Checkpointer(cfg.checkpoint, str(run_dir), fingerprint, env.is_main)
     logger.info(
-        f"{cfg.model.name}: {count_params(model):,} params | {num_classes} classes | world {env.world_size} | "
+        f"{cfg.model.name}: {count_params(model):,} params | {num_classes} classes | world {env.world_size} "
+        f"(master {env.master_addr}:{env.master_port}) | "
         f"batch {global_batch} = {micro} x {accum} x {env.world_size} | lr {scaled_lr(cfg.optim, global_batch):.2e} | "
         f"{len(train_loader) // accum} steps/epoch | distill {cfg.distill.type} | {device.type}"
     )

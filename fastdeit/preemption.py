@@ -46,7 +46,12 @@ class SignalWatch:
                 self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # A preempted rank leaving here has its checkpoint written and exits with
+        # PREEMPTED_EXIT_CODE. Ranks leave moments apart, and srun --kill-on-bad-exit answers
+        # the first exit 75 with SIGTERM to the others: ignored from now on, so every rank
+        # still exits 75 (not 143) and the template requeues the job.
+        leaving = isinstance(exc, Stopped) and exc.preempted
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            signal.signal(sig, signal.SIG_IGN if leaving else previous)
         self._previous.clear()

@@ -7,6 +7,9 @@
 # templates' --signal) and SIGTERM on preemption; each rank finishes its step, the run
 # checkpoints into trainer.run_dir and exits 75, and this script requeues the job. The
 # requeued job resumes from the run dir automatically: keep it on a shared filesystem.
+# --kill-on-bad-exit ends every task when one fails, so no rank waits forever in a collective;
+# a preempted rank's exit 75 counts as a failure to srun too, and the others, which have
+# written the same checkpoint, ignore that SIGTERM and exit 75 as well (fastdeit.preemption).
 set -uo pipefail
 CONFIG=${1:?usage: sbatch launch/slurm/<template>.sbatch CONFIG [key=value ...]}
 shift
