@@ -16,6 +16,7 @@ from fastdeit.checkpoint import Checkpointer
 from fastdeit.config import Config, save_config
 from fastdeit.data import build_loader
 from fastdeit.data.mixing import BatchMixer
+from fastdeit.errors import ConfigError, DataError
 from fastdeit.losses import DeiTLoss
 from fastdeit.metrics import RunLogger, StepTelemetry
 from fastdeit.models import build_student, build_teacher, count_params, is_distilled
@@ -46,7 +47,7 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     train_loader = build_loader(cfg.data, "train", micro, **loader_args)
     val_loader = build_loader(cfg.data, "val", micro, **loader_args)
     if val_loader.num_classes != train_loader.num_classes:
-        raise ValueError(f"{cfg.data.root}: train has {train_loader.num_classes} classes "
+        raise DataError(f"{cfg.data.root}: train has {train_loader.num_classes} classes "
                          f"but val has {val_loader.num_classes}")
     num_classes = train_loader.num_classes
 
@@ -56,7 +57,7 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
 
     model = build_student(cfg.model, cfg.data.img_size, num_classes).to(device)
     if is_distilled(model) != criterion.needs_teacher:
-        raise ValueError(
+        raise ConfigError(
             f"model.name={cfg.model.name} {'has' if is_distilled(model) else 'has no'} distillation "
             f"head but distill.type={cfg.distill.type}: use a *_distilled_* model with soft/hard, "
             "a plain one with none"

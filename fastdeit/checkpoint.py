@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastdeit.models import CheckpointMismatchError, check_state_dict
+from fastdeit.errors import CheckpointError, CheckpointMismatchError, RunExistsError
+from fastdeit.models import check_state_dict
 
 STATE_FILE = "trainer_state.json"
 
@@ -145,7 +146,7 @@ class Checkpointer:
         if not self.cfg.resume:
             if self.latest() is not None:
                 # A fresh run here would interleave its checkpoints and log with the old run's.
-                raise FileExistsError(
+                raise RunExistsError(
                     f"{self.dir.parent} already holds a run (checkpoint {self.latest().name}); resume it "
                     "with checkpoint.resume=auto, or start afresh in another trainer.run_dir")
             return None
@@ -158,13 +159,13 @@ class Checkpointer:
             return path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
         if (path / STATE_FILE).is_file():                   # one checkpoint
             return path
-        raise FileNotFoundError(f"checkpoint.resume={path}: not a run, checkpoints or checkpoint folder")
+        raise CheckpointError(f"checkpoint.resume={path}: not a run, checkpoints or checkpoint folder")
 
     @staticmethod
     def read_state(path: Path) -> Dict[str, Any]:
         file = Path(path) / STATE_FILE
         if not file.is_file():
-            raise FileNotFoundError(f"{path}: no {STATE_FILE}; not a complete fastdeit checkpoint")
+            raise CheckpointError(f"{path}: no {STATE_FILE}; not a complete fastdeit checkpoint")
         return json.loads(file.read_text())
 
     def load(self, engine, path: Path) -> Dict[str, Any]:
@@ -195,7 +196,7 @@ class Checkpointer:
         finally:
             engine._config.load_universal_checkpoint = False
         if loaded is None:
-            raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint there")
+            raise CheckpointError(f"{path}: DeepSpeed found no checkpoint there")
         if same_world:
             set_rng_state(torch.load(path / f"rng_rank{_rank()}.pt", weights_only=False))
         state["resharded_from"] = None if same_world else state["world_size"]

@@ -25,15 +25,12 @@ from fastdeit.checkpoint import CheckpointConfig
 from fastdeit.data.config import DataConfig
 from fastdeit.data.mixing import MixingConfig
 from fastdeit.engine import EngineConfig
+from fastdeit.errors import ConfigError  # noqa: F401  (also imported from here)
 from fastdeit.losses import DistillConfig
 from fastdeit.metrics import LoggingConfig
 from fastdeit.models import ModelConfig, TeacherConfig
 from fastdeit.optim import OptimConfig, ScheduleConfig
 from fastdeit.trainer import TrainerConfig
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and, where known, the file."""
 
 
 @dataclass

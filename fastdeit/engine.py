@@ -11,6 +11,8 @@ from typing import Any, Dict, Literal, Optional, Tuple
 import torch
 from torch import nn
 
+from fastdeit.errors import ConfigError
+
 
 @dataclass
 class EngineConfig:
@@ -29,25 +31,25 @@ def resolve_batch(cfg: EngineConfig, world_size: int) -> Tuple[int, int, int]:
     where = (f"engine.global_batch_size={g}, engine.micro_batch_size={m}, "
              f"engine.grad_accum_steps={a}, world size {world_size}")
     if g < 1 or (m is not None and m < 1) or (a is not None and a < 1):
-        raise ValueError(f"batch sizes must be positive: {where}")
+        raise ConfigError(f"batch sizes must be positive: {where}")
     if m is not None and a is not None:
         if m * a * world_size != g:
-            raise ValueError(f"inconsistent batch sizes: micro x accum x world = "
+            raise ConfigError(f"inconsistent batch sizes: micro x accum x world = "
                              f"{m * a * world_size} != global ({where})")
         return g, m, a
     if m is not None:
         if g % (m * world_size):
-            raise ValueError(f"global batch is not a multiple of micro x world = {m * world_size} ({where})")
+            raise ConfigError(f"global batch is not a multiple of micro x world = {m * world_size} ({where})")
         return g, m, g // (m * world_size)
     a = a or 1
     if g % (a * world_size):
-        raise ValueError(f"global batch is not a multiple of accum x world = {a * world_size} ({where})")
+        raise ConfigError(f"global batch is not a multiple of accum x world = {a * world_size} ({where})")
     return g, g // (a * world_size), a
 
 
 def deepspeed_config(cfg: EngineConfig, world_size: int) -> Dict[str, Any]:
     if cfg.zero_stage not in (0, 1, 2):
-        raise ValueError(f"engine.zero_stage must be 0, 1 or 2, got {cfg.zero_stage}")
+        raise ConfigError(f"engine.zero_stage must be 0, 1 or 2, got {cfg.zero_stage}")
     g, m, a = resolve_batch(cfg, world_size)
     ds: Dict[str, Any] = {
         "train_batch_size": g,

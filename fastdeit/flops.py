@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastdeit.errors import ConfigError
+
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (no 2:4 sparsity). V100 has
 # no bf16: its figure is fp16. Matched as substrings of torch.cuda.get_device_name, first hit wins.
 KNOWN_PEAK_TFLOPS: Tuple[Tuple[str, float], ...] = (
@@ -134,7 +136,7 @@ def peak_flops(device: torch.device, override_tflops: Optional[float] = None) ->
     device = torch.device(device)
     if override_tflops is not None:
         if override_tflops <= 0:
-            raise ValueError(f"peak TFLOP/s must be positive, got {override_tflops}")
+            raise ConfigError(f"logging.peak_tflops: peak TFLOP/s must be positive, got {override_tflops}")
         return override_tflops * 1e12, "given"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
+from fastdeit.errors import ConfigError
+
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -34,11 +36,11 @@ class DeiTLoss:
 
     def __init__(self, cfg: DistillConfig):
         if cfg.type not in ("none", "soft", "hard"):
-            raise ValueError(f"distill.type must be none, soft or hard, got {cfg.type!r}")
+            raise ConfigError(f"distill.type must be none, soft or hard, got {cfg.type!r}")
         if not 0.0 <= cfg.alpha <= 1.0:
-            raise ValueError(f"distill.alpha must be in [0, 1], got {cfg.alpha}")
+            raise ConfigError(f"distill.alpha must be in [0, 1], got {cfg.alpha}")
         if cfg.tau <= 0:
-            raise ValueError(f"distill.tau must be positive, got {cfg.tau}")
+            raise ConfigError(f"distill.tau must be positive, got {cfg.tau}")
         self.cfg = cfg
         self.base = SoftTargetCrossEntropy()
 

@@ -6,7 +6,9 @@ DeepSpeed: ``FrozenTeacher`` holds it, so its weights can't be partitioned, save
 """
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
@@ -14,9 +16,7 @@ import timm
 import torch
 from torch import nn
 
-
-class CheckpointMismatchError(RuntimeError):
-    """Weights that do not fit the model they are loaded into (names the file and the keys)."""
+from fastdeit.errors import CheckpointMismatchError, ConfigError, WeightsError, one_line
 
 
 @dataclass
@@ -35,6 +35,10 @@ class TeacherConfig:
     # Where the weights come from: a local file, an http(s) URL, 'hf-hub:org/repo', or 'timm'
     # (timm's default pretrained tag for `name`). Required whenever distillation is on.
     weights: Optional[str] = None
+    # Which entry of a training checkpoint holds the weights: null takes the non-EMA ones
+    # ('model' of DeiT's main.py, 'state_dict' of timm's train.py, 'module' of DeepSpeed, or a
+    # bare state_dict); 'model_ema' (DeiT) or 'state_dict_ema' (timm) take the EMA weights.
+    weights_key: Optional[str] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)
     channels_last: bool = True                       # convnets run faster in NHWC on tensor cores
     dtype: str = "bf16"                              # bf16 | fp32
@@ -42,7 +46,7 @@ class TeacherConfig:
 
 def _create(name: str, **kwargs: Any) -> nn.Module:
     if name not in timm.list_models() and not timm.is_model(name):
-        raise ValueError(f"model '{name}' is not in timm's registry")
+        raise ConfigError(f"model '{name}' is not in timm's registry")
     return timm.create_model(name, **kwargs)
 
 
@@ -56,14 +60,14 @@ def _check_kwargs(kwargs: Dict[str, Any], section: str) -> None:
     # 'depth:2' with no value, which would then build the default-sized model unnoticed.
     empty = [k for k, v in kwargs.items() if v is None]
     if empty:
-        raise ValueError(f"{section}.kwargs: {empty} have no value (YAML needs a space after ':', "
+        raise ConfigError(f"{section}.kwargs: {empty} have no value (YAML needs a space after ':', "
                          "as in {depth: 2})")
 
 
 def build_student(cfg: ModelConfig, img_size: int, num_classes: int) -> nn.Module:
     _check_kwargs(cfg.kwargs, "model")
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"model.num_classes={cfg.num_classes} but the training folder has {num_classes} classes"
         )
     kwargs = dict(num_classes=num_classes, drop_rate=cfg.drop, drop_path_rate=cfg.drop_path, **cfg.kwargs)
@@ -101,27 +105,67 @@ def eval_heads(model: nn.Module, images: torch.Tensor) -> Dict[str, torch.Tensor
 # --------------------------------------------------------------------------- weights
 
 
-def _unwrap_state_dict(obj: Any, source: str) -> Dict[str, torch.Tensor]:
-    # Checkpoints come as a bare state_dict or nested under 'model' (DeiT reference),
-    # 'state_dict' (timm train script) or 'module' (DeepSpeed model states).
-    for key in ("model", "state_dict", "module"):
-        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointMismatchError(f"{source}: does not hold a state_dict of tensors")
+# Python objects a training checkpoint may hold besides tensors and plain containers (which
+# torch's weights_only loading accepts): DeiT's main.py and timm's train.py both pickle their
+# argparse.Namespace of command-line arguments next to the weights. Nothing else is allowed.
+SAFE_GLOBALS = (argparse.Namespace,)
+# Entries holding the (non-EMA) weights, tried in this order when no key is given: DeiT's
+# main.py 'model', timm's train.py 'state_dict', DeepSpeed's model states 'module'.
+WEIGHTS_KEYS = ("model", "state_dict", "module")
+
+
+def _load(source: str) -> Any:
+    """torch.load of a file or URL with weights_only=True and exactly SAFE_GLOBALS allowed."""
+    url = source.startswith(("http://", "https://"))
+    if not url and not os.path.isfile(source):
+        raise WeightsError(f"weights file {source} does not exist")
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            if url:
+                return torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = []
+        if not url:
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
+            except Exception:   # not a zip checkpoint: nothing more to say than the error
+                pass
+        if unsafe:
+            allowed = ", ".join(f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS)
+            raise WeightsError(
+                f"{source}: refusing to unpickle {', '.join(unsafe)} (only tensors, plain containers "
+                f"and {allowed} are loaded, as arbitrary objects can run code); save its state_dict "
+                "alone with torch.save(model.state_dict(), path)") from e
+        raise WeightsError(f"{source}: not a readable PyTorch weights file ({one_line(e)})") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:   # torn zip, truncated, download
+        raise WeightsError(f"{source}: cannot read weights ({type(e).__name__}: {one_line(e)})") from e
+
+
+def _select_state_dict(obj: Any, source: str, key: Optional[str]) -> Dict[str, torch.Tensor]:
+    """The state_dict inside a loaded file: under ``key`` if given, else the first of
+    WEIGHTS_KEYS present, else the file itself; a 'module.' prefix (DDP) is dropped."""
+    entries = sorted(k for k, v in obj.items() if isinstance(v, Mapping)) if isinstance(obj, Mapping) else []
+    if key is not None:
+        if key not in entries:
+            held = f"entries {entries}" if entries else "a bare state_dict (leave weights_key unset)"
+            raise WeightsError(f"{source}: no state_dict under weights_key {key!r}; the file holds {held}")
+        obj = obj[key]
+    else:
+        found = next((k for k in WEIGHTS_KEYS if k in entries), None)
+        if found is not None:
+            obj = obj[found]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        hint = f" (its entries: {entries}; choose one with weights_key)" if entries else ""
+        raise WeightsError(f"{source}: does not hold a state_dict of tensors{hint}")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
-def read_state_dict(source: str) -> Dict[str, torch.Tensor]:
-    """A state_dict from a local file or an http(s) URL (cached by torch.hub)."""
-    if source.startswith(("http://", "https://")):
-        obj = torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=True)
-    else:
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"weights file {source} does not exist")
-        obj = torch.load(source, map_location="cpu", weights_only=True)
-    return _unwrap_state_dict(obj, source)
+def read_state_dict(source: str, key: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """A state_dict from a local file or an http(s) URL (cached by torch.hub): a bare one, or
+    the weights inside a DeiT main.py / timm train.py / DeepSpeed checkpoint (see
+    _select_state_dict). Every error is a WeightsError naming ``source``."""
+    return _select_state_dict(_load(source), source, key)
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, what: str) -> None:
@@ -161,9 +205,11 @@ def adapt_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[s
         return filter_fn(state, model)
 
 
-def load_weights(model: nn.Module, source: str, what: str, adapt: bool = False) -> None:
-    """Strictly load ``source`` into ``model``; ``adapt`` first resamples position embeddings."""
-    state = read_state_dict(source)
+def load_weights(model: nn.Module, source: str, what: str, adapt: bool = False,
+                 key: Optional[str] = None) -> None:
+    """Strictly load ``source`` (its entry ``key``, see read_state_dict) into ``model``;
+    ``adapt`` first resamples position embeddings."""
+    state = read_state_dict(source, key)
     if adapt:
         state = adapt_state_dict(model, state)
     check_state_dict(model, state, source, what)
@@ -193,21 +239,25 @@ class FrozenTeacher:
 
 def build_teacher(cfg: TeacherConfig, num_classes: int, device: torch.device) -> FrozenTeacher:
     if not cfg.weights:
-        raise ValueError(
+        raise ConfigError(
             "distillation needs teacher.weights (a file, a URL, 'hf-hub:org/repo' or 'timm'); "
             "a randomly initialised teacher would only add noise"
         )
     _check_kwargs(cfg.kwargs, "teacher")
     if cfg.dtype not in ("bf16", "fp32"):
-        raise ValueError(f"teacher.dtype must be bf16 or fp32, got {cfg.dtype!r}")
+        raise ConfigError(f"teacher.dtype must be bf16 or fp32, got {cfg.dtype!r}")
     hub = cfg.weights == "timm" or cfg.weights.startswith("hf-hub:")
+    if hub and cfg.weights_key is not None:
+        raise ConfigError(f"teacher.weights_key={cfg.weights_key!r} picks an entry of a checkpoint file or URL; "
+                          f"teacher.weights={cfg.weights!r} are timm's pretrained weights")
     if hub:
         overlay = {"hf_hub_id": cfg.weights[len("hf-hub:"):]} if cfg.weights.startswith("hf-hub:") else None
         module = _create(cfg.name, pretrained=True, num_classes=num_classes,
                          pretrained_cfg_overlay=overlay, **cfg.kwargs)
     else:
         module = _create(cfg.name, num_classes=num_classes, **cfg.kwargs)
-        load_weights(module, cfg.weights, what=f"teacher {cfg.name} ({num_classes} classes)")
+        load_weights(module, cfg.weights, what=f"teacher {cfg.name} ({num_classes} classes)",
+                     key=cfg.weights_key)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     module = module.to(device=device, dtype=dtype, memory_format=memory_format)

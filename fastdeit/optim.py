@@ -10,6 +10,8 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+from fastdeit.errors import ConfigError
+
 OptimizerName = Literal["adamw", "apex_fused_adam", "apex_fused_lamb", "deepspeed_fused_adam"]
 
 
@@ -69,11 +71,11 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, global_batch: int) -> to
         return cls(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, **extra)
     if cfg.name == "deepspeed_fused_adam":
         if device.type != "cuda":
-            raise ValueError("optim.name=deepspeed_fused_adam needs CUDA; use adamw on CPU")
+            raise ConfigError("optim.name=deepspeed_fused_adam needs CUDA; use adamw on CPU")
         from deepspeed.ops.adam import FusedAdam as DSFusedAdam
 
         return DSFusedAdam(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, adam_w_mode=True)
-    raise ValueError(f"unknown optim.name {cfg.name!r}")
+    raise ConfigError(f"unknown optim.name {cfg.name!r}")
 
 
 def build_scheduler(

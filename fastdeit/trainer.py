@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from fastdeit.checkpoint import Checkpointer, fp32_state_dict, save_state_dict
 from fastdeit.data.mixing import BatchMixer
+from fastdeit.errors import FastDeitError
 from fastdeit.evaluate import evaluate
 from fastdeit.losses import DeiTLoss
 from fastdeit.metrics import DeviceMeter, RunLogger, StepTelemetry, Throughput
@@ -23,8 +24,9 @@ from fastdeit.models import FrozenTeacher
 from fastdeit.preemption import SignalWatch, Stopped
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the first such optimizer step."""
+class NonFiniteLossError(FastDeitError, RuntimeError):
+    """The loss became NaN or infinite; the message names the first such optimizer step (and
+    every rank raises it at the same step, after the all-reduce)."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastdeit.checkpoint import Checkpointer, fp32_state_dict, save_state_dict  # noqa: E402
 from fastdeit.config import load_config  # noqa: E402
+from fastdeit.errors import CheckpointError, reported  # noqa: E402
 from fastdeit.models import build_student  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def find_checkpoint(source: Path, best: bool) -> Path:
     if pointer.is_file():
         return ckpts / pointer.read_text().strip()
     if best:
-        sys.exit(f"{ckpts}: no 'best' checkpoint recorded (no evaluation improved yet)")
+        raise CheckpointError(f"{ckpts}: no 'best' checkpoint recorded (no evaluation improved yet)")
     Checkpointer.read_state(source)          # raises a clear error if it isn't a checkpoint
     return source
 
@@ -59,4 +60,5 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    with reported():
+        main()

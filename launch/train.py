@@ -2,7 +2,8 @@
 
 Also runs under torchrun, srun (one task per GPU) or plain python (one process). Exit codes:
 0 done (or stopped by trainer.stop_after_steps), 75 preempted by SIGUSR1/SIGTERM after writing
-a checkpoint (requeue and it resumes), 1 an error.
+a checkpoint (requeue and it resumes), 2 a mistake in the config, data, weights or checkpoint
+(one line `fastdeit: error: ...` on stderr, from rank 0), 1 any other error (with its traceback).
 """
 import argparse
 import os
@@ -13,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastdeit import distributed  # noqa: E402
 from fastdeit.build import build_trainer  # noqa: E402
 from fastdeit.config import load_config  # noqa: E402
+from fastdeit.errors import reported  # noqa: E402
 from fastdeit.preemption import Stopped  # noqa: E402
 
 
@@ -37,4 +39,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with reported():
+        main()

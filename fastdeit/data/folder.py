@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import List, Tuple
 
+from ..errors import DataError
+
 # Extensions we hand to the DALI decoders; compared case-insensitively (ImageNet uses .JPEG).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -23,7 +25,7 @@ def scan_image_folder(root: str) -> Tuple[List[str], List[int], List[str]]:
     """
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
-        raise ValueError(f"image folder does not exist or is not a directory: {root}")
+        raise DataError(f"image folder does not exist or is not a directory: {root}")
     classes = find_classes(root)
     files: List[str] = []
     labels: List[int] = []
@@ -37,7 +39,7 @@ def scan_image_folder(root: str) -> Tuple[List[str], List[int], List[str]]:
                     labels.append(label)
                     count += 1
         if count == 0:
-            raise ValueError(
+            raise DataError(
                 f"class folder has no images ({', '.join(IMG_EXTENSIONS)}): {class_dir}")
     return files, labels, classes
 
@@ -46,10 +48,10 @@ def find_classes(root: str) -> List[str]:
     """Sorted class-folder names under `root` (no file walk); ValueError if there are none."""
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
-        raise ValueError(f"image folder does not exist or is not a directory: {root}")
+        raise DataError(f"image folder does not exist or is not a directory: {root}")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
-        raise ValueError(f"no class folders found in {root}")
+        raise DataError(f"no class folders found in {root}")
     return classes
 
 
@@ -77,14 +79,14 @@ def read_file_list(list_path: str, root: str) -> Tuple[List[str], List[int], Lis
             norm = os.path.normpath(rel)
             parts = norm.split(os.sep)
             if os.path.isabs(rel) or parts[0] == os.pardir or len(parts) < 2:
-                raise ValueError(f"{where}: need a path relative to {root}, inside a class folder")
+                raise DataError(f"{where}: need a path relative to {root}, inside a class folder")
             if parts[0] not in index:
-                raise ValueError(f"{where}: {parts[0]!r} is not a class folder of {root}")
+                raise DataError(f"{where}: {parts[0]!r} is not a class folder of {root}")
             path = os.path.join(root, norm)
             if not os.path.isfile(path):
-                raise ValueError(f"{where}: no such file {path}")
+                raise DataError(f"{where}: no such file {path}")
             files.append(path)
             labels.append(index[parts[0]])
     if not files:
-        raise ValueError(f"file list {list_path} names no images")
+        raise DataError(f"file list {list_path} names no images")
     return files, labels, classes

@@ -28,6 +28,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..errors import BadImageError, ConfigError, DataError
 from . import imageops
 from .config import DataConfig
 from .folder import find_classes, read_file_list, scan_image_folder
@@ -62,7 +63,7 @@ def build_loader(cfg: DataConfig, split: str, batch_size: int, rank: int, world_
         train_folder = os.path.join(cfg.root, cfg.train_split)
         if os.path.isdir(train_folder) and find_classes(train_folder) != classes:
             # Same index <-> name mapping or every val label would be silently wrong.
-            raise ValueError(f"class folders of {folder} differ from those of {train_folder}")
+            raise DataError(f"class folders of {folder} differ from those of {train_folder}")
     return Loader(cfg, split, files, labels, classes, batch_size, rank, world_size, seed,
                   device, resolve_placement(cfg, device))
 
@@ -71,13 +72,13 @@ def resolve_placement(cfg: DataConfig, device: torch.device) -> Placement:
     """cfg.device -> Placement. "auto" also requires a CUDA target device: a CPU run on a GPU
     host should not decode on the GPU only to copy every batch back."""
     if cfg.device not in ("auto", "gpu", "cpu"):
-        raise ValueError(f"data.device must be auto|gpu|cpu, got {cfg.device!r}")
+        raise ConfigError(f"data.device must be auto|gpu|cpu, got {cfg.device!r}")
     want_gpu = cfg.device == "gpu" or (
         cfg.device == "auto" and device.type == "cuda" and torch.cuda.is_available())
     if not want_gpu:
         return Placement(None)
     if not torch.cuda.is_available():
-        raise ValueError("data.device is 'gpu' but CUDA is not available")
+        raise ConfigError("data.device is 'gpu' but CUDA is not available")
     if device.type == "cuda" and device.index is not None:
         return Placement(device.index)
     return Placement(torch.cuda.current_device())
@@ -137,7 +138,7 @@ class Loader:
             per_rank = len(train_indices(len(files), rank, world_size, seed, 0, self.repeats))
             self._num_batches = per_rank // batch_size
             if self._num_batches == 0:
-                raise ValueError(
+                raise DataError(
                     f"train split has {len(files)} images: {per_rank} per rank, fewer than "
                     f"batch_size {batch_size}, so an epoch would have no batches")
             self.num_samples = self._num_batches * batch_size
@@ -318,7 +319,7 @@ class Loader:
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             dali = next((line for line in lines if line.startswith("Error in")),
                         lines[-1] if lines else "")
-            raise RuntimeError(f"cannot decode image {path}: {why} (DALI: {dali})") from error
+            raise BadImageError(f"cannot decode image {path}: {why} (DALI: {dali})") from error
         raise RuntimeError(
             f"DALI {self.split} pipeline failed at batch {step}; the images it was reading "
             f"({len(candidates)} files from {candidates[:1]}) decode fine with PIL") from error

@@ -22,6 +22,8 @@ import torch
 from timm.data import Mixup
 from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
 
+from ..errors import ConfigError
+
 CHANNELS_LAST = torch.channels_last
 
 
@@ -52,7 +54,7 @@ class BatchRandomErasing:
                  min_aspect: float = 0.3, max_aspect: Optional[float] = None, mode: str = "const",
                  min_count: int = 1, max_count: Optional[int] = None, attempts: int = 10):
         if mode not in ("const", "rand", "pixel"):
-            raise ValueError(f"erase mode must be const|rand|pixel, got {mode!r}")
+            raise ConfigError(f"erase mode must be const|rand|pixel, got {mode!r}")
         self.probability, self.min_area, self.max_area = probability, min_area, max_area
         max_aspect = max_aspect or 1 / min_aspect
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
@@ -147,7 +149,7 @@ class BatchMixer:
 
     def check_batch_size(self, micro_batch: int) -> None:
         if self.mixing and micro_batch % 2:
-            raise ValueError(f"Mixup/CutMix pair samples within a batch: the micro batch ({micro_batch}) must be even")
+            raise ConfigError(f"Mixup/CutMix pair samples within a batch: the micro batch ({micro_batch}) must be even")
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

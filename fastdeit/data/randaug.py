@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..errors import ConfigError
 from . import imageops
 
 # timm expresses magnitudes on a 0..10 scale (_LEVEL_DENOM).
@@ -75,39 +76,39 @@ def parse_rand_augment(spec: str) -> RandAugmentSpec:
     """
     parts = spec.split("-")
     if parts[0] != "rand":
-        raise ValueError(f"RandAugment spec must start with 'rand-': {spec!r}")
+        raise ConfigError(f"RandAugment spec must start with 'rand-': {spec!r}")
     values: Dict[str, str] = {}
     for part in parts[1:]:
         pieces = re.split(r"(\d.*)", part)
         key, val = (pieces[0], pieces[1]) if len(pieces) >= 2 else (part, "")
         if key not in ("m", "n", "mstd", "inc", "p", "mmax") or not val or key in values:
-            raise ValueError(f"RandAugment option {part!r} is not supported in {spec!r}")
+            raise ConfigError(f"RandAugment option {part!r} is not supported in {spec!r}")
         values[key] = val
 
     def number(key: str, kind=float):
         try:
             v = kind(values[key])
         except ValueError:
-            raise ValueError(f"malformed RandAugment option {key}{values[key]!r} in {spec!r}") from None
+            raise ConfigError(f"malformed RandAugment option {key}{values[key]!r} in {spec!r}") from None
         if not v >= 0:
-            raise ValueError(f"RandAugment option {key} must be >= 0 in {spec!r}")
+            raise ConfigError(f"RandAugment option {key} must be >= 0 in {spec!r}")
         return v
 
     if "m" not in values:
-        raise ValueError(f"RandAugment spec needs a magnitude 'm<int>': {spec!r}")
+        raise ConfigError(f"RandAugment spec needs a magnitude 'm<int>': {spec!r}")
     mmax = number("mmax", int) if "mmax" in values else TIMM_MAX_MAGNITUDE
     magnitude = number("m", int)  # timm: int(val)
     if magnitude > mmax:
-        raise ValueError(f"RandAugment magnitude must be an integer in [0, {mmax}], got "
+        raise ConfigError(f"RandAugment magnitude must be an integer in [0, {mmax}], got "
                          f"m{values['m']} in {spec!r}")
     mstd = number("mstd") if "mstd" in values else 0.0
     if mstd > 100:
         mstd = math.inf  # timm: mstd > 100 means uniform sampling in [0, m]
     if values.get("inc", "0") not in ("0", "1"):
-        raise ValueError(f"malformed RandAugment option inc{values['inc']} in {spec!r}")
+        raise ConfigError(f"malformed RandAugment option inc{values['inc']} in {spec!r}")
     prob = number("p") if "p" in values else 0.5
     if prob > 1:
-        raise ValueError(f"RandAugment op probability p must be in [0, 1] in {spec!r}")
+        raise ConfigError(f"RandAugment op probability p must be in [0, 1] in {spec!r}")
     num_ops = number("n", int) if "n" in values else 2
     return RandAugmentSpec(magnitude, num_ops, mstd, values.get("inc") == "1", prob, mmax)
 

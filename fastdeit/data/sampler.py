@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from ..errors import ConfigError
+
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     """The permutation of range(num_samples) shared by every rank for `epoch`.
@@ -23,7 +25,7 @@ def effective_repeats(repeats: int, world_size: int, single_process: bool = Fals
     """The repeat count the sampler uses: the reference applies RASampler only when
     distributed, so one process reads a plain permutation unless `single_process` forces it."""
     if repeats < 1:
-        raise ValueError(f"repeated_aug must be >= 1, got {repeats}")
+        raise ConfigError(f"data.repeated_aug must be >= 1, got {repeats}")
     return repeats if (world_size > 1 or single_process) else 1
 
 

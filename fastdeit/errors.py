@@ -1,0 +1,81 @@
+"""fastdeit's own exception types, and how the entry points report them.
+
+A ``FastDeitError`` is a failure we anticipated, whose message already says what is wrong and
+where (the config key, the file, the folder): a configuration mistake, a data folder or file
+list that doesn't fit, weights that can't be read or don't fit, a checkpoint that is missing or
+belongs to another run. The entry points under ``launch/`` print it as one line,
+``fastdeit: error: <message>``, and exit with status 2; under a launcher only rank 0 prints
+(every rank meets the same mistake), except for errors only one rank can meet (an image file
+of its shard that doesn't decode). Anything else is a bug or an environment failure and keeps
+its full traceback.
+
+Each type also derives from the built-in exception the code raised before (ValueError,
+RuntimeError, ...), so callers catching those keep working.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+EXIT_STATUS = 2          # as argparse uses for usage errors
+
+
+class FastDeitError(Exception):
+    """An anticipated failure with a complete message; printed as one line by the entry points."""
+
+    every_rank = True    # under a launcher every rank meets it alike: rank 0 alone reports it
+
+
+class ConfigError(FastDeitError, ValueError):
+    """A configuration problem; the message names the key and, where known, the file."""
+
+
+class DataError(FastDeitError, ValueError):
+    """A data folder, file list or exclusion list that can't be used; names the path."""
+
+
+class BadImageError(FastDeitError, RuntimeError):
+    """An image file that does not decode, met by one rank in its shard mid-run."""
+
+    every_rank = False
+
+
+class WeightsError(FastDeitError, ValueError):
+    """A weights file or URL that is missing, can't be read safely, or holds no usable state_dict."""
+
+
+class CheckpointMismatchError(FastDeitError, RuntimeError):
+    """Weights or a checkpoint that do not fit the model they are loaded into (names the file and the keys)."""
+
+
+class CheckpointError(FastDeitError, RuntimeError):
+    """A run checkpoint or run folder that is missing, incomplete, or in the way."""
+
+
+class RunExistsError(CheckpointError, FileExistsError):
+    """A fresh run asked for in a folder that already holds one."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message on one line (some wrap a library's multi-line message)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _rank() -> int:
+    from fastdeit.distributed import env_from
+
+    return env_from(os.environ).rank
+
+
+@contextmanager
+def reported(prog: str = "fastdeit") -> Iterator[None]:
+    """Around an entry point's ``main()``: a FastDeitError becomes one line on stderr and exit
+    status 2; every other exception propagates with its traceback."""
+    try:
+        yield
+    except FastDeitError as e:
+        if not e.every_rank or _rank() == 0:
+            print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_STATUS)
