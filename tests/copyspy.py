@@ -38,7 +38,7 @@ _FROM_DATA = {torch.tensor, torch.as_tensor, torch.asarray, torch.Tensor.new_ten
 class Copy(NamedTuple):
     what: str
     blocking: bool
-    where: str          # the innermost fastdeit frame that asked for it
+    where: str          # the innermost fastdeit frame that asked for it (and the library's)
 
 
 class CopySpy(TorchFunctionMode):
@@ -68,8 +68,13 @@ class CopySpy(TorchFunctionMode):
         return t.is_pinned()
 
     def _record(self, what: str, blocking: bool) -> None:
-        frames = [f for f in traceback.extract_stack()[:-2] if "/fastdeit/" in f.filename]
-        where = f"{frames[-1].filename.split('/fastdeit/')[-1]}:{frames[-1].lineno}" if frames else "?"
+        stack = traceback.extract_stack()[:-2]
+        ours = [f for f in stack if "/fastdeit/" in f.filename]
+        where = f"{ours[-1].filename.split('/fastdeit/')[-1]}:{ours[-1].lineno}" if ours else "?"
+        # the library frame that made the copy, when it is not ours (DeepSpeed, timm, DALI)
+        lib = [f for f in stack if "/torch/" not in f.filename]
+        if lib and "/fastdeit/" not in lib[-1].filename:
+            where += f" via {'/'.join(lib[-1].filename.split('/')[-2:])}:{lib[-1].lineno}"
         self.copies.append(Copy(what, blocking, where))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
