@@ -292,7 +292,7 @@ class Loader:
         self._order = order
         try:
             self._pipe = build(*args)
-            if self.split == "train" and not self.placement.gpu:
+            if self.split == "train" and not self.placement.gpu_layout:
                 return  # ragged crops (pipeline.py): set_epoch runs the pipeline directly
             # The iterator runs the first batches right away (prefetch), overlapping them with
             # whatever the trainer does between set_epoch and the first step.
