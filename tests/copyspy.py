@@ -25,12 +25,18 @@ function modes are thread-local), which is where the training step's copies happ
 """
 from __future__ import annotations
 
+import os
 import traceback
 from typing import List, NamedTuple
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
+
+import fastdeit
+
+_OURS = os.path.dirname(os.path.abspath(fastdeit.__file__)) + os.sep
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 _FROM_DATA = {torch.tensor, torch.as_tensor, torch.asarray, torch.Tensor.new_tensor}
 
@@ -68,13 +74,13 @@ class CopySpy(TorchFunctionMode):
         return t.is_pinned()
 
     def _record(self, what: str, blocking: bool) -> None:
-        stack = traceback.extract_stack()[:-2]
-        ours = [f for f in stack if "/fastdeit/" in f.filename]
-        where = f"{ours[-1].filename.split('/fastdeit/')[-1]}:{ours[-1].lineno}" if ours else "?"
+        stack = [f for f in traceback.extract_stack()[:-2]
+                 if not os.path.abspath(f.filename).startswith(_TORCH)]
+        ours = [f for f in stack if os.path.abspath(f.filename).startswith(_OURS)]
+        where = f"{os.path.relpath(ours[-1].filename, _OURS)}:{ours[-1].lineno}" if ours else "?"
         # the library frame that made the copy, when it is not ours (DeepSpeed, timm, DALI)
-        lib = [f for f in stack if "/torch/" not in f.filename]
-        if lib and "/fastdeit/" not in lib[-1].filename:
-            where += f" via {'/'.join(lib[-1].filename.split('/')[-2:])}:{lib[-1].lineno}"
+        if stack and stack[-1] is not (ours[-1] if ours else None):
+            where += f" via {'/'.join(stack[-1].filename.split(os.sep)[-2:])}:{stack[-1].lineno}"
         self.copies.append(Copy(what, blocking, where))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
