@@ -7,7 +7,7 @@ Run by tests/test_host_copies.py::test_twenty_training_steps_without_a_host_sync
 process: DeepSpeed picks its accelerator once per process). The real Trainer from build_trainer
 with the recipe's per-step features on: the GPU DALI pipeline, RandAugment, random erasing,
 Mixup/CutMix, a distilled DeiT with a frozen teacher and hard distillation, DeepSpeed ZeRO-1 in
-bf16 with torch's fused AdamW (overlap_comm off, see below), on a tiny model and 32-pixel images.
+bf16 with torch's fused AdamW (engine defaults), on a tiny model and 32-pixel images.
 
 Two detectors are armed from the end of the first logging step (the first steps make the device
 constants and warm the allocator, cuDNN and DeepSpeed up) to the end of the epoch, and disarmed
@@ -61,11 +61,7 @@ def main(workdir: str, dry_run: bool = False) -> int:
         "model.kwargs={patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2}",
         "distill.type=hard", "teacher.name=resnet10t", f"teacher.weights={teacher}",
         f"engine.global_batch_size={MICRO}", "engine.zero_stage=1", "engine.precision=bf16",
-        # overlap_comm makes DeepSpeed call torch.cuda.synchronize() after every backward on
-        # CUDA (stage_1_and_2.py, independent_gradient_partition_epilogue): a known trade
-        # against overlapping gradient reduction, measured by benchmarks/step.py --ds-config.
-        # Off here, so that this run checks everything else in the step.
-        "engine.deepspeed={zero_optimization: {overlap_comm: false}}",
+        # The engine's defaults as a user gets them (engine.overlap_comm is off: see engine.py).
         "trainer.epochs=1", f"trainer.run_dir={work / 'run'}",
         f"logging.log_every={LOG_EVERY}", "logging.progress=lines",
     ])
