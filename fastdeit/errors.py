@@ -3,7 +3,7 @@
 A ``FastDeitError`` is a failure we anticipated, whose message already says what is wrong and
 where (the config key, the file, the folder): a configuration mistake, a data folder or file
 list that doesn't fit, weights that can't be read or don't fit, a checkpoint that is missing or
-belongs to another run. The entry points under ``launch/`` print it as one line,
+belongs to another run, a launch that doesn't fit the machine. The entry points under ``launch/`` print it as one line,
 ``fastdeit: error: <message>``, and exit with status 2; under a launcher only rank 0 prints
 (every rank meets the same mistake), except for errors only one rank can meet (an image file
 of its shard that doesn't decode). Anything else is a bug or an environment failure and keeps
@@ -26,6 +26,11 @@ class FastDeitError(Exception):
     """An anticipated failure with a complete message; printed as one line by the entry points."""
 
     every_rank = True    # under a launcher every rank meets it alike: rank 0 alone reports it
+
+    def __init__(self, *args, every_rank: bool = None):
+        super().__init__(*args)
+        if every_rank is not None:
+            self.every_rank = every_rank
 
 
 class ConfigError(FastDeitError, ValueError):
@@ -52,6 +57,10 @@ class CheckpointMismatchError(FastDeitError, RuntimeError):
 
 class CheckpointError(FastDeitError, RuntimeError):
     """A run checkpoint or run folder that is missing, incomplete, or in the way."""
+
+
+class LaunchError(FastDeitError, RuntimeError):
+    """A launch that doesn't fit the machine: the accelerator DeepSpeed chose, GPUs per rank."""
 
 
 class RunExistsError(CheckpointError, FileExistsError):
