@@ -21,6 +21,10 @@ class DataConfig:
     # (sorted folder names, as ImageFolder), so a subset keeps the full set's label indices.
     train_list: Optional[str] = None
     val_list: Optional[str] = None
+    # Images to leave out of both splits: the list `python -m fastdeit.data.verify ROOT` writes
+    # (one path per line relative to root, e.g. "train/n01440764/x.JPEG"). Unset: ROOT's own
+    # verify_excluded.txt when it exists (verify.EXCLUDE_FILE); "none" ignores even that one.
+    exclude_list: Optional[str] = None
     img_size: int = 224                # train crop side and eval crop side
     eval_crop_pct: float = 0.875       # eval resize = int(img_size / eval_crop_pct), then center crop
     scale: Tuple[float, float] = (0.08, 1.0)      # RandomResizedCrop area fraction
@@ -44,3 +48,7 @@ class DataConfig:
     hw_decoder_load: float = 0.65      # GPU: share of JPEG decoding on the A100/H100/H200 hardware
                                        # decoder (the rest on CUDA cores); ignored on CPU
     decoder_preallocate: bool = True   # GPU: preallocate nvJPEG buffers for ImageNet-sized images
+    # Rotate JPEGs by their EXIF orientation tag. Off by default: PIL/torchvision, and so the
+    # DeiT reference, timm and every published teacher, decode the stored pixels as they are;
+    # DALI's decoders would rotate them (their default), feeding the student other images.
+    exif_orientation: bool = False

@@ -65,8 +65,8 @@ class Placement:
 
 def _decoder_kwargs(cfg: DataConfig, placement: Placement) -> dict:
     if not placement.gpu:
-        return dict(device="cpu")
-    kw = dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load)
+        return dict(device="cpu", adjust_orientation=cfg.exif_orientation)
+    kw = dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load, adjust_orientation=cfg.exif_orientation)
     if cfg.decoder_preallocate:
         kw.update(device_memory_padding=_DEVICE_MEMORY_PADDING,
                   host_memory_padding=_HOST_MEMORY_PADDING,
@@ -172,7 +172,8 @@ def define_val_pipeline(files: List[str], labels: List[int], cfg: DataConfig, ba
         # long = int(resize_to * long / short). DALI's resize_shorter rounds it instead, which
         # shifts the centre crop by up to half a pixel and rescales by one pixel. Compute the
         # reference sizes from the JPEG header with exact integer floor division instead.
-        shape = fn.peek_image_shape(jpegs)  # [H, W, C] int64, read from the header (CPU)
+        # [H, W, C] int64, read from the header (CPU), oriented as the decoder orients
+        shape = fn.peek_image_shape(jpegs, adjust_orientation=cfg.exif_orientation)
         height, width = shape[0], shape[1]
         short = dmath.min(height, width)
         out_h = fn.cast(height * resize_to // short, dtype=types.FLOAT)
