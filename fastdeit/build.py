@@ -90,6 +90,10 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
         f"{len(train_loader) // accum} steps/epoch | distill {cfg.distill.type} | {device.type}"
     )
     logger.info(threads.describe())
+    for loader in (train_loader, val_loader):
+        if loader.excluded:
+            count, listed = loader.excluded
+            logger.info(f"{loader.split}: {count} images left out, listed in {listed}")
     logger.info(f"MFU basis: {flops_per_image / 1e9:.2f} GFLOPs per trained image (counted), "
                 f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
     return Trainer(

@@ -23,7 +23,7 @@ class DataConfig:
     val_list: Optional[str] = None
     # Images to leave out of both splits: the list `python -m fastdeit.data.verify ROOT` writes
     # (one path per line relative to root, e.g. "train/n01440764/x.JPEG"). Unset: ROOT's own
-    # verify_excluded.txt when it exists (verify.EXCLUDE_FILE); "none" ignores even that one.
+    # verify_excluded.txt, where the verifier writes by default, when it exists.
     exclude_list: Optional[str] = None
     img_size: int = 224                # train crop side and eval crop side
     eval_crop_pct: float = 0.875       # eval resize = int(img_size / eval_crop_pct), then center crop

@@ -1,4 +1,6 @@
-"""Class-folder dataset scan: `<root>/<class>/**/<image>` -> (files, labels, classes).
+"""Class-folder dataset scan: `<root>/<class>/**/<image>` -> (files, labels, classes); the file
+lists that select images (data.train_list / val_list) and the exclusion list that leaves bad
+ones out (written by fastdeit.data.verify).
 
 Label indices are the sorted class-folder names, exactly as torchvision's ImageFolder assigns
 them, so checkpoints and class lists interoperate with timm/torchvision tooling.
@@ -6,12 +8,15 @@ them, so checkpoints and class lists interoperate with timm/torchvision tooling.
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
+from typing import List, Optional, Set, Tuple
 
 from ..errors import DataError
 
 # Extensions we hand to the DALI decoders; compared case-insensitively (ImageNet uses .JPEG).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# The exclusion list `python -m fastdeit.data.verify ROOT` writes into ROOT; loaders of ROOT
+# leave its files out unless data.exclude_list names another list.
+EXCLUDE_FILE = "verify_excluded.txt"
 
 
 def scan_image_folder(root: str) -> Tuple[List[str], List[int], List[str]]:
@@ -90,3 +95,30 @@ def read_file_list(list_path: str, root: str) -> Tuple[List[str], List[int], Lis
     if not files:
         raise DataError(f"file list {list_path} names no images")
     return files, labels, classes
+
+
+def exclusion_list(root: str, configured: Optional[str]) -> Optional[str]:
+    """The exclusion list a loader of ``root`` uses: the configured one, else ROOT's own if any."""
+    if configured:
+        if not os.path.isfile(configured):
+            raise DataError(f"data.exclude_list={configured}: no such file")
+        return configured
+    default = os.path.join(root, EXCLUDE_FILE)
+    return default if os.path.isfile(default) else None
+
+
+def read_exclusions(list_path: str, root: str) -> Set[str]:
+    """Absolute paths of the files a list names (relative to ``root``); a line that is absolute
+    or leaves ``root`` is a DataError naming the list and the line."""
+    root = os.path.abspath(os.path.expanduser(root))
+    out: Set[str] = set()
+    with open(list_path) as f:
+        for number, line in enumerate(f, start=1):
+            rel = line.strip()
+            if not rel or rel.startswith("#"):
+                continue
+            norm = os.path.normpath(rel)
+            if os.path.isabs(rel) or norm.split(os.sep)[0] == os.pardir:
+                raise DataError(f"{list_path}:{number}: {rel!r}: need a path relative to {root}")
+            out.add(os.path.join(root, norm))
+    return out

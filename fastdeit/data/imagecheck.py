@@ -21,6 +21,8 @@ def check_image_bytes(data: bytes) -> Optional[str]:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+    except Image.UnidentifiedImageError as e:  # its message holds our BytesIO's address: noise
+        return f"{type(e).__name__}: not in an image format PIL recognises"
     except Exception as e:  # any decoder failure is a reason the pipeline would fail too
         return f"{type(e).__name__}: {e}"
     return None

@@ -34,7 +34,7 @@ from fastdeit.errors import BadImageError, ConfigError, DataError
 
 from . import imageops
 from .config import DataConfig
-from .folder import find_classes, read_file_list, scan_image_folder
+from .folder import exclusion_list, find_classes, read_exclusions, read_file_list, scan_image_folder
 from .imagecheck import check_image_file
 from .host import BackgroundBatches, resize_crops
 from .pipeline import READER_NAME, Placement, build_train_pipeline, build_val_pipeline
@@ -66,6 +66,7 @@ def build_loader(cfg: DataConfig, split: str, batch_size: int, rank: int, world_
         files, labels, classes = read_file_list(file_list, folder)
     else:
         files, labels, classes = scan_image_folder(folder)
+    files, labels, excluded = _exclude(cfg, files, labels)
     if split == "val":
         train_folder = os.path.join(cfg.root, cfg.train_split)
         if os.path.isdir(train_folder) and find_classes(train_folder) != classes:
@@ -77,8 +78,21 @@ def build_loader(cfg: DataConfig, split: str, batch_size: int, rank: int, world_
                                                      device.type)
         cfg = dataclasses.replace(cfg, num_threads=cfg.num_threads or threads.dali,
                                   host_threads=cfg.host_threads or threads.host)
-    return Loader(cfg, split, files, labels, classes, batch_size, rank, world_size, seed,
-                  device, placement)
+    loader = Loader(cfg, split, files, labels, classes, batch_size, rank, world_size, seed,
+                    device, placement)
+    loader.excluded = excluded      # for the run's log: (files left out, the list) or None
+    return loader
+
+
+def _exclude(cfg: DataConfig, files: List[str], labels: List[int]):
+    """Leave out the files of the exclusion list (data.exclude_list, or the verifier's list in
+    the root): (files, labels, (how many left out, the list) or None)."""
+    list_path = exclusion_list(cfg.root, cfg.exclude_list)
+    if list_path is None:
+        return files, labels, None
+    skip = read_exclusions(list_path, cfg.root)
+    keep = [i for i, path in enumerate(files) if path not in skip]
+    return [files[i] for i in keep], [labels[i] for i in keep], (len(files) - len(keep), list_path)
 
 
 def resolve_placement(cfg: DataConfig, device: torch.device) -> Placement:
@@ -336,7 +350,9 @@ class Loader:
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             dali = next((line for line in lines if line.startswith("Error in")),
                         lines[-1] if lines else "")
-            raise BadImageError(f"cannot decode image {path}: {why} (DALI: {dali})") from error
+            raise BadImageError(f"cannot decode image {path}: {why} (DALI: {dali}); "
+                                "`python -m fastdeit.data.verify ROOT` finds every such file "
+                                "and keeps them out of training") from error
         raise RuntimeError(
             f"DALI {self.split} pipeline failed at batch {step}; the images it was reading "
             f"({len(candidates)} files from {candidates[:1]}) decode fine with PIL") from error
