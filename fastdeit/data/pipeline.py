@@ -13,6 +13,8 @@ DALI's own threads with prefetching, so no Python callback sits in the hot path 
 `external_source` feeding bytes would read files on the Python thread that also drives the
 training step). The reader is told not to shuffle and not to shard. Its order is fixed when the
 pipeline is built, so the loader builds one pipeline per train epoch (cheap next to an epoch).
+A packed split (shards.py) feeds the same graph through `external_source` instead: its reads
+run ahead in threads, so the graph and every random draw stay the same.
 """
 from __future__ import annotations
 
@@ -59,9 +61,19 @@ def _decoder_kwargs(cfg: DataConfig, placement: Placement) -> dict:
     return kw
 
 
-def _read(files: List[str], labels: List[int], placement: Placement, pad_last_batch: bool):
-    jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False,
-                                   pad_last_batch=pad_last_batch, name=READER_NAME)
+def _read(files, labels: Optional[List[int]], placement: Placement, pad_last_batch: bool):
+    """Encoded images and int32 [1] labels, in the loader's order. `files` is a list of paths
+    (labels alongside), or a batch callback reading packed shards (shards.ShardFeed, labels
+    None) whose last batch is already partial (the iterator then reads to StopIteration)."""
+    if callable(files):
+        jpegs, label = fn.external_source(source=files, num_outputs=2, batch=True,
+                                          batch_info=True, dtype=[types.UINT8, types.INT32])
+    else:
+        # An explicit seed (unused: no shuffling) so that the reader takes no slot of the
+        # pipeline's seed sequence: DALI seeds the random ops in graph order, and the crop and
+        # flip must draw the same numbers whichever source feeds them (tests/test_data_pack.py).
+        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False,
+                                       pad_last_batch=pad_last_batch, name=READER_NAME, seed=0)
     # int32 [1] per sample from the reader -> int64 as the loss wants; on GPU the labels
     # travel with the images so the trainer never copies them host-to-device.
     label = fn.cast(label, dtype=types.INT64)
