@@ -107,7 +107,7 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.files)
 
-    def pipeline_input(self, order: np.ndarray, batch_size: int, threads: int, read_ahead: int):
+    def pipeline_input(self, order: np.ndarray, batch_size: int, threads: int, prefetch: int):
         """(files, labels) for pipeline.py, in reading order (DALI's reader does the I/O)."""
         return self.files[order].tolist(), self.labels[order].tolist()
 

@@ -299,7 +299,7 @@ class Loader:
     def _inputs(self, order: np.ndarray):
         """(files, labels) for the pipeline: the ordered file list, or a packed split's feed."""
         return self._source.pipeline_input(order, self.batch_size, self.cfg.num_threads,
-                                           read_ahead=self.cfg.prefetch + 2)
+                                           self.cfg.prefetch)
 
     def _start(self, order: np.ndarray, build, args) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy

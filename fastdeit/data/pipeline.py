@@ -66,8 +66,11 @@ def _read(files, labels: Optional[List[int]], placement: Placement, pad_last_bat
     (labels alongside), or a batch callback reading packed shards (shards.ShardFeed, labels
     None) whose last batch is already partial (the iterator then reads to StopIteration)."""
     if callable(files):
+        # no_copy: the feed hands over tensors viewing its read buffers and keeps them alive
+        # until DALI is done with them (a copy would cost the calling thread most of the read).
         jpegs, label = fn.external_source(source=files, num_outputs=2, batch=True,
-                                          batch_info=True, dtype=[types.UINT8, types.INT32])
+                                          batch_info=True, dtype=[types.UINT8, types.INT32],
+                                          no_copy=True)
     else:
         # An explicit seed (unused: no shuffling) so that the reader takes no slot of the
         # pipeline's seed sequence: DALI seeds the random ops in graph order, and the crop and
