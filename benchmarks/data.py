@@ -85,7 +85,9 @@ def run_ours(args, device, root=None):
             images_seen += n
     loader.close()
     if args.epochs > 1:
-        args.context_switches.append((_context_switches() - switches) / images_seen)
+        # ours' figure stays ours: the shards' run (root given) goes to its own list
+        (args.shard_switches if root else args.context_switches).append(
+            (_context_switches() - switches) / images_seen)
     return rates, cpu
 
 
@@ -306,7 +308,7 @@ def main(argv=None):
                                           data_on_gpu, None, args.dali_threads, args.host_threads)
     torch.set_num_threads(args.budget.torch)
     print(args.budget.describe(), flush=True)
-    args.context_switches = []
+    args.context_switches, args.shard_switches = [], []
 
     loaders = {"ours": run_ours, "baseline": run_baseline}
     if args.dali_ra:
@@ -340,7 +342,7 @@ def main(argv=None):
     record = {
         "date": date, "commit": commit(), "hardware": hardware(device),
         "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-        "args": {k: v for k, v in vars(args).items() if k not in ("budget", "context_switches")},
+        "args": {k: v for k, v in vars(args).items() if k not in ("budget", "context_switches", "shard_switches")},
         "threads": dataclasses.asdict(args.budget),
         "ours_context_switches_per_image": args.context_switches,
         "images_per_sec_steady": summary, "ratio_ours_over_baseline": ratio,
@@ -349,6 +351,7 @@ def main(argv=None):
     }
     if packed:
         record.update(folder=args.folder, packed=packed, file_opens_per_epoch=opens,
+                      shards_context_switches_per_image=args.shard_switches,
                       ratio_shards_over_folder=statistics.median(
                           run["shards_over_folder"] for run in runs))
     lines = [

@@ -300,3 +300,27 @@ def test_parse_size():
     assert packmod.parse_size("4096") == 4096 and packmod.parse_size("2.5 kb") == 2500
     with pytest.raises(ValueError):
         packmod.parse_size("lots")
+
+
+@pytest.mark.slow
+def test_train_and_eval_through_the_entry_points_from_shards(dataset, tmp_path):
+    """`data.root=<packed>` with no other change: launch/train.py on 2 ranks trains and
+    evaluates from the shards, and launch/eval.py gives the same top-1 on the packed val/ as
+    on the folder."""
+    from tests.launching import launch, records
+
+    packed = pack(dataset, tmp_path / "packed")
+    run = tmp_path / "run"
+    launch(f"data.root={packed}", f"trainer.run_dir={run}", "trainer.epochs=1",
+           "model.name=deit_tiny_patch16_224", "distill.type=none")
+    last = records(run, "epoch")[-1]
+    assert last["step"] == 192 // 32 and last["val/images"] == 40
+    top1 = {}
+    for name, root in (("folder", dataset), ("packed", packed)):
+        out = tmp_path / f"eval-{name}.json"
+        launch(str(run), f"data.root={root}", "--out", str(out), script="eval.py", ranks=1,
+               tiny=False)
+        result = json.loads(out.read_text())
+        assert result["val/images"] == 40
+        top1[name] = result["val/cls_top1"]
+    assert top1["folder"] == top1["packed"] == last["val/cls_top1"]

@@ -13,7 +13,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class DataConfig:
-    root: str = "data/demo"            # holds <train_split>/ and <val_split>/ in class-folder layout
+    root: str = "data/demo"            # holds <train_split>/ and <val_split>/ in class-folder layout,
+                                       # or packed (python -m fastdeit.data.pack; detected)
     train_split: str = "train"
     val_split: str = "val"
     # Optional file lists (text, one image path per line, relative to the split folder, e.g.

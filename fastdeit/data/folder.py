@@ -1,7 +1,8 @@
 """Class-folder dataset scan: `<root>/<class>/**/<image>` -> (files, labels, classes).
 
 Label indices are the sorted class-folder names, exactly as torchvision's ImageFolder assigns
-them, so checkpoints and class lists interoperate with timm/torchvision tooling.
+them, so checkpoints and class lists interoperate with timm/torchvision tooling. FolderSource is
+the loader's view of such a tree; shards.ShardSource, beside it, is the same for a packed one.
 """
 from __future__ import annotations
 
