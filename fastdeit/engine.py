@@ -20,6 +20,11 @@ class EngineConfig:
     zero_stage: int = 1                        # 0, 1 or 2; ZeRO-3 is pointless at DeiT's size
     precision: Literal["bf16", "fp32"] = "bf16"
     gradient_clipping: float = 0.0             # DeiT clips nothing; DeepSpeed's default is 1.0
+    # ZeRO-1/2: reduce gradients while the backward pass runs. Off by default: with it on,
+    # DeepSpeed 0.19.8 calls torch.cuda.synchronize() after every backward (stage_1_and_2.py,
+    # the ipg epilogue), a host sync per step that stops the host from queueing ahead. Whether
+    # the overlap pays for that on a multi-GPU node is for the GPU step benchmark to say.
+    overlap_comm: bool = False
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # merged last into the DS config
 
 
@@ -64,7 +69,7 @@ def deepspeed_config(cfg: EngineConfig, world_size: int) -> Dict[str, Any]:
         },
         "zero_optimization": {
             "stage": cfg.zero_stage,
-            "overlap_comm": cfg.zero_stage > 0,
+            "overlap_comm": cfg.zero_stage > 0 and cfg.overlap_comm,
             "contiguous_gradients": cfg.zero_stage > 0,
             # ZeRO-1/2 compute the global gradient norm every step; only clipping uses it.
             # (Stage 0 has no such switch: DeepSpeed's bf16 stage-0 optimizer always checks.)

@@ -39,7 +39,10 @@ def test_deepspeed_dict():
     assert ds["timers"]["throughput"]["synchronized"] is False
     ds = deepspeed_config(EngineConfig(precision="fp32", deepspeed={"zero_optimization": {"reduce_bucket_size": 1}}), 1)
     assert ds["bf16"] == {"enabled": False, "check_grad_overflow": False}
-    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True, "contiguous_gradients": True,
+    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": False, "contiguous_gradients": True,
                                        "compute_grad_norm": False, "reduce_bucket_size": 1}
+    # overlap_comm costs a torch.cuda.synchronize() per backward in DeepSpeed: opt-in only
+    assert deepspeed_config(EngineConfig(overlap_comm=True), 2)["zero_optimization"]["overlap_comm"] is True
+    assert deepspeed_config(EngineConfig(zero_stage=0, overlap_comm=True), 2)["zero_optimization"]["overlap_comm"] is False
     with pytest.raises(ValueError, match="zero_stage must be 0, 1 or 2"):
         deepspeed_config(EngineConfig(zero_stage=3), 1)
