@@ -1,0 +1,64 @@
+"""Memory a user can predict: the GPU train decoder's nvJPEG preallocation, sized from the config."""
+import pytest
+
+from fastdeit.config import ConfigError, from_dict
+from fastdeit.data.config import DataConfig
+from fastdeit.data.pipeline import Placement, _decoder_kwargs, nvjpeg_preallocation, preallocated_bytes
+
+GPU, CPU = Placement(0), Placement(None)
+MIB = 2**20
+
+
+def test_defaults_are_nvidias_imagenet_figures():
+    # NVIDIA's DALI ResNet-50 example preallocates for ImageNet's largest image, 5980 x 6430.
+    assert nvjpeg_preallocation(DataConfig()) == dict(
+        device_memory_padding=211_025_920, host_memory_padding=140_544_512,
+        preallocate_width_hint=5980, preallocate_height_hint=6430)
+
+
+def test_per_rank_figures_by_hand():
+    # One device and two pinned buffers per decoder thread (DALI's argument docs).
+    device, pinned = preallocated_bytes(DataConfig(num_threads=8))
+    assert device == 8 * 211_025_920 and pinned == 16 * 140_544_512      # 1.57 GiB, 2.09 GiB
+    assert preallocated_bytes(DataConfig(num_threads=4)) == (4 * 211_025_920, 8 * 140_544_512)
+    assert preallocated_bytes(DataConfig(decoder_preallocate=False)) == (0, 0)
+
+
+def test_sizes_follow_the_largest_image_not_the_crop():
+    base = nvjpeg_preallocation(DataConfig())
+    # A set resized to at most 1024 x 1024: the buffers shrink by the pixel ratio.
+    small = nvjpeg_preallocation(DataConfig(decoder_max_image=(1024, 1024)))
+    ratio = 1024 * 1024 / (5980 * 6430)
+    assert small["device_memory_padding"] == pytest.approx(base["device_memory_padding"] * ratio, abs=1)
+    assert small["host_memory_padding"] == pytest.approx(base["host_memory_padding"] * ratio, abs=1)
+    assert (small["preallocate_width_hint"], small["preallocate_height_hint"]) == (1024, 1024)
+    # The crop size and scale do not enter: the whole image is entropy-decoded.
+    assert nvjpeg_preallocation(DataConfig(img_size=384, scale=(0.5, 1.0))) == base
+
+
+def test_train_decoder_preallocates_val_does_not():
+    cfg = DataConfig()
+    train = _decoder_kwargs(cfg, GPU, preallocate=True)
+    assert train["device"] == "mixed" and train["device_memory_padding"] == 211_025_920
+    val = _decoder_kwargs(cfg, GPU)                                      # DALI's small defaults
+    assert val == dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load)
+    assert _decoder_kwargs(DataConfig(decoder_preallocate=False), GPU, preallocate=True) == val
+    assert _decoder_kwargs(cfg, CPU, preallocate=True) == dict(device="cpu")
+
+
+def test_arguments_are_the_decoders_own():
+    """Every key we pass is an argument of DALI's fused decode-crop and plain decoders, so a
+    misspelt one cannot be dropped silently on a GPU host."""
+    from nvidia.dali.backend import GetSchema
+
+    kw = _decoder_kwargs(DataConfig(), GPU, preallocate=True)
+    for op in ("decoders__ImageRandomCrop", "decoders__Image"):
+        schema = GetSchema(op)
+        assert "mixed" in schema.GetSupportedBackends()
+        assert all(schema.HasArgument(k) for k in kw if k != "device"), op
+
+
+@pytest.mark.parametrize("value", [[0, 10], [100], [10, -1], [1.5, 2]])
+def test_bad_max_image_names_the_key(value):
+    with pytest.raises((ConfigError, ValueError), match="decoder_max_image"):
+        from_dict({"data": {"decoder_max_image": value}})
