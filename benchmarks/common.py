@@ -34,9 +34,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' -> the first CUDA device if there is one, else CPU."""
+    """'auto' -> the device the trainer would use here (fastdeit.distributed.device_for: DeepSpeed's
+    accelerator, this local rank's GPU); an explicit name must be usable."""
+    from fastdeit import distributed
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.device_for(distributed.env_from(os.environ))
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")

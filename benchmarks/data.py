@@ -30,6 +30,7 @@ Pillow behaviour (a black image) so it can finish an epoch; our RandAugment does
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -43,6 +44,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import pick_device  # noqa: E402
+from fastdeit import distributed  # noqa: E402
 from fastdeit.data import DataConfig, build_loader  # noqa: E402
 from fastdeit.data.mixing import BatchMixer, MixingConfig  # noqa: E402
 
@@ -50,14 +53,19 @@ RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
 
 def run_ours(args, device):
-    cfg = DataConfig(root=args.data, img_size=args.img_size, num_threads=args.workers,
+    # Thread counts: --dali-threads / --host-threads, else this process's budget for a data
+    # path with no training step (fastdeit.distributed.thread_budget).
+    cfg = DataConfig(root=args.data, img_size=args.img_size, num_threads=args.dali_threads,
+                     host_threads=args.host_threads,
                      rand_augment=RAND_AUGMENT, repeated_aug=1, val_list=None,
                      device="auto" if device.type == "cuda" else "cpu")
-    loader = build_loader(cfg, "train", args.batch, 0, 1, 0, device)
+    loader = build_loader(cfg, "train", args.batch, 0, 1, 0, device, threads=args.budget)
     mixer = BatchMixer(MixingConfig(), loader.num_classes, device)
     rates, cpu = [], []
     for epoch in range(args.epochs):
         start, start_cpu = time.perf_counter(), time.process_time()  # all our threads
+        if epoch == 1:  # steady epochs only: context switches of all our threads, per image
+            switches, images_seen = _context_switches(), 0
         loader.set_epoch(epoch)
         n = 0
         for images, labels in loader:
@@ -66,8 +74,26 @@ def run_ours(args, device):
         _sync(device)
         rates.append(n / (time.perf_counter() - start))
         cpu.append(1e3 * (time.process_time() - start_cpu) / n)
+        if epoch >= 1:
+            images_seen += n
     loader.close()
+    if args.epochs > 1:
+        args.context_switches.append((_context_switches() - switches) / images_seen)
     return rates, cpu
+
+
+def _spread(runs, name: str) -> str:
+    steady_epochs = [v for run in runs for v in run[name][1:]] or [v for run in runs for v in run[name]]
+    lo, hi = min(steady_epochs), max(steady_epochs)
+    return f"{lo:.0f}-{hi:.0f} img/s (max/min {hi / lo:.2f})"
+
+
+def _context_switches() -> int:
+    """Voluntary + involuntary context switches of this process, all threads (ended ones too)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_nvcsw + usage.ru_nivcsw
 
 
 def run_baseline(args, device):
@@ -196,20 +222,29 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="folder holding train/<class>/*.jpg")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2,
-                   help="DataLoader worker processes (baseline) = DALI threads (ours)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (baseline)")
+    p.add_argument("--dali-threads", type=int, default=None,
+                   help="ours: DALI threads (default: the rank's thread budget, see the README)")
+    p.add_argument("--host-threads", type=int, default=None,
+                   help="ours: threads finishing CPU batches (default: the thread budget)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--repeats", type=int, default=1, help="run both loaders this many times")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--torch-threads", type=int, default=1,
-                   help="intra-op threads of the main process (both loaders)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="intra-op threads of the main process (both loaders; default: the budget)")
+    p.add_argument("--device", default="auto", help="auto: the trainer's rule (DeepSpeed's "
+                   "accelerator, this rank's GPU), else cpu / cuda")
     p.add_argument("--dali-ra", action="store_true", help="also time DALI's own rand_augment")
     p.add_argument("--out", default=None, help="results path prefix (default "
                    "benchmarks/results/<date>-<cpu|gpu>-data)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.torch_threads)
-    device = torch.device(args.device)
+    device = pick_device(args.device)
+    data_on_gpu = device.type == "cuda"
+    args.budget = distributed.rank_budget(distributed.RuntimeConfig(torch_threads=args.torch_threads),
+                                          data_on_gpu, None, args.dali_threads, args.host_threads)
+    torch.set_num_threads(args.budget.torch)
+    print(args.budget.describe(), flush=True)
+    args.context_switches = []
 
     loaders = {"ours": run_ours, "baseline": run_baseline}
     if args.dali_ra:
@@ -237,7 +272,10 @@ def main(argv=None):
     record = {
         "date": date, "commit": commit(), "hardware": hardware(device),
         "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-        "args": vars(args), "images_per_sec_steady": summary, "ratio_ours_over_baseline": ratio,
+        "args": {k: v for k, v in vars(args).items() if k not in ("budget", "context_switches")},
+        "threads": dataclasses.asdict(args.budget),
+        "ours_context_switches_per_image": args.context_switches,
+        "images_per_sec_steady": summary, "ratio_ours_over_baseline": ratio,
         "cpu_ms_per_image_steady": cpu_ms, "load_average_at_end": os.getloadavg(),
         "runs": runs, "cpu_ms_per_image_runs": cpu_runs,
     }
@@ -255,7 +293,10 @@ def main(argv=None):
     lines += ["", f"Ratio ours / baseline (median of repeats, steady epochs): **{ratio:.2f}x** "
               f"(per repeat: {per_repeat}). CPU ms per image: all CPU time of the loader's "
               f"process (and, for the baseline, its worker processes) per image delivered. "
-              f"Load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}.", ""]
+              f"Load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}.", "",
+              f"Ours: {args.budget.describe()}; steady epochs of all repeats span "
+              f"{_spread(runs, 'ours')}; context switches per image (all threads, steady "
+              f"epochs): {', '.join(f'{v:.1f}' for v in args.context_switches) or 'n/a'}.", ""]
     text = "\n".join(lines)
     print(text)
     prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

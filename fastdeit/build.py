@@ -15,6 +15,7 @@ from fastdeit import distributed, engine as engine_lib, flops as flops_lib
 from fastdeit.checkpoint import Checkpointer
 from fastdeit.config import Config, save_config
 from fastdeit.data import build_loader
+from fastdeit.data.loader import resolve_placement
 from fastdeit.data.mixing import BatchMixer
 from fastdeit.losses import DeiTLoss
 from fastdeit.metrics import RunLogger, StepTelemetry
@@ -33,6 +34,9 @@ def seed_everything(seed: int, rank: int) -> None:
 
 def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     device = distributed.device_for(env)
+    threads = distributed.rank_budget(cfg.runtime, resolve_placement(cfg.data, device).gpu, device.type,
+                                      cfg.data.num_threads, cfg.data.host_threads)
+    distributed.apply_budget(threads)
     seed_everything(cfg.trainer.seed, env.rank)
     run_dir = Path(cfg.trainer.run_dir)
     if env.is_main:
@@ -40,7 +44,8 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
 
     global_batch, micro, accum = engine_lib.resolve_batch(cfg.engine, env.world_size)
 
-    loader_args = dict(rank=env.rank, world_size=env.world_size, seed=cfg.trainer.seed, device=device)
+    loader_args = dict(rank=env.rank, world_size=env.world_size, seed=cfg.trainer.seed, device=device,
+                       threads=threads)
     train_loader = build_loader(cfg.data, "train", micro, **loader_args)
     val_loader = build_loader(cfg.data, "val", micro, **loader_args)
     if val_loader.num_classes != train_loader.num_classes:
@@ -81,6 +86,7 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
         f"batch {global_batch} = {micro} x {accum} x {env.world_size} | lr {scaled_lr(cfg.optim, global_batch):.2e} | "
         f"{len(train_loader) // accum} steps/epoch | distill {cfg.distill.type} | {device.type}"
     )
+    logger.info(threads.describe())
     logger.info(f"MFU basis: {flops_per_image / 1e9:.2f} GFLOPs per trained image (counted), "
                 f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
     return Trainer(

@@ -24,6 +24,7 @@ import yaml
 from fastdeit.checkpoint import CheckpointConfig
 from fastdeit.data.config import DataConfig
 from fastdeit.data.mixing import MixingConfig
+from fastdeit.distributed import RuntimeConfig
 from fastdeit.engine import EngineConfig
 from fastdeit.losses import DistillConfig
 from fastdeit.metrics import LoggingConfig
@@ -51,6 +52,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 # --------------------------------------------------------------------------- type checking

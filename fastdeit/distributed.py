@@ -68,10 +68,165 @@ def env_from(environ: Mapping[str, str]) -> DistEnv:
     return DistEnv(master_port=port)
 
 
-def device_for(env: DistEnv) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+# ---------------------------------------------------------------- device: one rule for all
+
+def accelerator_name() -> str:
+    """The accelerator DeepSpeed will build the engine for: "cuda" or "cpu".
+
+    DeepSpeed decides it once per process (``DS_ACCELERATOR``, else CUDA if a device is usable,
+    else CPU) and places the engine there whatever we say, so every other device decision
+    (the batches, the teacher, the benchmarks) follows it instead of asking torch.cuda alone:
+    a GPU host with DS_ACCELERATOR=cpu (the tests, the CPU demo) must stay on the CPU.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    if name not in ("cuda", "cpu"):
+        raise RuntimeError(f"DeepSpeed chose the {name!r} accelerator; fastdeit runs on cuda or cpu "
+                           "(set DS_ACCELERATOR=cuda or DS_ACCELERATOR=cpu)")
+    return name
+
+
+def device_for(env: DistEnv, accelerator: Optional[str] = None,
+               environ: Mapping[str, str] = os.environ) -> torch.device:
+    """This rank's device: the CPU, or the GPU of its local rank.
+
+    Each local rank owns one GPU: cuda:<local_rank> among the visible devices. One exception:
+    a launcher that binds one GPU per task (``srun --gpus-per-task=1``, a per-rank
+    CUDA_VISIBLE_DEVICES) leaves exactly one device visible, and that is this rank's. More
+    local ranks than visible GPUs otherwise is an error: two ranks on one GPU would be refused
+    by NCCL much later, with a less helpful message.
+    """
+    accelerator = accelerator or accelerator_name()
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise RuntimeError("DeepSpeed chose CUDA (DS_ACCELERATOR=cuda) but torch sees no GPU: check "
+                           "`nvidia-smi` and torch's CUDA build, or set DS_ACCELERATOR=cpu")
+    if env.local_rank < count:
+        return torch.device("cuda", env.local_rank)
+    visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if count == 1 and len(visible) == 1:
+        return torch.device("cuda", 0)
+    raise RuntimeError(
+        f"local rank {env.local_rank} needs its own GPU but only {count} are visible "
+        f"(CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): start at most "
+        f"{count} ranks per node, or give each task its own GPU (srun --gpus-per-task=1)")
+
+
+# ---------------------------------------------------------------- threads: a budget per rank
+
+@dataclass
+class RuntimeConfig:
+    """The `runtime` section: how many CPU threads this rank may use and for what.
+
+    None everywhere means derived (thread_budget). data.num_threads / data.host_threads set in
+    the data section win over the derived DALI / host thread counts.
+    """
+    cores_per_rank: Optional[int] = None   # None: SLURM_CPUS_PER_TASK, else affinity / local ranks
+    torch_threads: Optional[int] = None    # None: OMP_NUM_THREADS if set, else derived
+
+
+@dataclass(frozen=True)
+class ThreadBudget:
+    cores: int      # CPU cores this rank may use
+    source: str     # where that number came from
+    dali: int       # DALI worker threads
+    host: int       # CPU placement: threads finishing batches (RandAugment, normalise)
+    torch: int      # torch intra-op threads
+
+    def describe(self) -> str:
+        return (f"threads: {self.cores} cores per rank ({self.source}) -> DALI {self.dali}, "
+                f"host {self.host}, torch {self.torch}")
+
+
+def local_world_size(environ: Mapping[str, str] = os.environ) -> int:
+    """Ranks of this job on this node (1 when no launcher says)."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):          # torchrun, deepspeed
+        if environ.get(key):
+            return max(1, int(environ[key]))
+    tasks = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    if tasks and "SLURM_PROCID" in environ:                 # e.g. "4(x2),3": per node, in order
+        counts: List[int] = []
+        for part in tasks.split(","):
+            n, _, rep = part.partition("(x")
+            counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+        node = int(environ.get("SLURM_NODEID", 0))
+        return max(1, counts[node] if node < len(counts) else counts[0])
+    return 1
+
+
+def cores_per_rank(environ: Mapping[str, str] = os.environ, affinity: Optional[int] = None):
+    """(cores this rank may use, where the number came from).
+
+    srun with --cpus-per-task binds each task to its own cores: SLURM_CPUS_PER_TASK is the
+    rank's share. Otherwise the ranks of a node share the cores this process may run on (its
+    CPU affinity, which cgroups and taskset already narrow), evenly.
+    """
+    affinity = affinity or len(os.sched_getaffinity(0))
+    if environ.get("SLURM_CPUS_PER_TASK") and "SLURM_PROCID" in environ:
+        return min(int(environ["SLURM_CPUS_PER_TASK"]), affinity), "SLURM_CPUS_PER_TASK"
+    local = local_world_size(environ)
+    return max(1, affinity // local), f"{affinity} usable cores / {local} local rank{'s' * (local > 1)}"
+
+
+def thread_budget(cores: int, data_on_gpu: bool, step_device: Optional[str], source: str = "given",
+                  dali: Optional[int] = None, host: Optional[int] = None,
+                  torch_threads: Optional[int] = None) -> ThreadBudget:
+    """Split one rank's cores between DALI, the host threads and torch's intra-op pool.
+
+    Every consumer defaults to "all the cores" on its own (DALI its num_threads, torch every
+    core of the node per rank, the host pool its size), and together they oversubscribe:
+    context switches and a run queue several times the core count, and epochs whose speed
+    swings by half. The rule gives each the share of the work it does:
+
+    * data on the GPU: DALI gets all but one core (its threads read files and feed nvJPEG),
+      torch one (a training step on a GPU needs one launching thread; the per-batch CPU work
+      is a few small random draws);
+    * CPU decoding for a GPU step: one core for the training thread, one for the thread that
+      resizes DALI's crops, DALI the rest;
+    * everything on the CPU: the step is by far the larger cost (DeiT-Ti at 224 px: ~14 img/s
+      per step against ~390 img/s for the data path on two cores), so torch gets every core
+      and the data path a quarter of them (at least one DALI and one host thread), which keeps
+      the run queue near the core count;
+    * no step (the data benchmark): the data path gets every core.
+    Explicit counts (config or OMP_NUM_THREADS) replace the derived ones.
+    """
+    cores = max(1, cores)
+    if data_on_gpu:
+        split = dict(dali=max(1, cores - 1), host=1, torch=1)
+    elif step_device == "cuda":
+        split = dict(dali=max(1, cores - 2), host=1, torch=1)
+    elif step_device == "cpu":
+        split = dict(dali=max(1, cores // 4), host=1, torch=cores)
+    else:
+        split = dict(dali=max(1, cores - 1), host=max(1, cores // 2), torch=1)
+    if dali:
+        split["dali"] = dali
+    if host:
+        split["host"] = host
+    if torch_threads:
+        split["torch"] = torch_threads
+    return ThreadBudget(cores=cores, source=source, **split)
+
+
+def rank_budget(cfg: RuntimeConfig, data_on_gpu: bool, step_device: Optional[str],
+                dali: Optional[int] = None, host: Optional[int] = None,
+                environ: Mapping[str, str] = os.environ) -> ThreadBudget:
+    """This process's budget from the config and the environment (see thread_budget)."""
+    if cfg.cores_per_rank:
+        cores, source = cfg.cores_per_rank, "runtime.cores_per_rank"
+    else:
+        cores, source = cores_per_rank(environ)
+    torch_threads = cfg.torch_threads or (int(environ["OMP_NUM_THREADS"])
+                                          if environ.get("OMP_NUM_THREADS", "").isdigit() else None)
+    return thread_budget(cores, data_on_gpu, step_device, source, dali, host, torch_threads)
+
+
+def apply_budget(budget: ThreadBudget) -> None:
+    """Size torch's intra-op pool (DALI and the host pool take theirs from the data config)."""
+    torch.set_num_threads(budget.torch)
 
 
 def init(env: Optional[DistEnv] = None) -> DistEnv:
@@ -92,9 +247,10 @@ def init(env: Optional[DistEnv] = None) -> DistEnv:
         RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
         MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
     )
-    if torch.cuda.is_available():
-        torch.cuda.set_device(device_for(env))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = device_for(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return env
 

@@ -23,3 +23,137 @@ def test_expand_nodelist():
     assert expand_nodelist("node[1-3,10],gpu05") == ["node1", "node2", "node3", "node10", "gpu05"]
     assert expand_nodelist("a[08-10]") == ["a08", "a09", "a10"]
     assert expand_nodelist("single") == ["single"]
+
+
+# ------------------------------------------------------------------ one device rule
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastdeit import distributed  # noqa: E402
+from fastdeit.distributed import DistEnv, device_for, thread_budget  # noqa: E402
+
+
+@pytest.fixture
+def fresh_accelerator(monkeypatch):
+    """DeepSpeed's accelerator decided anew under a simulated host (it caches its choice)."""
+    from deepspeed.accelerator import real_accelerator
+
+    def choose(ds_env, cuda_gpus):
+        monkeypatch.setattr(real_accelerator, "ds_accelerator", None)
+        if ds_env is None:
+            monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+        else:
+            monkeypatch.setenv("DS_ACCELERATOR", ds_env)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_gpus)
+        return distributed.accelerator_name()
+
+    yield choose
+    real_accelerator.ds_accelerator = None   # the next user decides under the real host
+
+
+def test_gpu_host_with_ds_accelerator_cpu_stays_on_cpu(fresh_accelerator):
+    # `make test` on a GPU workstation: DS_ACCELERATOR=cpu puts the engine on the CPU, so the
+    # batches and the teacher must go there too, whatever torch.cuda says.
+    assert fresh_accelerator("cpu", cuda_gpus=2) == "cpu"
+    for local in (0, 1):
+        assert device_for(DistEnv(local_rank=local, world_size=2)) == torch.device("cpu")
+
+
+def test_gpu_host_auto_gives_each_local_rank_its_gpu(fresh_accelerator):
+    assert fresh_accelerator(None, cuda_gpus=8) == "cuda"
+    devices = [device_for(DistEnv(rank=8 + r, local_rank=r, world_size=16)) for r in range(8)]
+    assert devices == [torch.device("cuda", r) for r in range(8)]
+
+
+def test_cpu_host_auto_is_cpu(fresh_accelerator):
+    assert fresh_accelerator(None, cuda_gpus=0) == "cpu"
+    assert device_for(DistEnv()) == torch.device("cpu")
+
+
+def test_more_local_ranks_than_gpus_is_an_error_not_a_shared_gpu():
+    env = DistEnv(local_rank=1, world_size=2)
+    with pytest.raises(RuntimeError, match="local rank 1 needs its own GPU but only 1"):
+        with_gpus(1, lambda: device_for(env, "cuda", environ={"CUDA_VISIBLE_DEVICES": "0,1"}))
+    # srun --gpus-per-task=1: each task sees exactly its own GPU as device 0
+    assert with_gpus(1, lambda: device_for(env, "cuda", environ={"CUDA_VISIBLE_DEVICES": "3"})) \
+        == torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match="torch sees no GPU"):
+        with_gpus(0, lambda: device_for(env, "cuda", environ={}))
+
+
+def with_gpus(n, fn):
+    real = torch.cuda.device_count
+    torch.cuda.device_count = lambda: n
+    try:
+        return fn()
+    finally:
+        torch.cuda.device_count = real
+
+
+def test_benchmarks_follow_the_same_rule(fresh_accelerator, monkeypatch):
+    from benchmarks.common import pick_device
+
+    fresh_accelerator("cpu", cuda_gpus=1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert pick_device("auto") == torch.device("cpu")
+    fresh_accelerator(None, cuda_gpus=2)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pick_device("auto") == torch.device("cuda", 1)
+
+
+def test_the_data_placement_follows_the_device(fresh_accelerator):
+    from fastdeit.data import DataConfig
+    from fastdeit.data.loader import resolve_placement
+
+    fresh_accelerator("cpu", cuda_gpus=1)
+    device = device_for(DistEnv())
+    assert resolve_placement(DataConfig(device="auto"), device).device_id is None
+
+
+# ------------------------------------------------------------------ thread budget per rank
+
+def test_cores_per_rank_from_affinity_launchers_and_slurm():
+    assert distributed.cores_per_rank({}, affinity=16) == (16, "16 usable cores / 1 local rank")
+    assert distributed.cores_per_rank({"LOCAL_SIZE": "8"}, affinity=128)[0] == 16        # deepspeed
+    assert distributed.cores_per_rank({"LOCAL_WORLD_SIZE": "4"}, affinity=16)[0] == 4     # torchrun
+    assert distributed.cores_per_rank({"LOCAL_SIZE": "8"}, affinity=4)[0] == 1            # never 0
+    srun = {"SLURM_PROCID": "9", "SLURM_CPUS_PER_TASK": "12", "SLURM_STEP_TASKS_PER_NODE": "8(x2)"}
+    assert distributed.cores_per_rank(srun, affinity=12) == (12, "SLURM_CPUS_PER_TASK")
+    # srun without --cpus-per-task: the node's cores shared by its tasks (node 2 runs 3)
+    srun = {"SLURM_PROCID": "17", "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "8(x2),3"}
+    assert distributed.local_world_size(srun) == 3
+    assert distributed.cores_per_rank(srun, affinity=96)[0] == 32
+
+
+def test_thread_budget_splits_and_never_oversubscribes_the_data_path():
+    # data on the GPU: DALI all but one core, torch one
+    b = thread_budget(16, data_on_gpu=True, step_device="cuda")
+    assert (b.dali, b.host, b.torch) == (15, 1, 1)
+    # CPU decoding feeding a GPU: training thread + resize thread keep a core each
+    b = thread_budget(16, data_on_gpu=False, step_device="cuda")
+    assert (b.dali, b.host, b.torch) == (14, 1, 1)
+    # all on the CPU: the step gets every core, the data path a quarter
+    b = thread_budget(8, data_on_gpu=False, step_device="cpu")
+    assert (b.dali, b.host, b.torch) == (2, 1, 8)
+    b = thread_budget(1, data_on_gpu=False, step_device="cpu")        # the demo's ranks
+    assert (b.dali, b.host, b.torch) == (1, 1, 1)
+    b = thread_budget(2, data_on_gpu=False, step_device=None)         # the data benchmark
+    assert (b.dali, b.host, b.torch) == (1, 1, 1)
+    # explicit counts win
+    b = thread_budget(8, False, "cpu", dali=3, host=2, torch_threads=4)
+    assert (b.dali, b.host, b.torch) == (3, 2, 4)
+
+
+def test_rank_budget_honours_config_and_omp_num_threads():
+    cfg = distributed.RuntimeConfig()
+    env = {"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "3"}
+    b = distributed.rank_budget(cfg, False, "cpu", environ=env)
+    assert b.torch == 3 and "local ranks" in b.source
+    b = distributed.rank_budget(distributed.RuntimeConfig(cores_per_rank=6, torch_threads=5), False,
+                                "cpu", dali=4, environ=env)
+    assert (b.cores, b.dali, b.torch, b.source) == (6, 4, 5, "runtime.cores_per_rank")
+    assert "DALI 4, host 1, torch 5" in b.describe()

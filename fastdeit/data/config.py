@@ -36,8 +36,10 @@ class DataConfig:
     std: Tuple[float, float, float] = IMAGENET_STD
     device: str = "auto"               # auto | gpu | cpu: where DALI decodes (augmentation runs
                                        # on the training device either way)
-    num_threads: int = 4               # DALI CPU threads per rank
-    host_threads: int = 2              # CPU placement: threads that RandAugment + normalise
+    # Thread counts per rank; None: this rank's share of its cores (distributed.thread_budget,
+    # logged at start), which keeps DALI, the host threads and torch from oversubscribing.
+    num_threads: Optional[int] = None  # DALI CPU threads
+    host_threads: Optional[int] = None # CPU placement: threads that RandAugment + normalise
                                        # consecutive batches in parallel (plus one feeding DALI)
     prefetch: int = 2                  # DALI prefetch queue depth
     hw_decoder_load: float = 0.65      # GPU: share of JPEG decoding on the A100/H100/H200 hardware

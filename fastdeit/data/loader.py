@@ -21,12 +21,15 @@ evaluation was abandoned part way (DALI cannot rewind a reader mid-epoch).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from fastdeit import distributed
 
 from . import imageops
 from .config import DataConfig
@@ -41,11 +44,14 @@ SPLITS = ("train", "val")
 
 
 def build_loader(cfg: DataConfig, split: str, batch_size: int, rank: int, world_size: int,
-                 seed: int, device: torch.device) -> "Loader":
+                 seed: int, device: torch.device,
+                 threads: Optional[distributed.ThreadBudget] = None) -> "Loader":
     """Scan `cfg.root/<split folder>` and return this rank's loader for `split`.
 
     batch_size is the per-rank micro batch. `device` is where batches are delivered; DALI runs
     on that GPU when cfg.device is "gpu", or "auto" with CUDA available and a CUDA `device`.
+    cfg.num_threads / cfg.host_threads left at None come from `threads`, the rank's budget
+    (distributed.thread_budget; derived here from the environment when not given).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -63,8 +69,14 @@ def build_loader(cfg: DataConfig, split: str, batch_size: int, rank: int, world_
         if os.path.isdir(train_folder) and find_classes(train_folder) != classes:
             # Same index <-> name mapping or every val label would be silently wrong.
             raise ValueError(f"class folders of {folder} differ from those of {train_folder}")
+    placement = resolve_placement(cfg, device)
+    if cfg.num_threads is None or cfg.host_threads is None:
+        threads = threads or distributed.rank_budget(distributed.RuntimeConfig(), placement.gpu,
+                                                     device.type)
+        cfg = dataclasses.replace(cfg, num_threads=cfg.num_threads or threads.dali,
+                                  host_threads=cfg.host_threads or threads.host)
     return Loader(cfg, split, files, labels, classes, batch_size, rank, world_size, seed,
-                  device, resolve_placement(cfg, device))
+                  device, placement)
 
 
 def resolve_placement(cfg: DataConfig, device: torch.device) -> Placement:
