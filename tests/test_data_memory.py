@@ -18,10 +18,10 @@ def test_defaults_are_nvidias_imagenet_figures():
 
 def test_per_rank_figures_by_hand():
     # One device and two pinned buffers per decoder thread (DALI's argument docs).
-    device, pinned = preallocated_bytes(DataConfig(num_threads=8))
+    device, pinned = preallocated_bytes(DataConfig(), num_threads=8)
     assert device == 8 * 211_025_920 and pinned == 16 * 140_544_512      # 1.57 GiB, 2.09 GiB
-    assert preallocated_bytes(DataConfig(num_threads=4)) == (4 * 211_025_920, 8 * 140_544_512)
-    assert preallocated_bytes(DataConfig(decoder_preallocate=False)) == (0, 0)
+    assert preallocated_bytes(DataConfig(), 4) == (4 * 211_025_920, 8 * 140_544_512)
+    assert preallocated_bytes(DataConfig(decoder_preallocate=False), 8) == (0, 0)
 
 
 def test_sizes_follow_the_largest_image_not_the_crop():

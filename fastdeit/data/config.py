@@ -44,12 +44,11 @@ class DataConfig:
     prefetch: int = 2                  # DALI prefetch queue depth
     hw_decoder_load: float = 0.65      # GPU: share of JPEG decoding on the A100/H100/H200 hardware
                                        # decoder (the rest on CUDA cores); ignored on CPU
-    # GPU train decoder: preallocate nvJPEG's buffers for images up to decoder_max_image, so no
-    # image reallocates them mid-epoch. Per rank: num_threads x (5.5 B device + 2 x 3.7 B
-    # pinned) per pixel of that image; ImageNet's largest (the default) is 201 MiB device and
-    # 2 x 134 MiB pinned per thread. Set the largest [width, height] of your train set (e.g.
-    # [1024, 1024] for a set resized to at most 1024 px: 5.5 + 2 x 3.7 MiB per thread).
-    # Val never preallocates. fastdeit/data/README.md "GPU memory" has the figures.
+    # GPU train decoder: preallocate nvJPEG's buffers for images up to decoder_max_image
+    # ([width, height] of the train set's largest image; ImageNet's by default), so no image
+    # reallocates them mid-epoch. Per DALI thread: 5.5 B device + 2 x 3.7 B pinned per pixel of
+    # that image (201 MiB + 2 x 134 MiB for ImageNet; [1024, 1024] for a set resized to at most
+    # 1024 px: 5.5 + 2 x 3.7 MiB). Val never preallocates. fastdeit/data/README.md "GPU memory".
     decoder_preallocate: bool = True
     decoder_max_image: Tuple[int, int] = IMAGENET_LARGEST_IMAGE
 

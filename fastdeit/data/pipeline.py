@@ -58,14 +58,14 @@ def nvjpeg_preallocation(cfg: DataConfig) -> dict:
                 preallocate_width_hint=width, preallocate_height_hint=height)
 
 
-def preallocated_bytes(cfg: DataConfig) -> Tuple[int, int]:
-    """(device bytes, pinned host bytes) that the train decoder reserves per rank on a GPU:
-    one device and two pinned buffers per decoder thread (0, 0 without preallocation)."""
+def preallocated_bytes(cfg: DataConfig, num_threads: int) -> Tuple[int, int]:
+    """(device bytes, pinned host bytes) that the train decoder reserves per rank on a GPU with
+    ``num_threads`` DALI threads (data.num_threads, or the rank's thread budget): one device and
+    two pinned buffers per thread; (0, 0) without preallocation."""
     if not cfg.decoder_preallocate:
         return 0, 0
     kw = nvjpeg_preallocation(cfg)
-    return (cfg.num_threads * kw["device_memory_padding"],
-            cfg.num_threads * 2 * kw["host_memory_padding"])
+    return num_threads * kw["device_memory_padding"], num_threads * 2 * kw["host_memory_padding"]
 
 
 @dataclass(frozen=True)
