@@ -62,3 +62,45 @@ def test_arguments_are_the_decoders_own():
 def test_bad_max_image_names_the_key(value):
     with pytest.raises((ConfigError, ValueError), match="decoder_max_image"):
         from_dict({"data": {"decoder_max_image": value}})
+
+
+def test_each_pipeline_is_released_before_the_next_is_built(synthetic_tree, monkeypatch):
+    """DALI serves a new pipeline's buffers from the ones a destroyed pipeline returned to its
+    pools, so the old pipeline must be gone (by reference count, not a later GC) when the next
+    is built, or every rebuild would hold two sets of nvJPEG buffers. Checked for the train
+    rebuild per epoch and for the iterator-driven path (val, rebuilt after an abandoned pass)."""
+    import gc
+    import weakref
+
+    import torch
+
+    from fastdeit.data import build_loader
+    from fastdeit.data import loader as loader_mod
+
+    previous = []
+
+    def checking(build):
+        def wrapped(*args):
+            assert all(ref() is None for ref in previous), "the old DALI pipeline is still alive"
+            pipe = build(*args)
+            previous.append(weakref.ref(pipe))
+            return pipe
+        return wrapped
+
+    monkeypatch.setattr(loader_mod, "build_train_pipeline", checking(loader_mod.build_train_pipeline))
+    monkeypatch.setattr(loader_mod, "build_val_pipeline", checking(loader_mod.build_val_pipeline))
+    cfg = DataConfig(root=synthetic_tree, img_size=32, num_threads=1, host_threads=1, rand_augment=None)
+    gc.disable()
+    try:
+        train = build_loader(cfg, "train", 8, 0, 1, 0, torch.device("cpu"))
+        for epoch in range(3):
+            train.set_epoch(epoch)
+            next(iter(train))                       # part of an epoch, as a resumed run would
+        train.close()
+        val = build_loader(cfg, "val", 8, 0, 1, 0, torch.device("cpu"))
+        for _ in range(2):
+            next(iter(val))                         # abandoned: the next pass rebuilds
+        val.close()
+    finally:
+        gc.enable()
+    assert len(previous) == 5
