@@ -538,7 +538,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    choices=["fastdeit", "fastdeit-student", "ds-defaults", "bare", "baseline-a", "baseline-b"])
     p.add_argument("--ds-config", default=None,
                    help="JSON merged into fastdeit's DeepSpeed config (engine.deepspeed), e.g. "
-                        "'{\"zero_optimization\": {\"overlap_comm\": false}}'")
+                        "'{\"zero_optimization\": {\"overlap_comm\": true}}'")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the rounds")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all variants")

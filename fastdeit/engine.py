@@ -20,6 +20,11 @@ class EngineConfig:
     zero_stage: int = 1                        # 0, 1 or 2; ZeRO-3 is pointless at DeiT's size
     precision: Literal["bf16", "fp32"] = "bf16"
     gradient_clipping: float = 0.0             # DeiT clips nothing; DeepSpeed's default is 1.0
+    # ZeRO-1/2: reduce gradients while the backward pass runs. Off by default: with it on,
+    # DeepSpeed 0.19.8 calls torch.cuda.synchronize() after every backward (stage_1_and_2.py,
+    # the ipg epilogue), a host sync per step that stops the host from queueing ahead. Whether
+    # the overlap pays for that on a multi-GPU node is for the GPU step benchmark to say.
+    overlap_comm: bool = False
     # Merged last into the DS config, e.g. {"zero_optimization": {"reduce_bucket_size": 5e8}}
     # puts back DeepSpeed's own bucket size instead of the one sized from the model.
     deepspeed: Dict[str, Any] = field(default_factory=dict)
@@ -48,11 +53,13 @@ def resolve_batch(cfg: EngineConfig, world_size: int) -> Tuple[int, int, int]:
 
 
 # ZeRO-1/2 bucket sizing (elements). DeepSpeed's default, 5e8, is sized for billion-parameter
-# models: with contiguous_gradients it allocates its reduce bucket up front, twice with
-# overlap_comm (double buffering), in the gradient dtype (fp32 where it stages an fp32
-# accumulator): 2 x 5e8 x 2 B = 2 GB of bf16 for DeiT-B, whose gradients are only 175 MB.
-# Four buckets per backward let the reduction of each overlap the rest of the backward;
-# below 2^24 elements (32 MB of bf16) NCCL's all-reduce runs well under its bus bandwidth,
+# models: with contiguous_gradients it allocates its reduce bucket up front (twice with
+# overlap_comm, double buffering) in the gradient dtype (fp32 where it stages an fp32
+# accumulator): 5e8 x 2 B = 1 GB of bf16 (2 GB with overlap) for DeiT-B, whose gradients are
+# only 175 MB.
+# Four buckets per backward: with engine.overlap_comm the reduction of each runs beside the
+# rest of the backward; without it they only bound the buffer, at a few collectives a step.
+# Below 2^24 elements (32 MB of bf16) NCCL's all-reduce runs well under its bus bandwidth,
 # so smaller models get one bucket of at least that size (never more than the model).
 BUCKETS_PER_MODEL = 4
 MIN_BUCKET_ELEMENTS = 2**24
@@ -103,7 +110,7 @@ def deepspeed_config(cfg: EngineConfig, world_size: int, num_params: Optional[in
         },
         "zero_optimization": {
             "stage": cfg.zero_stage,
-            "overlap_comm": cfg.zero_stage > 0,
+            "overlap_comm": cfg.zero_stage > 0 and cfg.overlap_comm,
             "contiguous_gradients": cfg.zero_stage > 0,
             # ZeRO-1/2 compute the global gradient norm every step; only clipping uses it.
             # (Stage 0 has no such switch: DeepSpeed's bf16 stage-0 optimizer always checks.)

@@ -104,3 +104,19 @@ def test_each_pipeline_is_released_before_the_next_is_built(synthetic_tree, monk
     finally:
         gc.enable()
     assert len(previous) == 5
+
+
+def test_serialised_gpu_graphs_carry_the_config_figures():
+    """The GPU graphs as DALI serialises them (no GPU needed, tests/test_data_gpu_graph.py):
+    the train decoder preallocates for data.decoder_max_image; the val decoder asks for nothing
+    beyond DALI's defaults."""
+    from tests.test_data_gpu_graph import GPU_GRAPH, _graph, _only
+
+    cfg = DataConfig(img_size=48, decoder_max_image=(1024, 768))
+    train = _only(_graph("train", GPU_GRAPH, cfg)[0], "decoders__ImageRandomCrop")["args"]
+    expected = nvjpeg_preallocation(cfg)
+    assert {k: train[k] for k in expected} == expected
+    assert expected["device_memory_padding"] == -(-1024 * 768 * 211_025_920 // (5980 * 6430))
+    val = _only(_graph("val", GPU_GRAPH, cfg)[0], "decoders__Image")["args"]
+    assert not {"device_memory_padding", "host_memory_padding", "preallocate_width_hint",
+                "preallocate_height_hint"} & set(val)

@@ -39,8 +39,11 @@ def test_deepspeed_dict():
     assert ds["timers"]["throughput"]["synchronized"] is False
     ds = deepspeed_config(EngineConfig(precision="fp32", deepspeed={"zero_optimization": {"reduce_bucket_size": 1}}), 1)
     assert ds["bf16"] == {"enabled": False, "check_grad_overflow": False}
-    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True, "contiguous_gradients": True,
+    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": False, "contiguous_gradients": True,
                                        "compute_grad_norm": False, "reduce_bucket_size": 1}
+    # overlap_comm costs a torch.cuda.synchronize() per backward in DeepSpeed: opt-in only
+    assert deepspeed_config(EngineConfig(overlap_comm=True), 2)["zero_optimization"]["overlap_comm"] is True
+    assert deepspeed_config(EngineConfig(zero_stage=0, overlap_comm=True), 2)["zero_optimization"]["overlap_comm"] is False
     with pytest.raises(ValueError, match="zero_stage must be 0, 1 or 2"):
         deepspeed_config(EngineConfig(zero_stage=3), 1)
 
@@ -64,7 +67,7 @@ def test_buckets_sized_from_the_model_and_overridable():
     for stage in (1, 2):
         zero = deepspeed_config(EngineConfig(zero_stage=stage), 8, num_params=deit_b)["zero_optimization"]
         assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 21_834_548
-        # Two reduce buffers (overlap_comm) of bf16: 87 MB instead of DeepSpeed's 2 GB.
+        # Even double-buffered (overlap_comm), bf16: 87 MB instead of DeepSpeed's 2 GB.
         assert 2 * zero["reduce_bucket_size"] * 2 < 0.1 * 2 * 500_000_000 * 2
     # ZeRO-0 has no buckets; without a parameter count DeepSpeed's defaults stay.
     assert "reduce_bucket_size" not in deepspeed_config(EngineConfig(zero_stage=0), 1, num_params=deit_b)["zero_optimization"]

@@ -39,6 +39,7 @@ from .host import BackgroundBatches, resize_crops
 from .pipeline import READER_NAME, Placement, build_train_pipeline, build_val_pipeline
 from .randaug import BatchRandAugment, parse_rand_augment
 from .sampler import effective_repeats, train_indices, val_indices
+from .transfer import pins_for, to_device
 
 SPLITS = ("train", "val")
 
@@ -135,8 +136,9 @@ class Loader:
         self._clean = False   # val: the kept pipeline sits at an epoch start
         self._epoch = 0
         self._skip = 0
-        self._mean = torch.tensor(cfg.mean, dtype=torch.float32)
-        self._std = torch.tensor(cfg.std, dtype=torch.float32)
+        self._normalize = imageops.Normalize(cfg.mean, cfg.std)  # constants kept on the device
+        # CPU placement feeding a device: host batches are made in pinned memory (transfer.py)
+        self._pin = pins_for(device)
         self.randaug: Optional[BatchRandAugment] = None
         if split == "train":
             self.repeats = effective_repeats(cfg.repeated_aug, world_size,
@@ -223,9 +225,11 @@ class Loader:
                     images = images.permute(0, 3, 1, 2)
             except RuntimeError as e:
                 self._fail(step, e)
-            if images.device != self.device:  # CPU pipeline feeding a GPU run: copy uint8
-                images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
+            if images.device != self.device:
+                # CPU pipeline feeding a GPU run: uint8 from pinned memory, without blocking;
+                # GPU pipeline feeding a CPU run: a blocking copy (never read before it lands)
+                images = to_device(images, self.device)
+                labels = to_device(labels, self.device)
             if self.split == "train" and images.dtype == torch.uint8:
                 images = self._augment(images, step)
             yield images, labels
@@ -243,14 +247,15 @@ class Loader:
             b, _, h, w = images.shape
             plan = self.randaug.sample(b, h, w, gen).to(images.device)
             images = self.randaug.apply(images, plan)
-        return imageops.normalize(images, self._mean, self._std)
+        return self._normalize(images)
 
     def _read_host(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """CPU placement, feeder thread: DALI's crops, resized and flipped (uint8 NCHW in
         channels-last memory) before DALI's next run reuses their buffers."""
         crops, labels, flips = self._run_dali(step)
-        images = resize_crops(crops, flips.as_array(), self.cfg.img_size).permute(0, 3, 1, 2)
-        return images, torch.from_numpy(labels.as_array().reshape(-1))
+        images = resize_crops(crops, flips.as_array(), self.cfg.img_size, pin=self._pin)
+        labels = torch.from_numpy(labels.as_array().reshape(-1))
+        return images.permute(0, 3, 1, 2), (labels.pin_memory() if self._pin else labels)
 
     def _finish_host(self, step: int, batch):
         """CPU placement, pool thread: RandAugment + normalisation when the batches are for the
@@ -299,7 +304,7 @@ class Loader:
         self._order = order
         try:
             self._pipe = build(*args)
-            if self.split == "train" and not self.placement.gpu:
+            if self.split == "train" and not self.placement.gpu_layout:
                 return  # ragged crops (pipeline.py): set_epoch runs the pipeline directly
             # The iterator runs the first batches right away (prefetch), overlapping them with
             # whatever the trainer does between set_epoch and the first step.

@@ -3,9 +3,11 @@
 One graph definition serves both placements: on GPU the JPEG decode runs on the "mixed" backend
 (nvJPEG, partly on the hardware decoder) and every later op follows its input onto the GPU; on
 CPU every op runs on "cpu" and the pipeline has no device. Outputs, HWC: train images uint8
-[S,S,3] on GPU, or the unresized uint8 crops plus flip flags on CPU (see build_train_pipeline;
+[S,S,3] on GPU, or the unresized uint8 crops plus flip flags on CPU (see define_train_pipeline;
 RandAugment and normalisation follow in torch, randaug.py), eval images float32 [S,S,3]
-normalised with mean/std; labels int64 scalars.
+normalised with mean/std; labels int64 scalars. Placement.gpu_layout_on_cpu runs the GPU
+train layout on CPU operators, so that CPU tests cover the GPU branch; the GPU graphs
+themselves are defined and serialised in tests without a GPU (tests/test_data_gpu_graph.py).
 
 Inputs come from `fn.readers.file` with an explicit, already ordered and sharded `files` list:
 the sampler (sampler.py) decides the order in Python, and the reader does the file I/O in
@@ -70,12 +72,26 @@ def preallocated_bytes(cfg: DataConfig, num_threads: int) -> Tuple[int, int]:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where DALI runs: device_id None means a CPU-only pipeline."""
+    """Where DALI runs, and which train graph layout it uses.
+
+    device_id: the GPU (decode on the "mixed" backend, later ops follow onto the GPU), or None
+    for a CPU-only pipeline, which never touches CUDA.
+    gpu_layout_on_cpu: the GPU layout (resize and flip in the graph, fixed-size batches through
+    DALI's iterator, loader.py) with device_id None: the same graph on CPU operators, only the
+    decoder backend and the labels' device swapped. The tests run the loader's GPU branch this
+    way where there is no GPU; the CPU placement proper hands DALI's raw crops to torch, whose
+    resize is 8x faster on a CPU (build_train_pipeline).
+    """
     device_id: Optional[int]
+    gpu_layout_on_cpu: bool = False
 
     @property
     def gpu(self) -> bool:
         return self.device_id is not None
+
+    @property
+    def gpu_layout(self) -> bool:
+        return self.gpu or self.gpu_layout_on_cpu
 
 
 def _decoder_kwargs(cfg: DataConfig, placement: Placement, preallocate: bool = False) -> dict:
@@ -107,16 +123,35 @@ def _normalize(images, cfg: DataConfig):
 
 def build_train_pipeline(files: List[str], labels: List[int], cfg: DataConfig, batch_size: int,
                          seed: int, placement: Placement) -> Pipeline:
-    """Train graph: decode fused with RandomResizedCrop, then the bicubic resize and hflip.
+    """The train graph (define_train_pipeline), built."""
+    return _build(define_train_pipeline(files, labels, cfg, batch_size, seed, placement))
 
-    GPU: outputs (images uint8 [S, S, 3], labels): the resize runs in the graph with the flip
-    fused into it. CPU: outputs (crops uint8 [h, w, 3] of varying size, labels, flip int32):
+
+def build_val_pipeline(files: List[str], labels: List[int], cfg: DataConfig, batch_size: int,
+                       placement: Placement) -> Pipeline:
+    """The eval graph (define_val_pipeline), built."""
+    return _build(define_val_pipeline(files, labels, cfg, batch_size, placement))
+
+
+_PLACEMENT = object()   # define_*_pipeline's device_id default: the placement's
+
+
+def define_train_pipeline(files: List[str], labels: List[int], cfg: DataConfig, batch_size: int,
+                          seed: int, placement: Placement, device_id=_PLACEMENT) -> Pipeline:
+    """Train graph, not built: decode fused with RandomResizedCrop, then the bicubic resize and
+    hflip.
+
+    GPU layout: outputs (images uint8 [S, S, 3], labels): the resize runs in the graph with the
+    flip fused into it. CPU: outputs (crops uint8 [h, w, 3] of varying size, labels, flip int32):
     DALI's CPU cubic resampler costs about 1.6 ms per ImageNet crop, 8x torch's uint8
     antialiased bicubic (PIL's algorithm, vectorised), so the loader resizes and flips the
     crops in torch (loader.py). The random draws (crop windows, flips) are DALI's either way.
     RandAugment and normalisation follow on the loader's device in torch (randaug.py), as one
     batched pass instead of per-sample DALI ops. `files` is this rank's epoch order; its length
-    must be a multiple of batch_size (the loader drops the partial batch before building)."""
+    must be a multiple of batch_size (the loader drops the partial batch before building).
+    device_id: the pipeline's device, the placement's by default; None lets a GPU graph be
+    serialised (pipe.serialize()) without a GPU: DALI looks for CUDA only when it creates the
+    backend pipeline, at build or serialisation time."""
     size = cfg.img_size
 
     @pipeline_def
@@ -129,25 +164,32 @@ def build_train_pipeline(files: List[str], labels: List[int], cfg: DataConfig, b
             jpegs, output_type=types.RGB, random_area=list(cfg.scale),
             random_aspect_ratio=list(cfg.ratio), **_decoder_kwargs(cfg, placement, preallocate=True))
         flip = fn.random.coin_flip(probability=cfg.hflip, dtype=types.INT32)
-        if not placement.gpu:
+        if not placement.gpu_layout:
             return images, label, flip
-        # The flip rides on the resize: a region of interest whose x runs from 1 to 0 is the
-        # mirrored crop, resampled in the same pass (bit-identical to resize-then-flip).
         # timm flips before RandAugment too, so the order is the reference's.
-        flip = fn.cast(flip, dtype=types.FLOAT)
-        images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC,
-                           roi_start=fn.stack(0.0, flip), roi_end=fn.stack(1.0, 1.0 - flip),
-                           roi_relative=True)
-        return images, label
+        return resize_flip(images, size, flip), label
 
-    return _make(graph, batch_size, cfg, seed, placement)
+    return _make(graph, batch_size, cfg, seed, placement, device_id)
 
 
-def build_val_pipeline(files: List[str], labels: List[int], cfg: DataConfig, batch_size: int,
-                       placement: Placement) -> Pipeline:
-    """Eval graph: bicubic resize of the shorter side to int(img_size / eval_crop_pct) (sizes
-    exactly as torchvision computes them), centre crop img_size, normalise. The reader pads the
-    last batch; the iterator trims it."""
+def resize_flip(images, size: int, flip):
+    """Bicubic resize of HWC images to [size, size] with the horizontal flip fused in.
+
+    A region of interest whose x runs from 1 to 0 is the mirrored image, resampled in the same
+    pass: bit-identical to resize-then-flip (tests/test_data_gpu_graph.py checks it on DALI's
+    CPU backend). flip: int32 0/1 per sample."""
+    flip = fn.cast(flip, dtype=types.FLOAT)
+    return fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC,
+                     roi_start=fn.stack(0.0, flip), roi_end=fn.stack(1.0, 1.0 - flip),
+                     roi_relative=True)
+
+
+def define_val_pipeline(files: List[str], labels: List[int], cfg: DataConfig, batch_size: int,
+                        placement: Placement, device_id=_PLACEMENT) -> Pipeline:
+    """Eval graph, not built: bicubic resize of the shorter side to int(img_size /
+    eval_crop_pct) (sizes exactly as torchvision computes them), centre crop img_size,
+    normalise. The reader pads the last batch; the iterator trims it. device_id: as in
+    define_train_pipeline."""
     size = cfg.img_size
     resize_to = int(size / cfg.eval_crop_pct)
 
@@ -172,7 +214,7 @@ def build_val_pipeline(files: List[str], labels: List[int], cfg: DataConfig, bat
         images = fn.slice(images, start=fn.stack(top, left), shape=[size, size], axes=[0, 1])
         return _normalize(images, cfg), label
 
-    return _make(graph, batch_size, cfg, 0, placement)  # no random ops: the seed is unused
+    return _make(graph, batch_size, cfg, 0, placement, device_id)  # no random ops: seed unused
 
 
 def _round_half_even_halves(margin):
@@ -186,8 +228,14 @@ def _round_half_even_halves(margin):
     return fn.cast(k + odd_margin * odd_k, dtype=types.INT32)  # slice wants start and shape alike
 
 
-def _make(graph, batch_size: int, cfg: DataConfig, seed: int, placement: Placement) -> Pipeline:
-    pipe = graph(batch_size=batch_size, num_threads=cfg.num_threads, device_id=placement.device_id,
+def _make(graph, batch_size: int, cfg: DataConfig, seed: int, placement: Placement,
+          device_id) -> Pipeline:
+    if device_id is _PLACEMENT:
+        device_id = placement.device_id
+    return graph(batch_size=batch_size, num_threads=cfg.num_threads, device_id=device_id,
                  seed=seed, prefetch_queue_depth=cfg.prefetch)
+
+
+def _build(pipe: Pipeline) -> Pipeline:
     pipe.build()
     return pipe
