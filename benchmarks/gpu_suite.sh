@@ -40,6 +40,7 @@ LOG="$OUT_DIR/suite.log"
 # The GPU call's budget; a dry run on a small shared CPU gets more (its imports alone take a
 # few seconds per stage), since there the point is that every line runs, not the clock.
 BUDGET="${SUITE_BUDGET:-$([ "$DRY" = 1 ] && echo 900 || echo 450)}"
+CAP_SCALE=$([ "$DRY" = 1 ] && echo 3 || echo 1)       # per-stage caps likewise
 START=$SECONDS
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -52,6 +53,7 @@ say() { echo "[gpu-suite $(( SECONDS - START ))s] $*" | tee -a "$LOG"; }
 stage() {
     local name="$1" cap="$2"; shift 2
     local left=$(( BUDGET - (SECONDS - START) - 20 ))   # 20 s kept for the table and the archive
+    cap=$(( cap * CAP_SCALE ))
     local limit=$(( cap < left ? cap : left ))
     if [ "$limit" -lt 10 ]; then
         say "$name: skipped, no time left"
