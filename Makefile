@@ -3,25 +3,23 @@
 
 PYTHON ?= python3
 VENV   ?= .venv
-# CUDA: the CUDA major version of torch and DALI in the venv; pick it by the NVIDIA driver
-# (`nvidia-smi` prints "CUDA Version: X.Y", the newest it runs; CPU-only hosts: either).
-#   13 (default): torch from the package index (its CUDA 13 build) and DALI's cuda130 build.
-#       Needs an R580 or newer driver.
+# CUDA: the CUDA major version of torch in the venv; pick it by the NVIDIA driver (`nvidia-smi`
+# prints "CUDA Version: X.Y", the newest it runs; CPU-only hosts: either).
+#   13 (default): torch from the package index (its CUDA 13 build). Needs an R580 or newer driver.
 #   12: torch from PyTorch's CUDA 12.6 index and DALI's cuda120 build, for R525-R575 drivers:
 #       make install CUDA=12
-# DALI follows CUDA unless set (DALI=cuda12|cuda13): one CUDA generation in the process, so the
-# driver check is one number and the default install is the pair the GPU host runs (torch
-# cu13 + DALI cuda130). DALI's cuda120 build next to a CUDA 13 torch also runs on an R580
-# driver but loads a second set of CUDA 12 libraries (nvJPEG, nvImageCodec, nvCOMP) for
-# nothing. Both DALI builds run the CPU graphs on hosts without a GPU (CI).
+# DALI: cuda12 (nvidia-dali-cuda120) unless CUDA=13 or DALI=cuda13 is given. The CUDA 12 build
+# runs on every driver from R525 up (an R580 driver runs CUDA 12 code) and is the build this
+# project's CPU machines and CI are checked with; `make install CUDA=13` (or DALI=cuda13) puts
+# one CUDA generation in the process (torch cu13 + DALI cuda130), as on the GPU test host.
 # `python -m fastdeit.doctor` (run by every make install) prints the builds and the driver and
-# stops with the fix when nvidia-smi lists a GPU that torch cannot use.
+# stops with the fix when nvidia-smi lists a GPU that torch or DALI cannot use.
 # The choice is remembered in the venv's stamp: after `make install CUDA=12`, `make test` and
 # `make demo` keep CUDA 12 until another CUDA= is given.
 _SAVED := $(subst -, ,$(patsubst $(VENV)/.installed-%,%,$(firstword $(wildcard $(VENV)/.installed-cu1*))))
 ifeq ($(origin CUDA),undefined)
 CUDA   := $(or $(patsubst cu%,%,$(word 1,$(_SAVED))),13)
-_DALI  := $(or $(word 2,$(_SAVED)),cuda$(CUDA))
+_DALI  := $(or $(word 2,$(_SAVED)),cuda12)
 else
 _DALI  := cuda$(CUDA)
 endif
