@@ -43,9 +43,7 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")
 
-    ds_config = engine_lib.deepspeed_config(cfg.engine, env.world_size)
-    global_batch = ds_config["train_batch_size"]
-    micro = ds_config["train_micro_batch_size_per_gpu"]
+    global_batch, micro, accum = engine_lib.resolve_batch(cfg.engine, env.world_size)
 
     loader_args = dict(rank=env.rank, world_size=env.world_size, seed=cfg.trainer.seed, device=device,
                        threads=threads)
@@ -72,9 +70,10 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     # Counted on meta-device copies before DeepSpeed wraps the student: no memory, no hooks.
     flops_per_image = flops_lib.train_flops_per_image(
         model, cfg.data.img_size, teacher.module if teacher is not None else None)
+    # After the student exists: ZeRO's buckets are sized from its parameter count.
+    ds_config = engine_lib.deepspeed_config(cfg.engine, env.world_size, num_params=count_params(model))
     optimizer = build_optimizer(cfg.optim, model, global_batch)
     engine = engine_lib.initialize(model, optimizer, ds_config)
-    accum = ds_config["gradient_accumulation_steps"]
     scheduler = build_scheduler(cfg.schedule, engine.optimizer, len(train_loader) // accum, cfg.trainer.epochs)
 
     logger = RunLogger(cfg.logging, str(run_dir), env.is_main)

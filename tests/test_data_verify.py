@@ -73,7 +73,7 @@ def test_verify_lists_the_bad_files_and_the_loader_leaves_them_out(tmp_path):
     train = build_loader(cfg_for(tmp_path), "train", 2, 0, 1, 0, CPU)
     val = build_loader(cfg_for(tmp_path), "val", 2, 0, 1, 0, CPU)
     assert train.excluded == (2, str(tmp_path / EXCLUDE_FILE)) and val.excluded[0] == 1
-    assert set(train._files) | set(val._files) == {
+    assert set(train._source.files) | set(val._source.files) == {
         os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".jpg")} - set(bad.values())
     assert len(torch.cat(epoch(train))) == 10 and len(torch.cat(epoch(val))) == 5   # decodes through
     train.close(), val.close()

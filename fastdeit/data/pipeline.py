@@ -15,11 +15,14 @@ DALI's own threads with prefetching, so no Python callback sits in the hot path 
 `external_source` feeding bytes would read files on the Python thread that also drives the
 training step). The reader is told not to shuffle and not to shard. Its order is fixed when the
 pipeline is built, so the loader builds one pipeline per train epoch (cheap next to an epoch).
+A packed split (shards.py) feeds the same graph through `external_source` instead: its reads
+run ahead in threads, so the graph and every random draw stay the same.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
@@ -27,16 +30,46 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.pipeline import Pipeline
 
-from .config import DataConfig
+from .config import IMAGENET_LARGEST_IMAGE, DataConfig
 
 READER_NAME = "reader"  # the iterator asks this reader for the epoch size
 
-# nvJPEG buffer preallocation for the mixed decoder: sized so that ImageNet's largest images
-# (about 6k x 6.4k) never trigger a reallocation mid-epoch, which would stall the pipeline.
-_DEVICE_MEMORY_PADDING = 211 * 2**20
-_HOST_MEMORY_PADDING = 140 * 2**20
-_PREALLOC_WIDTH_HINT = 5980
-_PREALLOC_HEIGHT_HINT = 6430
+# nvJPEG buffer preallocation for the GPU ("mixed") decoder of the train graph. Per decoder
+# thread (the pipeline's num_threads) DALI reserves one device buffer of device_memory_padding
+# bytes and two pinned host buffers of host_memory_padding bytes (double buffering), plus the
+# hardware decoder's batch of preallocate_{width,height}_hint images, so that no image of the
+# data set makes nvJPEG reallocate (a stall) mid-epoch. The buffers hold the whole image's
+# bitstream, Huffman-decoded coefficients and planes, since the random crop is cut after
+# entropy decoding: the largest *source* image bounds them, not data.img_size or data.scale.
+# The defaults are NVIDIA's figures for ImageNet's largest image, 5980 x 6430 (their DALI
+# ResNet-50 example): 211,025,920 device and 140,544,512 host bytes, about 5.5 and 3.7 bytes
+# per pixel; data.decoder_max_image scales them to another data set's largest image.
+# Reuse across epochs: DALI allocates these from its process-wide device and pinned pools
+# (the decoder allocates them and hands them back to the pool as it is built), and a pipeline
+# that is destroyed returns its buffers there, not to the driver; the loader releases each
+# epoch's pipeline before it builds the next, so later epochs take the same blocks without a
+# new cudaMalloc/cudaHostAlloc. Val decodes with DALI's small default paddings and lets its
+# buffers grow on its own images (once, in the first evaluation, outside the train loop).
+_DEVICE_BYTES_PER_PIXEL = 211_025_920 / (IMAGENET_LARGEST_IMAGE[0] * IMAGENET_LARGEST_IMAGE[1])
+_HOST_BYTES_PER_PIXEL = 140_544_512 / (IMAGENET_LARGEST_IMAGE[0] * IMAGENET_LARGEST_IMAGE[1])
+
+
+def nvjpeg_preallocation(cfg: DataConfig) -> dict:
+    """The train decoder's preallocation arguments for images up to cfg.decoder_max_image."""
+    width, height = cfg.decoder_max_image           # checked by DataConfig
+    return dict(device_memory_padding=math.ceil(width * height * _DEVICE_BYTES_PER_PIXEL),
+                host_memory_padding=math.ceil(width * height * _HOST_BYTES_PER_PIXEL),
+                preallocate_width_hint=width, preallocate_height_hint=height)
+
+
+def preallocated_bytes(cfg: DataConfig, num_threads: int) -> Tuple[int, int]:
+    """(device bytes, pinned host bytes) that the train decoder reserves per rank on a GPU with
+    ``num_threads`` DALI threads (data.num_threads, or the rank's thread budget): one device and
+    two pinned buffers per thread; (0, 0) without preallocation."""
+    if not cfg.decoder_preallocate:
+        return 0, 0
+    kw = nvjpeg_preallocation(cfg)
+    return num_threads * kw["device_memory_padding"], num_threads * 2 * kw["host_memory_padding"]
 
 
 @dataclass(frozen=True)
@@ -63,21 +96,32 @@ class Placement:
         return self.gpu or self.gpu_layout_on_cpu
 
 
-def _decoder_kwargs(cfg: DataConfig, placement: Placement) -> dict:
+def _decoder_kwargs(cfg: DataConfig, placement: Placement, preallocate: bool = False) -> dict:
+    """Decoder placement arguments; ``preallocate`` (the train graph) adds nvJPEG's buffers."""
     if not placement.gpu:
         return dict(device="cpu", adjust_orientation=cfg.exif_orientation)
     kw = dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load, adjust_orientation=cfg.exif_orientation)
-    if cfg.decoder_preallocate:
-        kw.update(device_memory_padding=_DEVICE_MEMORY_PADDING,
-                  host_memory_padding=_HOST_MEMORY_PADDING,
-                  preallocate_width_hint=_PREALLOC_WIDTH_HINT,
-                  preallocate_height_hint=_PREALLOC_HEIGHT_HINT)
+    if preallocate and cfg.decoder_preallocate:
+        kw.update(nvjpeg_preallocation(cfg))
     return kw
 
 
-def _read(files: List[str], labels: List[int], placement: Placement, pad_last_batch: bool):
-    jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False,
-                                   pad_last_batch=pad_last_batch, name=READER_NAME)
+def _read(files, labels: Optional[List[int]], placement: Placement, pad_last_batch: bool):
+    """Encoded images and int32 [1] labels, in the loader's order. `files` is a list of paths
+    (labels alongside), or a batch callback reading packed shards (shards.ShardFeed, labels
+    None) whose last batch is already partial (the iterator then reads to StopIteration)."""
+    if callable(files):
+        # no_copy: the feed hands over tensors viewing its read buffers and keeps them alive
+        # until DALI is done with them (a copy would cost the calling thread most of the read).
+        jpegs, label = fn.external_source(source=files, num_outputs=2, batch=True,
+                                          batch_info=True, dtype=[types.UINT8, types.INT32],
+                                          no_copy=True)
+    else:
+        # An explicit seed (unused: no shuffling) so that the reader takes no slot of the
+        # pipeline's seed sequence: DALI seeds the random ops in graph order, and the crop and
+        # flip must draw the same numbers whichever source feeds them (tests/test_data_pack.py).
+        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False,
+                                       pad_last_batch=pad_last_batch, name=READER_NAME, seed=0)
     # int32 [1] per sample from the reader -> int64 as the loss wants; on GPU the labels
     # travel with the images so the trainer never copies them host-to-device.
     label = fn.cast(label, dtype=types.INT64)
@@ -133,7 +177,7 @@ def define_train_pipeline(files: List[str], labels: List[int], cfg: DataConfig, 
         # torchvision's in distribution (tests/test_data_loader.py checks the statistics).
         images = fn.decoders.image_random_crop(
             jpegs, output_type=types.RGB, random_area=list(cfg.scale),
-            random_aspect_ratio=list(cfg.ratio), **_decoder_kwargs(cfg, placement))
+            random_aspect_ratio=list(cfg.ratio), **_decoder_kwargs(cfg, placement, preallocate=True))
         flip = fn.random.coin_flip(probability=cfg.hflip, dtype=types.INT32)
         if not placement.gpu_layout:
             return images, label, flip
