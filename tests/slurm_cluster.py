@@ -1,5 +1,6 @@
-"""A real one-node SLURM for the tests: munge, slurmctld and slurmd started from a generated
-config in a temporary folder, stopped (with every job they ran) at the end of the session.
+"""A real SLURM on this one host for the tests: munge, slurmctld and slurmd started from a
+generated config in a temporary folder, stopped (with every job they ran) at the end of the
+session.
 
 The default partition `test` is this host's node, named as `slurmd -C` names it. A second
 slurmd on the same host (`<host>-b`, its own port and spool) joins it in the partition `pair`,
@@ -8,14 +9,15 @@ per-node SLURM_LOCALID, a two-host SLURM_JOB_NODELIST). Only the first name reso
 all a job needs: the templates take the master address from the first host of the allocation.
 
 Where slurm-wlm is missing and the tests run as root with apt-get, it is installed from the
-distribution's packages (Debian: slurm-wlm and munge, about a minute); otherwise the tests
-skip and say why. FASTDEIT_REQUIRE_SLURM=1 (CI) turns that skip into a failure, so a machine
-that should run them never passes by skipping.
+distribution's packages (Debian: slurm-wlm and munge; 17 s on this project's machine);
+otherwise the tests skip and say why. FASTDEIT_REQUIRE_SLURM=1 (CI) turns that skip into a
+failure, so a machine that should run them never passes by skipping.
 
 Nothing here touches the host's own SLURM or munge: our daemons use their own key, socket,
 ports, spool and state folders, and clients find them through SLURM_CONF in `cluster.env`.
 The daemons run as root (SlurmUser=root) with the plugins that need no cgroup setup
-(proctrack/linuxproc, task/none), one node described by `slurmd -C`.
+(proctrack/linuxproc, task/none); both nodes are this host as `slurmd -C` describes it. A
+requeued job would wait about two minutes before starting again; `release` starts it now.
 """
 from __future__ import annotations
 
