@@ -42,8 +42,9 @@ def step_losses(run):
     return {r["step"]: (r["loss"], r["lr"]) for r in records(run, "step")}
 
 
-# With the EMA (warmup and every=2, so a mid-epoch stop lands between updates too).
-RESUME_ARGS = ["trainer.epochs=2", "trainer.eval_every=2", "ema.decay=0.9", "ema.every=2", "ema.warmup=true"]
+# With the EMA, its warmup and every=3: the epoch-boundary stop (6) lands on an update, the
+# mid-epoch one (8) between two.
+RESUME_ARGS = ["trainer.epochs=2", "trainer.eval_every=2", "ema.decay=0.9", "ema.every=3", "ema.warmup=true"]
 
 
 @pytest.fixture(scope="module")
