@@ -91,13 +91,13 @@ class Side:
         setup = Setup(step_args(args, self.num_classes), device)
         torch.manual_seed(0)
         if name == "fastdeit":
-            self.variant = FastdeitStep(setup, args.zero_stage, distill=False)
+            self.variant = FastdeitStep(setup, args.zero_stage, distill=False, compiled=args.compile)
             gpu = getattr(getattr(self.loader, "placement", None), "gpu", False)
             self.about = (f"DALI {'GPU' if gpu else 'CPU'} placement ({args.workers} DALI threads"
                           f"{'' if gpu else f', {args.workers} host threads'}) + repeated aug x3 + "
                           f"BatchMixer on {device.type} + DeepSpeed ZeRO-{args.zero_stage} bf16 step")
         else:
-            self.variant = ViTRecipeStep(setup, mixup=True)
+            self.variant = ViTRecipeStep(setup, mixup=True, compiled=args.compile)
             self.about = (f"ImageFolder + PIL + timm DeiT transform, DataLoader ({args.workers} worker "
                           f"processes{', pinned' if device.type == 'cuda' else ''}) + timm Mixup + "
                           "plain autocast bf16 loop")
@@ -207,7 +207,7 @@ def step_args(args: argparse.Namespace, num_classes: int) -> argparse.Namespace:
     return argparse.Namespace(
         model=args.model, model_kwargs=args.model_kwargs, batch=args.batch, img_size=args.img_size,
         classes=num_classes, teacher="none", teacher_kwargs=None, teacher_format="channels_last",
-        mixing=True, ds_config=args.ds_config, compile=args.compile)
+        mixing=True, ds_config=args.ds_config, compile="on" if args.compile else "off", compile_mode="default")
 
 
 # --------------------------------------------------------------------------- report

@@ -15,6 +15,11 @@ Variants, all at the same model size, batch and resolution:
   ds-defaults[zN]       (opt-in) fastdeit-student with DeepSpeed's own bf16 defaults put back
                         (gradient overflow check and global grad norm every step), to show
                         what fastdeit.engine's overrides of them save.
+  fastdeit-ema[zN]      (opt-in) fastdeit-student plus the model EMA (fastdeit.ema, decay
+                        0.99996, updated every step from the fp32 masters): the EMA's cost.
+  wrap-compiled[zN]     (opt-in, with --compile) fastdeit-student compiled by torch.compile before
+                        deepspeed.initialize wraps it, against engine.compile() (what the trainer
+                        does, fastdeit.engine.initialize).
   bare-student          a bare PyTorch loop of the same student and the same optimizer in bf16
                         (autocast over fp32 weights): the yardstick for framework overhead.
   A:vit-recipe          the usual ViT recipe: timm vit_<size>_patch16 in a plain loop, autocast
@@ -30,7 +35,9 @@ Per variant: images/sec and ms/step (median over the timed steps after warm-up; 
 on GPU, perf_counter on CPU), the forward / backward / optimizer split, peak memory (GPU), and
 MFU from FLOPs counted with torch's FLOP counter (fastdeit.flops) against --peak-tflops or a
 measured bf16 matmul. Variants run interleaved in rounds (a few steps of each, rotating the
-order) so that drifting clocks and noisy neighbours hit all of them alike.
+order) so that drifting clocks and noisy neighbours hit all of them alike. ``--compile both``
+builds every variant but baseline B twice, eager and compiled (named ``...+compile``), so the
+two are measured in the same run.
 """
 from __future__ import annotations
 
@@ -50,11 +57,11 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from benchmarks import common
-from fastdeit import engine as engine_lib, flops as flops_lib
+from fastdeit import ema as ema_lib, engine as engine_lib, flops as flops_lib
 from fastdeit.data.mixing import BatchMixer, MixingConfig
 from fastdeit.losses import DeiTLoss, DistillConfig
 from fastdeit.metrics import DeviceMeter
-from fastdeit.models import ModelConfig, TeacherConfig, build_student, build_teacher
+from fastdeit.models import ModelConfig, TeacherConfig, build_student, build_teacher, compile_kwargs
 from fastdeit.optim import OptimConfig, ScheduleConfig, build_optimizer, build_scheduler, param_groups, scaled_lr
 
 SIZES = {"ti": "tiny", "s": "small", "b": "base"}
@@ -109,8 +116,8 @@ class Setup:
             self._flops[key] = fn()
         return self._flops[key]
 
-    def maybe_compile(self, model: nn.Module) -> nn.Module:
-        return torch.compile(model) if self.args.compile else model
+    def maybe_compile(self, model: nn.Module, compiled: bool) -> nn.Module:
+        return torch.compile(model, **compile_kwargs(self.args.compile_mode)) if compiled else model
 
     def close(self) -> None:
         if self._teacher_file:
@@ -131,8 +138,9 @@ class Variant:
     name: str = ""
     about: str = ""
     flops_per_image: float = 0.0
-    kind: str = ""           # fastdeit | fastdeit-student | ds-defaults | bare | baseline-a | baseline-b
+    kind: str = ""           # fastdeit | fastdeit-student | ds-defaults | fastdeit-ema | wrap-compiled | bare | baseline-a | baseline-b
     stage: Optional[int] = None
+    compiled: bool = False
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> None: ...
     def backward(self) -> None: ...
@@ -142,13 +150,20 @@ class Variant:
 class FastdeitStep(Variant):
     """The trainer's step (fastdeit/trainer.py, train_epoch), call for call."""
 
-    def __init__(self, s: Setup, stage: int, distill: bool, ds_defaults: bool = False):
-        self.kind = "fastdeit" if distill else ("ds-defaults" if ds_defaults else "fastdeit-student")
+    def __init__(self, s: Setup, stage: int, distill: bool, ds_defaults: bool = False, compiled: bool = False,
+                 ema: bool = False, wrap: bool = False):
+        self.kind = ("fastdeit" if distill else "ds-defaults" if ds_defaults else "fastdeit-ema" if ema
+                     else "wrap-compiled" if wrap else "fastdeit-student")
         self.stage = stage
-        self.name = f"{self.kind}[z{stage}]"
+        self.compiled = compiled or wrap
+        self.name = f"{self.kind}[z{stage}]" + ("+compile" if compiled and not wrap else "")
+        mode = s.args.compile_mode
         self.about = (f"DeepSpeed ZeRO-{stage} bf16, {'distilled student + frozen bf16 ' + s.args.teacher_format + ' teacher, hard distillation' if distill else 'student alone'}"
                       f"{', Mixup/CutMix + erasing' if s.args.mixing else ''}"
-                      f"{', DeepSpeed defaults: overflow check + grad norm every step' if ds_defaults else ''}")
+                      f"{', DeepSpeed defaults: overflow check + grad norm every step' if ds_defaults else ''}"
+                      f"{', model EMA (decay 0.99996) updated every step' if ema else ''}"
+                      f"{f', engine.compile() ({mode})' if compiled and not wrap else ''}"
+                      f"{f', torch.compile ({mode}) before deepspeed.initialize' if wrap else ''}")
         self.s = s
         model = build_student(s.student_config(s.distilled if distill else s.student), s.img_size, s.num_classes)
         model = model.to(s.device)
@@ -156,7 +171,8 @@ class FastdeitStep(Variant):
         if distill:
             self.teacher = build_teacher(
                 TeacherConfig(name=s.args.teacher, weights=s.teacher_weights(), kwargs=dict(s.teacher_kwargs),
-                              channels_last=s.args.teacher_format == "channels_last", dtype="bf16"),
+                              channels_last=s.args.teacher_format == "channels_last", dtype="bf16",
+                              compile=compiled, compile_mode=mode),
                 s.num_classes, s.device)
         self.flops_per_image = s.count(
             "fastdeit" if distill else "fastdeit-student", lambda: flops_lib.train_flops_per_image(
@@ -164,7 +180,8 @@ class FastdeitStep(Variant):
         self.criterion = DeiTLoss(DistillConfig(type="hard" if distill else "none"))
         self.dtype = engine_lib.model_dtype(engine_lib.EngineConfig(precision="bf16"))
         self.mixer = BatchMixer(s.mixing, s.num_classes, s.device, dtype=self.dtype)   # as build.py makes it
-        model = s.maybe_compile(model)
+        ema_module = ema_lib.eval_copy(model, self.dtype) if ema else None             # as build.py makes it
+        model = s.maybe_compile(model, wrap)
         optimizer = build_optimizer(OptimConfig(), model, s.batch)
         overrides = json.loads(s.args.ds_config) if s.args.ds_config else {}
         if ds_defaults:
@@ -175,8 +192,9 @@ class FastdeitStep(Variant):
             engine_lib.EngineConfig(global_batch_size=s.batch, zero_stage=stage, precision="bf16",
                                     deepspeed=overrides), world_size=1,
             num_params=sum(p.numel() for p in model.parameters()))
-        self.engine = engine_lib.initialize(model, optimizer, ds)
+        self.engine = engine_lib.initialize(model, optimizer, ds, mode if compiled and not wrap else None)
         self.engine.train()
+        self.ema = ema_lib.ModelEma(ema_lib.EmaConfig(decay=0.99996), self.engine, ema_module) if ema else None
         # ImageNet-like schedule length; only the per-step LR computation matters here.
         self.scheduler = build_scheduler(ScheduleConfig(), self.engine.optimizer, steps_per_epoch=1251, epochs=300)
         self.meter = DeviceMeter(s.device)
@@ -197,6 +215,8 @@ class FastdeitStep(Variant):
 
     def update(self) -> None:
         self.engine.step()
+        if self.ema is not None:
+            self.ema.update(self.engine.global_steps)
         self.meter.update({"loss": self.loss, **self.parts})
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(self.loss.detach()),
                                      torch.full_like(self.first_bad, self.step), self.first_bad)
@@ -207,14 +227,16 @@ class BareStep(Variant):
 
     kind = "bare"
 
-    def __init__(self, s: Setup):
-        self.name = "bare-student"
-        self.about = "plain PyTorch loop: same student and optimizer, autocast bf16 over fp32 weights"
+    def __init__(self, s: Setup, compiled: bool = False):
+        self.compiled = compiled
+        self.name = "bare-student" + ("+compile" if compiled else "")
+        self.about = ("plain PyTorch loop: same student and optimizer, autocast bf16 over fp32 weights"
+                      + (f", torch.compile ({s.args.compile_mode})" if compiled else ""))
         self.s = s
         model = build_student(s.student_config(s.student), s.img_size, s.num_classes).to(s.device)
         self.flops_per_image = s.count("fastdeit-student", lambda: flops_lib.train_flops_per_image(model, s.img_size))
         self.optimizer = build_optimizer(OptimConfig(), model, s.batch)
-        self.model = s.maybe_compile(model)
+        self.model = s.maybe_compile(model, compiled)
         self.criterion = DeiTLoss(DistillConfig(type="none"))
         _, self.targets = BatchMixer(MixingConfig(prob=0.0, erase_prob=0.0), s.num_classes, s.device)(
             s.images.clone(), s.labels)
@@ -242,16 +264,18 @@ class ViTRecipeStep(Variant):
 
     kind = "baseline-a"
 
-    def __init__(self, s: Setup, mixup: bool = False):
-        self.name = "A:vit-recipe"
+    def __init__(self, s: Setup, mixup: bool = False, compiled: bool = False):
+        self.compiled = compiled
+        self.name = "A:vit-recipe" + ("+compile" if compiled else "")
         self.about = (f"timm {s.vit}, plain loop, autocast bf16, torch AdamW (default impl), "
-                      + ("timm Mixup/CutMix + soft-target CE" if mixup else "CE + smoothing"))
+                      + ("timm Mixup/CutMix + soft-target CE" if mixup else "CE + smoothing")
+                      + (f", torch.compile ({s.args.compile_mode})" if compiled else ""))
         self.s = s
         model = timm.create_model(s.vit, img_size=s.img_size, num_classes=s.num_classes, drop_path_rate=0.1,
                                   **s.model_kwargs).to(s.device)
         self.flops_per_image = s.count("baseline-a", lambda: flops_lib.train_flops_per_image(model, s.img_size))
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=scaled_lr(OptimConfig(), s.batch), weight_decay=0.05)
-        self.model = s.maybe_compile(model)
+        self.model = s.maybe_compile(model, compiled)
         self.mixup = None
         if mixup:
             self.mixup = timm_mixup(s.num_classes, enabled=True)
@@ -372,19 +396,26 @@ def phase_times(marks: List[List[Any]], clock: common.PhaseClock) -> Dict[str, L
 def build_variants(s: Setup) -> List[Callable[[], Variant]]:
     wanted = s.args.variants
     factories: List[Callable[[], Variant]] = []
-    for stage in s.args.zero_stage:
-        if "fastdeit" in wanted:
-            factories.append(lambda stage=stage: FastdeitStep(s, stage, distill=True))
-        if "fastdeit-student" in wanted:
-            factories.append(lambda stage=stage: FastdeitStep(s, stage, distill=False))
-        if "ds-defaults" in wanted:
-            factories.append(lambda stage=stage: FastdeitStep(s, stage, distill=False, ds_defaults=True))
-    if "bare" in wanted:
-        factories.append(lambda: BareStep(s))
-    if "baseline-a" in wanted:
-        factories.append(lambda: ViTRecipeStep(s))
+    for compiled in {"off": [False], "on": [True], "both": [False, True]}[s.args.compile]:
+        for stage in s.args.zero_stage:
+            if "fastdeit" in wanted:
+                factories.append(lambda stage=stage, c=compiled: FastdeitStep(s, stage, distill=True, compiled=c))
+            if "fastdeit-student" in wanted:
+                factories.append(lambda stage=stage, c=compiled: FastdeitStep(s, stage, distill=False, compiled=c))
+            if "ds-defaults" in wanted:
+                factories.append(lambda stage=stage, c=compiled: FastdeitStep(s, stage, distill=False,
+                                                                              ds_defaults=True, compiled=c))
+            if "fastdeit-ema" in wanted:
+                factories.append(lambda stage=stage, c=compiled: FastdeitStep(s, stage, distill=False, ema=True,
+                                                                              compiled=c))
+            if "wrap-compiled" in wanted and compiled:
+                factories.append(lambda stage=stage: FastdeitStep(s, stage, distill=False, wrap=True))
+        if "bare" in wanted:
+            factories.append(lambda c=compiled: BareStep(s, compiled=c))
+        if "baseline-a" in wanted:
+            factories.append(lambda c=compiled: ViTRecipeStep(s, compiled=c))
     if "baseline-b" in wanted:
-        factories.append(lambda: DeiTReferenceStep(s))
+        factories.append(lambda: DeiTReferenceStep(s))       # as published: never compiled
     return factories
 
 
@@ -429,7 +460,7 @@ def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> Tuple[L
         ips = s.batch / (step["median"] / 1e3)
         peak_mem = (res["resident"] + res["transient"]) if res["resident"] is not None else None
         out.append({
-            "name": v.name, "kind": v.kind, "zero_stage": v.stage, "about": v.about,
+            "name": v.name, "kind": v.kind, "zero_stage": v.stage, "compiled": v.compiled, "about": v.about,
             "img_per_sec": ips, "ms_per_step": step["median"], "ms_p25": step["p25"], "ms_p75": step["p75"],
             "ms_best": step["min"], "img_per_sec_best": s.batch / (step["min"] / 1e3),
             "ms_phases": {p: common.summarize(res["times"][p])["median"] for p in ("forward", "backward", "optimizer")},
@@ -454,17 +485,30 @@ def ratios(rows: List[Dict[str, Any]], stages: Sequence[int]) -> List[Dict[str, 
                         "value_best": by[num][best[key]] / by[den][best[key]],
                         "meaning": meaning, **({"target": target} if target else {})})
 
+    for c in ("", "+compile"):                       # the same ratios among eager and among compiled
+        tag = " compiled" if c else ""
+        for z in stages:
+            add(f"overhead z{z}{tag}", f"fastdeit-student[z{z}]{c}", f"bare-student{c}", "ms_per_step",
+                "fastdeit step time / bare PyTorch step time, same student, optimizer, bf16", "<= 1.10")
+            add(f"speed-up vs A z{z}{tag}", f"fastdeit-student[z{z}]{c}", f"A:vit-recipe{c}", "img_per_sec",
+                "fastdeit student-only img/s / usual ViT recipe img/s")
+            add(f"speed-up vs B z{z}{tag}", f"fastdeit[z{z}]{c}", "B:deit-reference", "img_per_sec",
+                "fastdeit distillation img/s / DeiT reference step img/s")
+            add(f"teacher cost z{z}{tag}", f"fastdeit[z{z}]{c}", f"fastdeit-student[z{z}]{c}", "ms_per_step",
+                "step time with frozen teacher + distillation / without")
+            add(f"DS defaults z{z}{tag}", f"ds-defaults[z{z}]{c}", f"fastdeit-student[z{z}]{c}", "ms_per_step",
+                "step time with DeepSpeed's bf16 defaults / with fastdeit.engine's config")
+            add(f"EMA cost z{z}{tag}", f"fastdeit-ema[z{z}]{c}", f"fastdeit-student[z{z}]{c}", "ms_per_step",
+                "step time with the model EMA updated every step / without")
     for z in stages:
-        add(f"overhead z{z}", f"fastdeit-student[z{z}]", "bare-student", "ms_per_step",
-            "fastdeit step time / bare PyTorch step time, same student, optimizer, bf16", "<= 1.10")
-        add(f"speed-up vs A z{z}", f"fastdeit-student[z{z}]", "A:vit-recipe", "img_per_sec",
-            "fastdeit student-only img/s / usual ViT recipe img/s")
-        add(f"speed-up vs B z{z}", f"fastdeit[z{z}]", "B:deit-reference", "img_per_sec",
-            "fastdeit distillation img/s / DeiT reference step img/s")
-        add(f"teacher cost z{z}", f"fastdeit[z{z}]", f"fastdeit-student[z{z}]", "ms_per_step",
-            "step time with frozen teacher + distillation / without")
-        add(f"DS defaults z{z}", f"ds-defaults[z{z}]", f"fastdeit-student[z{z}]", "ms_per_step",
-            "step time with DeepSpeed's bf16 defaults / with fastdeit.engine's config")
+        add(f"compile speed-up z{z}", f"fastdeit-student[z{z}]+compile", f"fastdeit-student[z{z}]", "img_per_sec",
+            "student img/s compiled (engine.compile) / eager")
+        add(f"compile speed-up distilled z{z}", f"fastdeit[z{z}]+compile", f"fastdeit[z{z}]", "img_per_sec",
+            "distillation img/s, student and teacher compiled / eager")
+        add(f"engine.compile vs wrap z{z}", f"fastdeit-student[z{z}]+compile", f"wrap-compiled[z{z}]", "ms_per_step",
+            "step time with engine.compile() / with torch.compile before deepspeed.initialize")
+    add("compile speed-up bare", "bare-student+compile", "bare-student", "img_per_sec",
+        "bare loop img/s compiled / eager")
     return out
 
 
@@ -500,7 +544,7 @@ def markdown(record: Dict[str, Any]) -> str:
     peak = record["peak"]
     model = common.model_label(st["student"], st["model_kwargs"])
     lines = [common.record_header_md(record, f"Training step: {model} at {st['img_size']}px, batch {st['batch']}"),
-             f"- settings: ZeRO {st['zero_stage']}, compile {'on' if st['compile'] else 'off'}, teacher "
+             f"- settings: ZeRO {st['zero_stage']}, compile {st['compile']} ({st.get('compile_mode', 'default')}), teacher "
              f"{st['teacher']} ({st['teacher_format']}), mixing {'on' if st['mixing'] else 'off (label smoothing only)'}, "
              f"{st['warmup']} warm-up + {st['rounds']} rounds x {st['steps']} timed steps per variant, interleaved",
              f"- MFU peak: {peak['tflops']:,.3g} TFLOP/s per device ({peak['source']})"
@@ -526,7 +570,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--zero-stage", type=int, nargs="+", default=[1], choices=[0, 1, 2])
-    p.add_argument("--compile", action="store_true", help="torch.compile the student (not baseline B)")
+    p.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                   help="compile the students and the teacher (not baseline B): on, or both = every variant "
+                        "eager and compiled in the same run; fastdeit variants compile as the trainer does")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"])
     p.add_argument("--teacher", default="regnety_160")
     p.add_argument("--teacher-kwargs", default=None, help="JSON of extra timm args for the teacher")
     p.add_argument("--teacher-format", choices=["channels_last", "contiguous"], default="channels_last",
@@ -535,7 +583,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--ref-amp", choices=["auto", "fp16", "bf16"], default="auto",
                    help="baseline B's autocast dtype; auto: fp16 on GPU (as published), bf16 on CPU")
     p.add_argument("--variants", nargs="+", default=["fastdeit", "fastdeit-student", "bare", "baseline-a", "baseline-b"],
-                   choices=["fastdeit", "fastdeit-student", "ds-defaults", "bare", "baseline-a", "baseline-b"])
+                   choices=["fastdeit", "fastdeit-student", "ds-defaults", "fastdeit-ema", "wrap-compiled", "bare",
+                            "baseline-a", "baseline-b"])
     p.add_argument("--ds-config", default=None,
                    help="JSON merged into fastdeit's DeepSpeed config (engine.deepspeed), e.g. "
                         "'{\"zero_optimization\": {\"overlap_comm\": true}}'")
@@ -579,7 +628,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     record.update(
         settings={"student": s.student, "distilled": s.distilled, "vit": s.vit, "model_kwargs": s.model_kwargs,
                   "batch": args.batch, "img_size": args.img_size, "classes": args.classes,
-                  "zero_stage": args.zero_stage, "compile": args.compile, "teacher": args.teacher,
+                  "zero_stage": args.zero_stage, "compile": args.compile, "compile_mode": args.compile_mode,
+                  "teacher": args.teacher,
                   "teacher_kwargs": s.teacher_kwargs, "teacher_format": args.teacher_format, "mixing": args.mixing,
                   "ref_amp": reference_amp(args.ref_amp, device), "ds_config": args.ds_config, "warmup": args.warmup, "steps": args.steps, "rewarm": args.rewarm,
                   "rounds": args.rounds},

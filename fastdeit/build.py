@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdeit import distributed, engine as engine_lib, flops as flops_lib
+from fastdeit import distributed, ema as ema_lib, engine as engine_lib, flops as flops_lib
 from fastdeit.checkpoint import Checkpointer
 from fastdeit.config import Config, save_config
 from fastdeit.data import build_loader
@@ -20,9 +20,9 @@ from fastdeit.data.mixing import BatchMixer
 from fastdeit.errors import ConfigError, DataError
 from fastdeit.losses import DeiTLoss
 from fastdeit.metrics import RunLogger, StepTelemetry
-from fastdeit.models import build_student, build_teacher, count_params, is_distilled
+from fastdeit.models import build_student, build_teacher, compile_mode_for, count_params, is_distilled
 from fastdeit.optim import build_optimizer, build_scheduler, scaled_lr
-from fastdeit.trainer import Trainer
+from fastdeit.trainer import RunServices, StepParts, Trainer
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -54,7 +54,8 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
                          f"but val has {val_loader.num_classes}")
     num_classes = train_loader.num_classes
 
-    mixer = BatchMixer(cfg.mixing, num_classes, device, dtype=engine_lib.model_dtype(cfg.engine))
+    dtype = engine_lib.model_dtype(cfg.engine)
+    mixer = BatchMixer(cfg.mixing, num_classes, device, dtype=dtype)
     mixer.check_batch_size(micro)
     criterion = DeiTLoss(cfg.distill)
 
@@ -66,6 +67,11 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
             "a plain one with none"
         )
     teacher = build_teacher(cfg.teacher, num_classes, device) if criterion.needs_teacher else None
+    ema_lib.check_config(cfg.ema)
+    if cfg.trainer.best_of == "ema" and not cfg.ema.decay:
+        raise ConfigError("trainer.best_of=ema needs an EMA: set ema.decay (e.g. 0.99996)")
+    # The EMA's eval module is copied from the plain student before DeepSpeed owns its weights.
+    ema_module = ema_lib.eval_copy(model, dtype) if cfg.ema.decay else None
 
     # Counted on meta-device copies before DeepSpeed wraps the student: no memory, no hooks.
     flops_per_image = flops_lib.train_flops_per_image(
@@ -73,7 +79,9 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     # After the student exists: ZeRO's buckets are sized from its parameter count.
     ds_config = engine_lib.deepspeed_config(cfg.engine, env.world_size, num_params=count_params(model))
     optimizer = build_optimizer(cfg.optim, model, global_batch)
-    engine = engine_lib.initialize(model, optimizer, ds_config)
+    compile_mode = compile_mode_for(cfg.model.compile, cfg.model.compile_mode, device)
+    engine = engine_lib.initialize(model, optimizer, ds_config, compile_mode)
+    ema = ema_lib.ModelEma(cfg.ema, engine, ema_module) if ema_module is not None else None
     scheduler = build_scheduler(cfg.schedule, engine.optimizer, len(train_loader) // accum, cfg.trainer.epochs)
 
     logger = RunLogger(cfg.logging, str(run_dir), env.is_main)
@@ -81,12 +89,13 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     telemetry = StepTelemetry(flops_per_image, peak, cfg.logging.data_wait_warn, warn=logger.info)
     fingerprint = {"model": cfg.model.name, "num_classes": num_classes, "img_size": cfg.data.img_size,
                    "zero_stage": cfg.engine.zero_stage}
-    checkpointer = Checkpointer(cfg.checkpoint, str(run_dir), fingerprint, env.is_main)
+    checkpointer = Checkpointer(cfg.checkpoint, str(run_dir), fingerprint, env.is_main, ema=ema)
     logger.info(
         f"{cfg.model.name}: {count_params(model):,} params | {num_classes} classes | world {env.world_size} "
         f"(master {env.master_addr}:{env.master_port}) | "
         f"batch {global_batch} = {micro} x {accum} x {env.world_size} | lr {scaled_lr(cfg.optim, global_batch):.2e} | "
         f"{len(train_loader) // accum} steps/epoch | distill {cfg.distill.type} | {device.type}"
+        f" | compile {compile_mode or 'off'}" + (f" | EMA {cfg.ema.decay}" if ema is not None else "")
     )
     logger.info(threads.describe())
     for loader in (train_loader, val_loader):
@@ -95,8 +104,9 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
             logger.info(f"{loader.split}: {count} images left out, listed in {listed}")
     logger.info(f"MFU basis: {flops_per_image / 1e9:.2f} GFLOPs per trained image (counted), "
                 f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
-    return Trainer(
-        cfg.trainer, engine, train_loader, val_loader, mixer, criterion, teacher, scheduler, logger,
-        checkpointer, log_every=cfg.logging.log_every, world_size=env.world_size,
-        dtype=engine_lib.model_dtype(cfg.engine), device=device, telemetry=telemetry,
-    )
+    parts = StepParts(engine=engine, scheduler=scheduler, mixer=mixer, criterion=criterion, teacher=teacher,
+                      ema=ema, dtype=dtype)
+    run = RunServices(train_loader=train_loader, val_loader=val_loader, logger=logger, checkpointer=checkpointer,
+                      telemetry=telemetry, device=device, world_size=env.world_size,
+                      log_every=cfg.logging.log_every)
+    return Trainer(cfg.trainer, parts, run)

@@ -5,6 +5,7 @@ Layout under ``<run_dir>/checkpoints``::
     step_00012000/               one complete checkpoint (DeepSpeed shards + ours)
         mp_rank_00_model_states.pt, *zero_pp_rank_*_optim_states.pt   DeepSpeed
         rng_rank<r>.pt           each rank's torch/numpy/python RNG state
+        ema.pt                   the EMA weights by parameter name, fp32 (when ema.decay > 0)
         trainer_state.json       epoch, optimizer step, steps into the epoch, world size, ...
     step_00012000.universal/     the same state re-sharded by DeepSpeed's universal format,
                                  made on demand when the world size changes
@@ -36,6 +37,7 @@ from fastdeit.errors import CheckpointError, CheckpointMismatchError, RunExistsE
 from fastdeit.models import check_state_dict
 
 STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.pt"
 
 
 @dataclass
@@ -86,11 +88,13 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 class Checkpointer:
-    def __init__(self, cfg: CheckpointConfig, run_dir: str, fingerprint: Dict[str, Any], is_main: bool):
+    def __init__(self, cfg: CheckpointConfig, run_dir: str, fingerprint: Dict[str, Any], is_main: bool,
+                 ema=None):
         self.cfg = cfg
         self.dir = Path(run_dir) / "checkpoints"
         self.fingerprint = fingerprint   # what must match on resume: model, classes, resolution
         self.is_main = is_main
+        self.ema = ema                   # a fastdeit.ema.ModelEma saved and restored with the engine
 
     def should_save(self, epoch: int, last_epoch: int) -> bool:
         return (epoch + 1) % max(self.cfg.every_epochs, 1) == 0 or epoch == last_epoch
@@ -111,6 +115,11 @@ class Checkpointer:
         }
         engine.save_checkpoint(str(self.dir), tag=partial.name, client_state=client, save_latest=False)
         torch.save(rng_state(), partial / f"rng_rank{_rank()}.pt")
+        if self.ema is not None:
+            # Assembled from every rank's partition and stored by name: loads on any world size.
+            weights = self.ema.state_dict()
+            if self.is_main:
+                torch.save({k: v.detach().cpu().clone() for k, v in weights.items()}, partial / EMA_FILE)
         _barrier()
         if self.is_main:
             meta = {**state, "step": engine.global_steps, "world_size": _world(), "fingerprint": self.fingerprint}
@@ -202,6 +211,14 @@ class Checkpointer:
         if same_world:
             set_rng_state(torch.load(path / f"rng_rank{_rank()}.pt", weights_only=False))
         state["resharded_from"] = None if same_world else state["world_size"]
+        if self.ema is not None:
+            if (path / EMA_FILE).is_file():
+                self.ema.load_state_dict(torch.load(path / EMA_FILE, map_location="cpu", weights_only=True),
+                                         str(path / EMA_FILE))
+                state["ema"] = "restored"
+            else:                       # EMA switched on for a run that had none so far
+                self.ema.reset()
+                state["ema"] = "started from the resumed weights"
         return state
 
     def _universal(self, path: Path) -> Path:
@@ -233,6 +250,14 @@ def fp32_state_dict(checkpoint: Path) -> Dict[str, torch.Tensor]:
     checkpoint = Path(checkpoint)
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     return {k: v.float() for k, v in state.items()}
+
+
+def ema_state_dict(checkpoint: Path) -> Dict[str, torch.Tensor]:
+    """The EMA weights (fp32, by parameter name) saved in a checkpoint."""
+    path = Path(checkpoint) / EMA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no EMA weights ({EMA_FILE}); the run trained with ema.decay=0")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def save_state_dict(state: Dict[str, torch.Tensor], path: str, model: Optional[torch.nn.Module] = None) -> None:

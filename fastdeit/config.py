@@ -25,6 +25,7 @@ from fastdeit.checkpoint import CheckpointConfig
 from fastdeit.data.config import DataConfig
 from fastdeit.data.mixing import MixingConfig
 from fastdeit.distributed import RuntimeConfig
+from fastdeit.ema import EmaConfig
 from fastdeit.engine import EngineConfig
 from fastdeit.errors import ConfigError  # noqa: F401  (also imported from here)
 from fastdeit.losses import DistillConfig
@@ -46,6 +47,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

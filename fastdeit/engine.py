@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fastdeit.errors import ConfigError
+from fastdeit.models import compile_kwargs
 
 
 @dataclass
@@ -141,8 +142,20 @@ def model_dtype(cfg: EngineConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 
-def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: Dict[str, Any]):
-    """Wrap the student and its optimizer; returns the DeepSpeed engine."""
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: Dict[str, Any],
+               compile_mode: Optional[str] = None):
+    """Wrap the student and its optimizer; returns the DeepSpeed engine.
+
+    ``compile_mode`` (a torch.compile mode, None = eager) compiles the student here, the one
+    place it is compiled, with DeepSpeed's ``engine.compile()`` rather than ``torch.compile``
+    before wrapping. Both compile the same forward and backward (benchmarks/step.py measures
+    the two side by side), but ``engine.compile()`` compiles the module in place
+    (``nn.Module.compile``): ``engine.module`` stays the plain timm module, so DeepSpeed's
+    checkpoints, the exports, the EMA and ``models.eval_heads`` all see its own parameter
+    names, whereas a ``torch.compile`` wrapper would prefix every key with ``_orig_mod.`` and
+    hide ``forward_features``/``head_dist`` behind the wrapper. A compiled run therefore
+    resumes eager and the other way round.
+    """
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -152,4 +165,6 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: Di
         for buf in engine.module.buffers():
             if buf.is_floating_point():
                 buf.data = buf.data.to(torch.bfloat16)
+    if compile_mode is not None:
+        engine.compile(compile_kwargs=compile_kwargs(compile_mode))
     return engine

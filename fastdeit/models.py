@@ -10,13 +10,18 @@ import argparse
 import os
 import pickle
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Literal, Mapping, Optional, Union
 
 import timm
 import torch
 from torch import nn
 
 from fastdeit.errors import CheckpointMismatchError, ConfigError, WeightsError, one_line
+
+
+# torch.compile modes. "reduce-overhead" and "max-autotune" add CUDA graphs (static input
+# buffers); "max-autotune-no-cudagraphs" autotunes the kernels without them.
+CompileMode = Literal["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"]
 
 
 @dataclass
@@ -27,6 +32,10 @@ class ModelConfig:
     drop: float = 0.0                                # DeiT uses no dropout
     init_weights: Optional[str] = None               # start from these weights (file, URL, hf-hub:...)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra create_model args (tiny debug models)
+    # torch.compile the student (once, in fastdeit.engine). auto: on CUDA (default to be
+    # confirmed by the H200 record), off on CPU, where benchmarks/results measured no gain.
+    compile: Union[bool, Literal["auto"]] = "auto"
+    compile_mode: CompileMode = "default"
 
 
 @dataclass
@@ -42,6 +51,18 @@ class TeacherConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)
     channels_last: bool = True                       # convnets run faster in NHWC on tensor cores
     dtype: str = "bf16"                              # bf16 | fp32
+    compile: Union[bool, Literal["auto"]] = "auto"   # torch.compile the teacher; auto as model.compile
+    compile_mode: CompileMode = "default"
+
+
+def compile_mode_for(flag: Union[bool, str], mode: str, device: torch.device) -> Optional[str]:
+    """The torch.compile mode to use, or None for eager: ``auto`` compiles on CUDA only."""
+    on = device.type == "cuda" if flag == "auto" else bool(flag)
+    return mode if on else None
+
+
+def compile_kwargs(mode: str) -> Dict[str, Any]:
+    return {} if mode == "default" else {"mode": mode}
 
 
 def _create(name: str, **kwargs: Any) -> nn.Module:
@@ -223,18 +244,22 @@ class FrozenTeacher:
     """A frozen, eval-mode classifier that maps a (post-mixing) batch to float32 logits.
 
     Deliberately not an ``nn.Module``: nothing can register it as a submodule of the student,
-    so DeepSpeed never sees, partitions, checkpoints or steps it.
+    so DeepSpeed never sees, partitions, checkpoints or steps it. With ``compile_mode`` its
+    forward is compiled here, once: ``self.module`` stays the plain module (FLOP counting
+    copies it), the compiled callable beside it shares its weights.
     """
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype, channels_last: bool):
+    def __init__(self, module: nn.Module, dtype: torch.dtype, channels_last: bool,
+                 compile_mode: Optional[str] = None):
         self.module = module.eval().requires_grad_(False)
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.forward = torch.compile(self.module, **compile_kwargs(compile_mode)) if compile_mode else self.module
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(dtype=self.dtype, memory_format=self.memory_format)
-        return self.module(x).float()
+        return self.forward(x).float()
 
 
 def build_teacher(cfg: TeacherConfig, num_classes: int, device: torch.device) -> FrozenTeacher:
@@ -261,4 +286,4 @@ def build_teacher(cfg: TeacherConfig, num_classes: int, device: torch.device) ->
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     module = module.to(device=device, dtype=dtype, memory_format=memory_format)
-    return FrozenTeacher(module, dtype, cfg.channels_last)
+    return FrozenTeacher(module, dtype, cfg.channels_last, compile_mode_for(cfg.compile, cfg.compile_mode, device))

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Literal, Optional
 
 import torch
 import torch.distributed as dist
 
-from fastdeit.checkpoint import Checkpointer, fp32_state_dict, save_state_dict
+from fastdeit.checkpoint import Checkpointer, ema_state_dict, fp32_state_dict, save_state_dict
 from fastdeit.data.mixing import BatchMixer
+from fastdeit.ema import ModelEma
 from fastdeit.errors import FastDeitError
 from fastdeit.evaluate import evaluate
 from fastdeit.losses import DeiTLoss
@@ -36,45 +37,57 @@ class TrainerConfig:
     seed: int = 0
     run_dir: str = "runs/deit"
     stop_after_steps: Optional[int] = None   # checkpoint and stop cleanly after this optimizer step
+    best_of: Literal["model", "ema"] = "model"   # the `best` checkpoint by the live model's or the EMA's top-1
+
+
+@dataclass
+class StepParts:
+    """What a training step computes with (built by fastdeit.build)."""
+
+    engine: Any                         # DeepSpeed engine around the (compiled) student
+    scheduler: Any                      # per-step LR (fastdeit.optim)
+    mixer: BatchMixer
+    criterion: DeiTLoss
+    teacher: Optional[FrozenTeacher]    # None without distillation
+    ema: Optional[ModelEma]             # None with ema.decay = 0
+    dtype: torch.dtype                  # the engine's compute dtype
+
+
+@dataclass
+class RunServices:
+    """What the loop reads batches from and reports to (built by fastdeit.build)."""
+
+    train_loader: Any
+    val_loader: Any
+    logger: RunLogger
+    checkpointer: Checkpointer          # saves and restores the EMA with the engine
+    telemetry: StepTelemetry
+    device: torch.device
+    world_size: int
+    log_every: int
 
 
 class Trainer:
-    def __init__(
-        self,
-        cfg: TrainerConfig,
-        engine,
-        train_loader,
-        val_loader,
-        mixer: BatchMixer,
-        criterion: DeiTLoss,
-        teacher: Optional[FrozenTeacher],
-        scheduler,
-        logger: RunLogger,
-        checkpointer: Checkpointer,
-        log_every: int,
-        world_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        telemetry: StepTelemetry,
-    ):
+    def __init__(self, cfg: TrainerConfig, parts: StepParts, run: RunServices):
         self.cfg = cfg
-        self.engine = engine
+        self.engine = parts.engine
+        self.scheduler = parts.scheduler
+        self.mixer = parts.mixer
+        self.criterion = parts.criterion
+        self.teacher = parts.teacher
+        self.ema = parts.ema
+        self.dtype = parts.dtype
         # MFU and data-wait share next to img/s (metrics.StepTelemetry): next() is timed.
-        self.telemetry = telemetry
-        self.train_loader = telemetry.timed(train_loader)
-        self.val_loader = val_loader
-        self.mixer = mixer
-        self.criterion = criterion
-        self.teacher = teacher
-        self.scheduler = scheduler
-        self.logger = logger
-        self.checkpointer = checkpointer
-        self.log_every = max(log_every, 1)
-        self.world_size = world_size
-        self.dtype = dtype
-        self.device = device
-        self.accum = engine.gradient_accumulation_steps()
-        self.steps_per_epoch = len(train_loader) // self.accum
+        self.telemetry = run.telemetry
+        self.train_loader = run.telemetry.timed(run.train_loader)
+        self.val_loader = run.val_loader
+        self.logger = run.logger
+        self.checkpointer = run.checkpointer
+        self.log_every = max(run.log_every, 1)
+        self.world_size = run.world_size
+        self.device = run.device
+        self.accum = self.engine.gradient_accumulation_steps()
+        self.steps_per_epoch = len(run.train_loader) // self.accum
         self.best_top1 = -1.0
         self.rates: list = []
         self.signals: Optional[SignalWatch] = None
@@ -92,8 +105,9 @@ class Trainer:
                 epoch_step = 0
                 metrics, best = {}, False
                 if (self.cfg.eval_every and (epoch + 1) % self.cfg.eval_every == 0) or epoch == last:
-                    metrics = evaluate(self.engine.module, self.val_loader, self.dtype, self.device)
-                    head = "val/avg_top1" if "val/avg_top1" in metrics else "val/cls_top1"
+                    metrics = self._evaluate()
+                    of = "val/ema_" if self.cfg.best_of == "ema" else "val/"
+                    head = of + ("avg_top1" if "val/avg_top1" in metrics else "cls_top1")
                     best = metrics[head] > self.best_top1
                     self.best_top1 = max(self.best_top1, metrics[head])
                 self.logger.record("epoch", self.engine.global_steps, {"epoch": epoch, **train_stats, **metrics})
@@ -102,6 +116,13 @@ class Trainer:
                     self.checkpointer.save(self.engine, self._state(epoch + 1, 0), best=best)
                 epoch += 1
         return self._finish(metrics)
+
+    def _evaluate(self) -> Dict[str, float]:
+        metrics = evaluate(self.engine.module, self.val_loader, self.dtype, self.device)
+        if self.ema is not None:                 # the EMA next to the live model: val/ema_*
+            ema = evaluate(self.ema.module(), self.val_loader, self.dtype, self.device)
+            metrics.update({f"val/ema_{k[4:]}": v for k, v in ema.items() if k != "val/images"})
+        return metrics
 
     def _state(self, epoch: int, epoch_step: int) -> Dict[str, Any]:
         # No scheduler state: the LR is a pure function of the optimizer step, which DeepSpeed
@@ -117,6 +138,7 @@ class Trainer:
         self.best_top1 = state.get("best_top1", -1.0)
         where = f"epoch {state['epoch'] + 1}" + (f", step {state['epoch_step']}" if state["epoch_step"] else "")
         note = f" (resharded from {state['resharded_from']} ranks)" if state.get("resharded_from") else ""
+        note += f"; EMA {state['ema']}" if state.get("ema") else ""
         self.logger.info(f"resumed from {path} at {where} (optimizer step {self.engine.global_steps}){note}")
         return state["epoch"], state["epoch_step"]
 
@@ -154,6 +176,8 @@ class Trainer:
                                     torch.full_like(first_bad, step), first_bad)
             if micro % self.accum:
                 continue
+            if self.ema is not None:
+                self.ema.update(engine.global_steps)          # from the fp32 masters just written
             done = micro // self.accum
             end_of_epoch = micro == len(self.train_loader)
             if engine.global_steps % self.log_every == 0 or end_of_epoch or \
@@ -235,6 +259,9 @@ class Trainer:
                 latest = self.checkpointer.latest()
                 save_state_dict(fp32_state_dict(latest), str(run_dir / "model.pth"), self.engine.module)
                 summary["export"] = str(run_dir / "model.pth")
+                if self.ema is not None:
+                    save_state_dict(ema_state_dict(latest), str(run_dir / "model_ema.pth"), self.engine.module)
+                    summary["export_ema"] = str(run_dir / "model_ema.pth")
             with open(run_dir / "summary.json", "w") as f:
                 json.dump(summary, f, indent=2)
         if dist.is_initialized():

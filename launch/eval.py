@@ -1,6 +1,7 @@
 """Evaluate weights on a validation folder: top-1/top-5 per head, written as JSON.
 
     python launch/eval.py RUN_DIR                              # RUN_DIR/model.pth on the run's val set
+    python launch/eval.py RUN_DIR --ema                        # RUN_DIR/model_ema.pth -> eval_ema.json
     python launch/eval.py RUN_DIR --weights best.pth data.root=/data/imagenet --out eval.json
     torchrun --nproc_per_node 8 launch/eval.py --config configs/deit_b.yaml --weights deit_b.pth
 
@@ -31,6 +32,8 @@ def main(argv=None) -> dict:
     parser.add_argument("run_dir", nargs="?", type=Path, help="a run folder (its config.yaml and model.pth)")
     parser.add_argument("--config", type=Path, help="a config instead of RUN_DIR/config.yaml")
     parser.add_argument("--weights", help="state_dict file or URL (default RUN_DIR/model.pth)")
+    parser.add_argument("--ema", action="store_true",
+                        help="the run's EMA weights: RUN_DIR/model_ema.pth (launch/export.py --ema), eval_ema.json")
     parser.add_argument("--batch", type=int, default=128, help="per-rank batch")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--out", type=Path, help="JSON output (default RUN_DIR/eval.json or ./eval.json)")
@@ -39,9 +42,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.run_dir is None and (args.config is None or args.weights is None):
         parser.error("give RUN_DIR, or both --config and --weights")
+    if args.ema and (args.run_dir is None or args.weights):
+        parser.error("--ema evaluates RUN_DIR/model_ema.pth: give RUN_DIR and no --weights")
+    stem = "model_ema" if args.ema else "model"
     config = args.config or args.run_dir / "config.yaml"
-    weights = args.weights or str(args.run_dir / "model.pth")
-    out = args.out or (args.run_dir / "eval.json" if args.run_dir else Path("eval.json"))
+    weights = args.weights or str(args.run_dir / f"{stem}.pth")
+    out = args.out or (args.run_dir / f"eval{'_ema' if args.ema else ''}.json" if args.run_dir else Path("eval.json"))
 
     cfg = load_config(config, args.overrides)
     env = distributed.init()

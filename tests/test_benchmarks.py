@@ -65,12 +65,13 @@ def test_step_benchmark(tmp_path):
     proc = run_module(
         "benchmarks.step", "--model", "ti", "--model-kwargs", TINY_VIT, "--img-size", 32, "--batch", 4,
         "--classes", 5, "--teacher", "resnet10t", "--zero-stage", 0, 1, "--mixing",
-        "--variants", "fastdeit", "fastdeit-student", "ds-defaults", "bare", "baseline-a", "baseline-b",
+        "--variants", "fastdeit", "fastdeit-student", "ds-defaults", "fastdeit-ema", "bare", "baseline-a", "baseline-b",
         "--warmup", 1, "--steps", 2, "--rounds", 2, "--out", tmp_path, "--name", "tiny", "--readme", readme)
     record, md = the_record(tmp_path, "-step-tiny")
     names = [v["name"] for v in record["variants"]]
-    assert names == ["fastdeit[z0]", "fastdeit-student[z0]", "ds-defaults[z0]", "fastdeit[z1]",
-                     "fastdeit-student[z1]", "ds-defaults[z1]", "bare-student", "A:vit-recipe", "B:deit-reference"]
+    assert names == ["fastdeit[z0]", "fastdeit-student[z0]", "ds-defaults[z0]", "fastdeit-ema[z0]", "fastdeit[z1]",
+                     "fastdeit-student[z1]", "ds-defaults[z1]", "fastdeit-ema[z1]", "bare-student", "A:vit-recipe",
+                     "B:deit-reference"]
     for v in record["variants"]:
         positive(v, ["img_per_sec", "ms_per_step", "flops_per_image", "tflops_per_sec", "mfu"])
         assert v["steps_timed"] == 4                               # 2 rounds x 2 steps
@@ -86,7 +87,7 @@ def test_step_benchmark(tmp_path):
     assert by["B:deit-reference"]["flops_per_image"] == by["fastdeit[z1]"]["flops_per_image"]
     ratios = {r["name"]: r for r in record["ratios"]}
     assert {"overhead z0", "overhead z1", "speed-up vs A z1", "speed-up vs B z1", "teacher cost z1",
-            "DS defaults z1"} <= set(ratios)
+            "DS defaults z1", "EMA cost z0", "EMA cost z1"} <= set(ratios)
     assert all(r["value"] > 0 and r["value_best"] > 0 for r in ratios.values())
     assert ratios["overhead z1"]["target"] == "<= 1.10"
     # Printed and written tables; the README keeps its text and gains the marked table.
@@ -95,6 +96,23 @@ def test_step_benchmark(tmp_path):
     text = readme.read_text()
     assert text.startswith("# Benchmarks\n\nintro stays\n") and "<!-- bench:step -->" in text
     assert "| fastdeit[z1] |" in text
+
+
+@pytest.mark.slow
+def test_step_benchmark_compiled_and_eager_in_one_run(tmp_path):
+    """--compile both: each variant eager and compiled side by side, plus torch.compile before
+    wrapping; the compiled ones are named +compile and get their own ratios."""
+    run_module(
+        "benchmarks.step", "--model", "ti", "--model-kwargs", TINY_VIT, "--img-size", 32, "--batch", 4,
+        "--classes", 5, "--zero-stage", 1, "--compile", "both", "--variants", "fastdeit-student", "wrap-compiled",
+        "--warmup", 1, "--steps", 2, "--rounds", 1, "--out", tmp_path, "--name", "compile", timeout=900)
+    record, md = the_record(tmp_path, "-step-compile")
+    assert [v["name"] for v in record["variants"]] == [
+        "fastdeit-student[z1]", "fastdeit-student[z1]+compile", "wrap-compiled[z1]"]
+    assert [v["compiled"] for v in record["variants"]] == [False, True, True]
+    assert record["settings"]["compile"] == "both" and "compile both (default)" in md
+    ratios = {r["name"] for r in record["ratios"]}
+    assert {"compile speed-up z1", "engine.compile vs wrap z1"} <= ratios
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@ import pytest
 import timm
 import torch
 
-from fastdeit.models import (CheckpointMismatchError, ModelConfig, TeacherConfig, build_student,
+from fastdeit.models import (CheckpointMismatchError, ModelConfig, TeacherConfig, build_student, compile_kwargs,
+                             compile_mode_for,
                              build_teacher, count_params, eval_heads, load_weights)
 
 # The exact counts from the paper's released models (DESIGN.md), at 1000 classes.
@@ -84,3 +85,26 @@ def test_teacher_mismatch_names_file_and_keys(tmp_path):
 def test_teacher_needs_weights():
     with pytest.raises(ValueError, match="teacher.weights"):
         build_teacher(TeacherConfig(weights=None), 10, torch.device("cpu"))
+
+
+def test_compile_settings():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert compile_mode_for("auto", "default", cpu) is None                 # eager on CPU (measured)
+    assert compile_mode_for("auto", "max-autotune", cuda) == "max-autotune"
+    assert compile_mode_for(True, "default", cpu) == "default"
+    assert compile_mode_for(False, "default", cuda) is None
+    assert compile_kwargs("default") == {} and compile_kwargs("max-autotune") == {"mode": "max-autotune"}
+
+
+def test_compiled_teacher_keeps_its_plain_module(tmp_path):
+    """teacher.compile wraps the forward beside the module: the module FLOP counting and
+    anything else reads stays the plain timm one (no _orig_mod. keys)."""
+    ref = timm.create_model("resnet10t", num_classes=5)
+    path = tmp_path / "teacher.pth"
+    torch.save(ref.state_dict(), path)
+    teacher = build_teacher(TeacherConfig(name="resnet10t", weights=str(path), compile=True), 5, torch.device("cpu"))
+    assert isinstance(teacher.forward, torch._dynamo.eval_frame.OptimizedModule)
+    assert teacher.forward._orig_mod is teacher.module
+    assert list(teacher.module.state_dict()) == list(ref.state_dict())
+    eager = build_teacher(TeacherConfig(name="resnet10t", weights=str(path), compile=False), 5, torch.device("cpu"))
+    assert eager.forward is eager.module

@@ -13,7 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from fastdeit.checkpoint import Checkpointer
+from fastdeit.checkpoint import Checkpointer, ema_state_dict, fp32_state_dict
 from fastdeit.models import ModelConfig, build_student
 from fastdeit.preemption import PREEMPTED_EXIT_CODE
 from tests.launching import ROOT, TINY, command, env, launch, records
@@ -42,7 +42,9 @@ def step_losses(run):
     return {r["step"]: (r["loss"], r["lr"]) for r in records(run, "step")}
 
 
-RESUME_ARGS = ["trainer.epochs=2", "trainer.eval_every=2"]
+# With the EMA, its warmup and every=3: the epoch-boundary stop (6) lands on an update, the
+# mid-epoch one (8) between two.
+RESUME_ARGS = ["trainer.epochs=2", "trainer.eval_every=2", "ema.decay=0.9", "ema.every=3", "ema.warmup=true"]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +71,12 @@ def test_exact_resume(dataset, teacher, uninterrupted, tmp_path, stop_at):
     assert a == b                                            # exact, not approximately
     va, vb = records(uninterrupted, "epoch")[-1], records(split, "epoch")[-1]
     assert va["val/avg_top1"] == vb["val/avg_top1"]
+    assert va["val/ema_avg_top1"] == vb["val/ema_avg_top1"]
+    # The EMA, assembled from both ranks' partitions, bit for bit.
+    last = f"step_{2 * STEPS_PER_EPOCH:08d}"
+    ea = ema_state_dict(uninterrupted / "checkpoints" / last)
+    eb = ema_state_dict(split / "checkpoints" / last)
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
 def test_preemption_by_signal_then_auto_resume(dataset, tmp_path):
@@ -150,7 +158,7 @@ def universal_moments(ckpt):
 def test_resume_on_fewer_ranks_keeps_optimizer_state(dataset, tmp_path):
     run = tmp_path / "run"
     common = [f"data.root={dataset}", f"trainer.run_dir={run}", "model.name=deit_tiny_patch16_224",
-              "distill.type=none", "engine.zero_stage=1", "trainer.eval_every=0"]
+              "distill.type=none", "engine.zero_stage=1", "trainer.eval_every=0", "ema.decay=0.9"]
     launch(*common, "trainer.epochs=1", ranks=2)
     # Resume on one rank (re-sharded via DeepSpeed's universal format), one step, stop.
     out = launch(*common, "trainer.epochs=2", "trainer.stop_after_steps=7", ranks=1)
@@ -165,15 +173,43 @@ def test_resume_on_fewer_ranks_keeps_optimizer_state(dataset, tmp_path):
     assert v6.keys() == v7.keys() and all(v6[k].abs().sum() > 0 for k in v6)
     for k in v6:
         assert torch.all(v7[k] >= 0.999 * v6[k] * (1 - 1e-3)), k
+    # The EMA carried over too: step 7's, made on one rank, is step 6's (two ranks' partitions)
+    # moved a tenth of the way to step 7's fp32 masters.
+    e6, e7 = ema_state_dict(ckpts / "step_00000006"), ema_state_dict(ckpts / "step_00000007")
+    m6, m7 = fp32_state_dict(ckpts / "step_00000006"), fp32_state_dict(ckpts / "step_00000007")
+    assert e6.keys() == m7.keys()
+    for k in e6:
+        assert not torch.equal(e6[k], m6[k]), k                       # a real average, not the weights
+        torch.testing.assert_close(e7[k].double(), 0.9 * e6[k].double() + 0.1 * m7[k].double(),
+                                   rtol=1e-6, atol=1e-7)
 
 
 def test_export_eval_and_finetune(dataset, teacher, tmp_path):
     run = tmp_path / "run"
-    launch(*base(dataset, run), f"teacher.weights={teacher}", "trainer.epochs=1", "logging.log_every=2")
+    launch(*base(dataset, run), f"teacher.weights={teacher}", "trainer.epochs=1", "logging.log_every=2",
+           "ema.decay=0.9")
     out = tmp_path / "exported.pth"
     launch(str(run), "--out", str(out), script="export.py", tiny=False, ranks=1)
     recipe = json.loads(out.with_name("exported.pth.json").read_text())
     model = timm.create_model(recipe["name"], num_classes=4, img_size=32, checkpoint_path=str(out), **recipe["kwargs"])
+
+    # The EMA: export --ema loads in timm and holds the checkpoint's EMA; eval.py --ema on two
+    # ranks in bf16 reproduces the trainer's own val/ema_* numbers exactly.
+    ema_out = tmp_path / "ema.pth"
+    launch(str(run), "--ema", "--out", str(ema_out), script="export.py", tiny=False, ranks=1)
+    assert json.loads(ema_out.with_name("ema.pth.json").read_text())["ema"] is True
+    ema_model = timm.create_model(recipe["name"], num_classes=4, img_size=32, checkpoint_path=str(ema_out),
+                                  **recipe["kwargs"])
+    saved = ema_state_dict(run / "checkpoints" / (run / "checkpoints" / "latest").read_text())
+    assert all(torch.equal(v, saved[k]) for k, v in ema_model.state_dict().items())
+    assert not torch.equal(ema_model.head.weight, model.head.weight)
+    assert torch.equal(torch.load(run / "model_ema.pth", weights_only=True)["head.weight"], saved["head.weight"])
+    launch(str(run), "--ema", "--batch", "16", "--dtype", "bf16", script="eval.py", tiny=False)
+    ema_eval = json.loads((run / "eval_ema.json").read_text())
+    trained = records(run, "epoch")[-1]
+    for head in ("cls", "dist", "avg"):
+        for k in ("top1", "top5"):
+            assert ema_eval[f"val/{head}_{k}"] == trained[f"val/ema_{head}_{k}"], (head, k)
 
     # eval.py on 2 ranks against a hand count over the same preprocessed val images (1 rank).
     result_file = tmp_path / "eval.json"

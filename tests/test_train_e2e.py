@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 
+from fastdeit.checkpoint import ema_state_dict, fp32_state_dict
 from tests.launching import launch, records
 
 pytestmark = pytest.mark.slow
@@ -58,15 +59,28 @@ def test_train_eval_checkpoint_resume(dataset, tmp_path):
 
 
 def test_hard_distillation_from_a_teacher_file(dataset, tmp_path):
+    """Compiled student and teacher under ZeRO-2 on two ranks, with the EMA.
+
+    ema.decay=1e-12 makes the EMA the weights themselves (the lerp weight rounds to 1 in fp32),
+    which checks the assembly of both ranks' partitions exactly: the EMA in the checkpoint is
+    the fp32 masters bit for bit, and its evaluation matches the live model's."""
     teacher = tmp_path / "teacher.pth"
     torch.save(timm.create_model("resnet10t", num_classes=4).state_dict(), teacher)
     run = tmp_path / "student"
-    launch(f"data.root={dataset}", f"trainer.run_dir={run}", "trainer.epochs=1",
-           "model.name=deit_tiny_distilled_patch16_224", "distill.type=hard",
-           "teacher.name=resnet10t", f"teacher.weights={teacher}", "engine.zero_stage=2")
+    proc = launch(f"data.root={dataset}", f"trainer.run_dir={run}", "trainer.epochs=1",
+                  "model.name=deit_tiny_distilled_patch16_224", "distill.type=hard",
+                  "teacher.name=resnet10t", f"teacher.weights={teacher}", "engine.zero_stage=2",
+                  "model.compile=true", "teacher.compile=true", "ema.decay=1e-12")
+    assert "compile default | EMA 1e-12" in proc.stdout
     last = records(run, "epoch")[-1]
     assert {"val/cls_top1", "val/dist_top1", "val/avg_top1"} <= set(last)
     assert "train/loss_dist" in last
+    for head in ("cls", "dist", "avg"):
+        assert last[f"val/ema_{head}_top1"] == last[f"val/{head}_top1"], head
+    assert "ema_avg_top1" in proc.stdout                                   # the epoch line
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text()
+    ema, masters = ema_state_dict(latest), fp32_state_dict(latest)
+    assert ema.keys() == masters.keys() and all(torch.equal(ema[k], masters[k]) for k in ema)
 
 
 def test_bad_config_fails_before_training(dataset, tmp_path):
