@@ -17,9 +17,10 @@ from fastdeit.config import Config, save_config
 from fastdeit.data import build_loader
 from fastdeit.data.loader import resolve_placement
 from fastdeit.data.mixing import BatchMixer
+from fastdeit.data.schedule import size_schedule
 from fastdeit.losses import DeiTLoss
 from fastdeit.metrics import RunLogger, StepTelemetry
-from fastdeit.models import build_student, build_teacher, count_params, is_distilled
+from fastdeit.models import build_student, build_teacher, count_params, is_distilled, size_multiple
 from fastdeit.optim import build_optimizer, build_scheduler, scaled_lr
 from fastdeit.trainer import Trainer
 
@@ -59,7 +60,10 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     mixer.check_batch_size(micro)
     criterion = DeiTLoss(cfg.distill)
 
-    model = build_student(cfg.model, cfg.data.img_size, num_classes).to(device)
+    # Other training sizes than data.img_size: the student resamples its position embedding.
+    model = build_student(cfg.model, cfg.data.img_size, num_classes,
+                          dynamic_img_size=cfg.data.size_schedule is not None).to(device)
+    sizes = size_schedule(cfg.data, size_multiple(model))
     if is_distilled(model) != criterion.needs_teacher:
         raise ValueError(
             f"model.name={cfg.model.name} {'has' if is_distilled(model) else 'has no'} distillation "
@@ -69,8 +73,9 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     teacher = build_teacher(cfg.teacher, num_classes, device) if criterion.needs_teacher else None
 
     # Counted on meta-device copies before DeepSpeed wraps the student: no memory, no hooks.
-    flops_per_image = flops_lib.train_flops_per_image(
-        model, cfg.data.img_size, teacher.module if teacher is not None else None)
+    flops_by_size = flops_lib.train_flops_by_size(
+        model, [cfg.data.img_size, *sizes.sizes(cfg.trainer.epochs)], teacher.module if teacher is not None else None)
+    flops_per_image = flops_by_size[cfg.data.img_size]
     optimizer = build_optimizer(cfg.optim, model, global_batch)
     engine = engine_lib.initialize(model, optimizer, ds_config)
     accum = ds_config["gradient_accumulation_steps"]
@@ -78,7 +83,8 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
 
     logger = RunLogger(cfg.logging, str(run_dir), env.is_main)
     peak, peak_source = flops_lib.peak_flops(device, cfg.logging.peak_tflops)
-    telemetry = StepTelemetry(flops_per_image, peak, cfg.logging.data_wait_warn, warn=logger.info)
+    telemetry = StepTelemetry(flops_per_image, peak, cfg.logging.data_wait_warn, warn=logger.info,
+                              flops_by_size=flops_by_size)
     fingerprint = {"model": cfg.model.name, "num_classes": num_classes, "img_size": cfg.data.img_size,
                    "zero_stage": cfg.engine.zero_stage}
     checkpointer = Checkpointer(cfg.checkpoint, str(run_dir), fingerprint, env.is_main)
@@ -90,8 +96,12 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     logger.info(threads.describe())
     logger.info(f"MFU basis: {flops_per_image / 1e9:.2f} GFLOPs per trained image (counted), "
                 f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
+    if not sizes.fixed:
+        logger.info(f"training resolution: {sizes.describe(cfg.trainer.epochs)}; evaluation at "
+                    f"{cfg.data.img_size} px; GFLOPs per trained image: "
+                    + ", ".join(f"{s} px {f / 1e9:.2f}" for s, f in sorted(flops_by_size.items())))
     return Trainer(
         cfg.trainer, engine, train_loader, val_loader, mixer, criterion, teacher, scheduler, logger,
         checkpointer, log_every=cfg.logging.log_every, world_size=env.world_size,
-        dtype=engine_lib.model_dtype(cfg.engine), device=device, telemetry=telemetry,
+        dtype=engine_lib.model_dtype(cfg.engine), device=device, telemetry=telemetry, sizes=sizes,
     )

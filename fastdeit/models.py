@@ -6,6 +6,7 @@ DeepSpeed: ``FrozenTeacher`` holds it, so its weights can't be partitioned, save
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
@@ -60,17 +61,26 @@ def _check_kwargs(kwargs: Dict[str, Any], section: str) -> None:
                          "as in {depth: 2})")
 
 
-def build_student(cfg: ModelConfig, img_size: int, num_classes: int) -> nn.Module:
+def build_student(cfg: ModelConfig, img_size: int, num_classes: int, dynamic_img_size: bool = False) -> nn.Module:
+    """The student at its native `img_size`. `dynamic_img_size` (set when data.size_schedule
+    trains at other sizes): timm's ViTs then keep the position-embedding parameter at the native
+    grid and resample it (bicubic, antialiased) in every forward whose grid differs, so the
+    parameters, the optimizer state and the checkpoints never change shape; at the native size
+    the embedding is used as is, bit-identical to a static model."""
     _check_kwargs(cfg.kwargs, "model")
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ValueError(
             f"model.num_classes={cfg.num_classes} but the training folder has {num_classes} classes"
         )
     kwargs = dict(num_classes=num_classes, drop_rate=cfg.drop, drop_path_rate=cfg.drop_path, **cfg.kwargs)
+    dynamic = {"dynamic_img_size": True} if dynamic_img_size else {}
     try:
-        model = _create(cfg.name, img_size=img_size, **kwargs)
+        model = _create(cfg.name, img_size=img_size, **dynamic, **kwargs)
     except TypeError as e:
-        if "img_size" not in str(e):
+        if "'dynamic_img_size'" in str(e):
+            raise ValueError(f"model.name={cfg.name} cannot resample its position embedding per forward "
+                             "(timm's dynamic_img_size), which data.size_schedule needs") from e
+        if "'img_size'" not in str(e):
             raise
         model = _create(cfg.name, **kwargs)  # convnets: resolution-agnostic
     if is_distilled(model):
@@ -78,6 +88,17 @@ def build_student(cfg: ModelConfig, img_size: int, num_classes: int) -> nn.Modul
     if cfg.init_weights:
         load_weights(model, cfg.init_weights, what=f"model.init_weights for {cfg.name}", adapt=True)
     return model
+
+
+def size_multiple(model: nn.Module) -> Optional[int]:
+    """The default rounding of data.size_schedule for this model: twice the patch size of a
+    ViT (a multiple of the patch keeps every pixel inside a patch; twice it halves the number of
+    distinct sizes); None for models without a patch embedding (the schedule's default)."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return None
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    return 2 * math.lcm(*(int(p) for p in patch))
 
 
 def count_params(model: nn.Module) -> int:

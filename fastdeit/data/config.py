@@ -5,7 +5,7 @@ Defaults are the DeiT recipe (DESIGN.md, "augmentation" and "eval" rows).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,7 +21,16 @@ class DataConfig:
     # (sorted folder names, as ImageFolder), so a subset keeps the full set's label indices.
     train_list: Optional[str] = None
     val_list: Optional[str] = None
-    img_size: int = 224                # train crop side and eval crop side
+    # The model's native size (its position-embedding grid), the evaluation crop side, and the
+    # training crop side when size_schedule is null.
+    img_size: int = 224
+    # Training resolution per epoch (schedule.py): [[epoch, size], ...] milestones, 0-based
+    # epochs, linear in between, rounded down to size_multiple; before the first milestone its
+    # size, after the last the last size. E.g. [[10, 160], [250, 224]] (FFCV-style ramp) or
+    # [[279, 192], [280, 224]] (DeiT III-style: 192 px, then 224 px for the last 20 of 300).
+    # The student keeps its position embedding at img_size's grid and resamples it per forward.
+    size_schedule: Optional[List[Tuple[int, int]]] = None
+    size_multiple: Optional[int] = None  # None: 2 x the student's patch size (32 for /16), 32 for convnets
     eval_crop_pct: float = 0.875       # eval resize = int(img_size / eval_crop_pct), then center crop
     scale: Tuple[float, float] = (0.08, 1.0)      # RandomResizedCrop area fraction
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)   # RandomResizedCrop aspect ratio

@@ -135,6 +135,7 @@ class Loader:
         self._clean = False   # val: the kept pipeline sits at an epoch start
         self._epoch = 0
         self._skip = 0
+        self.img_size = cfg.img_size    # train: the current epoch's side (set_epoch)
         self._mean = torch.tensor(cfg.mean, dtype=torch.float32)
         self._std = torch.tensor(cfg.std, dtype=torch.float32)
         self.randaug: Optional[BatchRandAugment] = None
@@ -163,12 +164,14 @@ class Loader:
         len() - k of them)."""
         return self._num_batches
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0, img_size: Optional[int] = None) -> None:
         """Prepare train epoch `epoch`; iteration then yields its batches skip_batches,
         skip_batches + 1, ..., len() - 1, identical to those of an uninterrupted epoch.
 
         Skipped batches are decoded and discarded by DALI (its random crop and flip state
-        only advances by running), at the cost of that much data loading.
+        only advances by running), at the cost of that much data loading. `img_size`: this
+        epoch's training side (data.size_schedule, asked by the trainer); default cfg.img_size.
+        The DALI graph is built per epoch anyway, so a new size costs nothing extra.
         """
         if self.split != "train":
             if skip_batches:
@@ -179,8 +182,10 @@ class Loader:
         self.close()
         order = train_indices(len(self._files), self.rank, self.world_size, self.seed, epoch,
                               self.repeats)[: self.num_samples]
+        self.img_size = img_size or self.cfg.img_size
         pipe_args = (self._files[order].tolist(), self._labels[order].tolist(), self.cfg,
-                     self.batch_size, dali_seed(self.seed, epoch, self.rank), self.placement)
+                     self.batch_size, dali_seed(self.seed, epoch, self.rank), self.placement,
+                     self.img_size)
         self._start(order, build_train_pipeline, pipe_args)
         self._epoch, self._skip = epoch, skip_batches
         for step in range(skip_batches):  # decode and discard: see the module docstring
@@ -249,7 +254,7 @@ class Loader:
         """CPU placement, feeder thread: DALI's crops, resized and flipped (uint8 NCHW in
         channels-last memory) before DALI's next run reuses their buffers."""
         crops, labels, flips = self._run_dali(step)
-        images = resize_crops(crops, flips.as_array(), self.cfg.img_size).permute(0, 3, 1, 2)
+        images = resize_crops(crops, flips.as_array(), self.img_size).permute(0, 3, 1, 2)
         return images, torch.from_numpy(labels.as_array().reshape(-1))
 
     def _finish_host(self, step: int, batch):

@@ -77,7 +77,7 @@ def _normalize(images, cfg: DataConfig):
 
 
 def build_train_pipeline(files: List[str], labels: List[int], cfg: DataConfig, batch_size: int,
-                         seed: int, placement: Placement) -> Pipeline:
+                         seed: int, placement: Placement, size: Optional[int] = None) -> Pipeline:
     """Train graph: decode fused with RandomResizedCrop, then the bicubic resize and hflip.
 
     GPU: outputs (images uint8 [S, S, 3], labels): the resize runs in the graph with the flip
@@ -87,8 +87,9 @@ def build_train_pipeline(files: List[str], labels: List[int], cfg: DataConfig, b
     crops in torch (loader.py). The random draws (crop windows, flips) are DALI's either way.
     RandAugment and normalisation follow on the loader's device in torch (randaug.py), as one
     batched pass instead of per-sample DALI ops. `files` is this rank's epoch order; its length
-    must be a multiple of batch_size (the loader drops the partial batch before building)."""
-    size = cfg.img_size
+    must be a multiple of batch_size (the loader drops the partial batch before building).
+    `size`: this epoch's output side (data.size_schedule); default cfg.img_size."""
+    size = size or cfg.img_size
 
     @pipeline_def
     def graph():
