@@ -35,6 +35,7 @@ order) so that drifting clocks and noisy neighbours hit all of them alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -64,13 +65,21 @@ SIZES = {"ti": "tiny", "s": "small", "b": "base"}
 
 
 class Setup:
-    """What every variant shares: sizes, names, and one synthetic batch on the device."""
+    """What every variant shares: sizes, names, and one synthetic batch on the device.
 
-    def __init__(self, args: argparse.Namespace, device: torch.device):
+    With several --img-size values, ``at(size)`` gives each size its own view (batch, FLOP
+    counts per size) over the same teacher file, and the fastdeit students are built at
+    ``native_size`` with timm's dynamic image size, exactly as training with
+    data.size_schedule builds them (position embedding resampled per forward)."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, img_size: Optional[int] = None,
+                 native_size: Optional[int] = None):
         self.args = args
         self.device = device
         self.batch = args.batch
-        self.img_size = args.img_size
+        self.img_size = img_size or (args.img_size[0] if isinstance(args.img_size, list) else args.img_size)
+        self.native_size = native_size      # None: one size, static models
+        self.tag = ""                       # "@<size>" in variant names when several sizes run
         self.num_classes = args.classes
         size = SIZES[args.model]
         self.student = f"deit_{size}_patch16_224"
@@ -83,8 +92,21 @@ class Setup:
         self.images = torch.randn(self.batch, 3, self.img_size, self.img_size, generator=g).to(device)
         self.labels = torch.randint(0, self.num_classes, (self.batch,), generator=g).to(device)
         self.mixing = MixingConfig() if args.mixing else MixingConfig(prob=0.0, erase_prob=0.0)
-        self._teacher_file: Optional[str] = None
-        self._flops: Dict[str, float] = {}
+        self._shared: Dict[str, Any] = {"teacher": None, "flops": {}}   # across at() views
+
+    def at(self, size: int) -> "Setup":
+        """This setup at another image side (its own batch), sharing the teacher file."""
+        view = copy.copy(self)
+        view.img_size, view.tag = size, f"@{size}"
+        g = torch.Generator().manual_seed(0)
+        view.images = torch.randn(self.batch, 3, size, size, generator=g).to(self.device)
+        return view
+
+    def student_size(self) -> Dict[str, Any]:
+        """build_student's size arguments: the native size, dynamic when several sizes run."""
+        if self.native_size is None:
+            return {"img_size": self.img_size}
+        return {"img_size": self.native_size, "dynamic_img_size": True}
 
     def fresh_images(self) -> torch.Tensor:
         # Mixing works in place; the loader hands over a new tensor every step anyway.
@@ -96,26 +118,27 @@ class Setup:
     def teacher_weights(self) -> str:
         """A random-weight file for the teacher: speed does not depend on the values, and it
         lets the benchmark build the teacher through build_teacher exactly as training does."""
-        if self._teacher_file is None:
+        if self._shared["teacher"] is None:
             module = timm.create_model(self.args.teacher, num_classes=self.num_classes, **self.teacher_kwargs)
             fd, path = tempfile.mkstemp(suffix=".pth", prefix="bench-teacher-")
             os.close(fd)
             torch.save(module.state_dict(), path)
-            self._teacher_file = path
-        return self._teacher_file
+            self._shared["teacher"] = path
+        return self._shared["teacher"]
 
     def count(self, key: str, fn: Callable[[], float]) -> float:
-        if key not in self._flops:
-            self._flops[key] = fn()
-        return self._flops[key]
+        flops, key = self._shared["flops"], f"{key}@{self.img_size}"
+        if key not in flops:
+            flops[key] = fn()
+        return flops[key]
 
     def maybe_compile(self, model: nn.Module) -> nn.Module:
         return torch.compile(model) if self.args.compile else model
 
     def close(self) -> None:
-        if self._teacher_file:
-            os.unlink(self._teacher_file)
-            self._teacher_file = None
+        if self._shared["teacher"]:
+            os.unlink(self._shared["teacher"])
+            self._shared["teacher"] = None
 
 
 # --------------------------------------------------------------------------- variants
@@ -145,12 +168,13 @@ class FastdeitStep(Variant):
     def __init__(self, s: Setup, stage: int, distill: bool, ds_defaults: bool = False):
         self.kind = "fastdeit" if distill else ("ds-defaults" if ds_defaults else "fastdeit-student")
         self.stage = stage
-        self.name = f"{self.kind}[z{stage}]"
+        self.name = f"{self.kind}[z{stage}]{s.tag}"
         self.about = (f"DeepSpeed ZeRO-{stage} bf16, {'distilled student + frozen bf16 ' + s.args.teacher_format + ' teacher, hard distillation' if distill else 'student alone'}"
                       f"{', Mixup/CutMix + erasing' if s.args.mixing else ''}"
                       f"{', DeepSpeed defaults: overflow check + grad norm every step' if ds_defaults else ''}")
         self.s = s
-        model = build_student(s.student_config(s.distilled if distill else s.student), s.img_size, s.num_classes)
+        model = build_student(s.student_config(s.distilled if distill else s.student), num_classes=s.num_classes,
+                              **s.student_size())
         model = model.to(s.device)
         self.teacher = None
         if distill:
@@ -207,10 +231,10 @@ class BareStep(Variant):
     kind = "bare"
 
     def __init__(self, s: Setup):
-        self.name = "bare-student"
+        self.name = f"bare-student{s.tag}"
         self.about = "plain PyTorch loop: same student and optimizer, autocast bf16 over fp32 weights"
         self.s = s
-        model = build_student(s.student_config(s.student), s.img_size, s.num_classes).to(s.device)
+        model = build_student(s.student_config(s.student), num_classes=s.num_classes, **s.student_size()).to(s.device)
         self.flops_per_image = s.count("fastdeit-student", lambda: flops_lib.train_flops_per_image(model, s.img_size))
         self.optimizer = build_optimizer(OptimConfig(), model, s.batch)
         self.model = s.maybe_compile(model)
@@ -242,7 +266,7 @@ class ViTRecipeStep(Variant):
     kind = "baseline-a"
 
     def __init__(self, s: Setup, mixup: bool = False):
-        self.name = "A:vit-recipe"
+        self.name = f"A:vit-recipe{s.tag}"
         self.about = (f"timm {s.vit}, plain loop, autocast bf16, torch AdamW (default impl), "
                       + ("timm Mixup/CutMix + soft-target CE" if mixup else "CE + smoothing"))
         self.s = s
@@ -283,7 +307,7 @@ class DeiTReferenceStep(Variant):
         self.s = s
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[reference_amp(s.args.ref_amp, s.device)]
         amp = "fp16" if self.amp_dtype == torch.float16 else "bf16"
-        self.name = "B:deit-reference"
+        self.name = f"B:deit-reference{s.tag}"
         self.about = (f"as published: {amp} autocast + GradScaler, loss.item() + sync every step, "
                       f"fp32 NCHW teacher under autocast, unfused AdamW"
                       f"{', Mixup/CutMix' if s.args.mixing else ''}")
@@ -348,7 +372,7 @@ def run_steps(v: Variant, n: int, clock: common.PhaseClock, s: Setup) -> List[Li
     marks: List[List[Any]] = []
     for _ in range(n):
         start = clock.mark()
-        v.forward(s.fresh_images(), s.labels)
+        v.forward(v.s.fresh_images(), v.s.labels)     # the variant's own size
         fwd = clock.mark()
         v.backward()
         bwd = clock.mark()
@@ -368,7 +392,20 @@ def phase_times(marks: List[List[Any]], clock: common.PhaseClock) -> Dict[str, L
     return out
 
 
+def size_views(s: Setup) -> List[Setup]:
+    """One setup per --img-size (the setup itself when there is one size)."""
+    sizes = s.args.img_size if isinstance(s.args.img_size, list) else [s.args.img_size]
+    if len(sizes) == 1:
+        return [s]
+    s.native_size = s.args.native_size or max(sizes)
+    return [s.at(size) for size in sizes]
+
+
 def build_variants(s: Setup) -> List[Callable[[], Variant]]:
+    return [f for view in size_views(s) for f in _variants_at(view)]
+
+
+def _variants_at(s: Setup) -> List[Callable[[], Variant]]:
     wanted = s.args.variants
     factories: List[Callable[[], Variant]] = []
     for stage in s.args.zero_stage:
@@ -426,7 +463,8 @@ def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> List[Di
         ips = s.batch / (step["median"] / 1e3)
         peak_mem = (res["resident"] + res["transient"]) if res["resident"] is not None else None
         out.append({
-            "name": v.name, "kind": v.kind, "zero_stage": v.stage, "about": v.about,
+            "name": v.name, "kind": v.kind, "zero_stage": v.stage, "about": v.about, "img_size": v.s.img_size,
+            "base": v.name[: len(v.name) - len(v.s.tag)] if v.s.tag else v.name,
             "img_per_sec": ips, "ms_per_step": step["median"], "ms_p25": step["p25"], "ms_p75": step["p75"],
             "ms_best": step["min"], "img_per_sec_best": s.batch / (step["min"] / 1e3),
             "ms_phases": {p: common.summarize(res["times"][p])["median"] for p in ("forward", "backward", "optimizer")},
@@ -438,7 +476,7 @@ def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> List[Di
     return out
 
 
-def ratios(rows: List[Dict[str, Any]], stages: Sequence[int]) -> List[Dict[str, Any]]:
+def ratios(rows: List[Dict[str, Any]], stages: Sequence[int], patch: int = 16) -> List[Dict[str, Any]]:
     by = {r["name"]: r for r in rows}
     out = []
 
@@ -451,17 +489,31 @@ def ratios(rows: List[Dict[str, Any]], stages: Sequence[int]) -> List[Dict[str, 
                         "value_best": by[num][best[key]] / by[den][best[key]],
                         "meaning": meaning, **({"target": target} if target else {})})
 
-    for z in stages:
-        add(f"overhead z{z}", f"fastdeit-student[z{z}]", "bare-student", "ms_per_step",
-            "fastdeit step time / bare PyTorch step time, same student, optimizer, bf16", "<= 1.10")
-        add(f"speed-up vs A z{z}", f"fastdeit-student[z{z}]", "A:vit-recipe", "img_per_sec",
-            "fastdeit student-only img/s / usual ViT recipe img/s")
-        add(f"speed-up vs B z{z}", f"fastdeit[z{z}]", "B:deit-reference", "img_per_sec",
-            "fastdeit distillation img/s / DeiT reference step img/s")
-        add(f"teacher cost z{z}", f"fastdeit[z{z}]", f"fastdeit-student[z{z}]", "ms_per_step",
-            "step time with frozen teacher + distillation / without")
-        add(f"DS defaults z{z}", f"ds-defaults[z{z}]", f"fastdeit-student[z{z}]", "ms_per_step",
-            "step time with DeepSpeed's bf16 defaults / with fastdeit.engine's config")
+    tags = list(dict.fromkeys(r["name"][len(r["base"]):] for r in rows))
+    for t in tags:
+        for z in stages:
+            add(f"overhead z{z}{t}", f"fastdeit-student[z{z}]{t}", f"bare-student{t}", "ms_per_step",
+                "fastdeit step time / bare PyTorch step time, same student, optimizer, bf16", "<= 1.10")
+            add(f"speed-up vs A z{z}{t}", f"fastdeit-student[z{z}]{t}", f"A:vit-recipe{t}", "img_per_sec",
+                "fastdeit student-only img/s / usual ViT recipe img/s")
+            add(f"speed-up vs B z{z}{t}", f"fastdeit[z{z}]{t}", f"B:deit-reference{t}", "img_per_sec",
+                "fastdeit distillation img/s / DeiT reference step img/s")
+            add(f"teacher cost z{z}{t}", f"fastdeit[z{z}]{t}", f"fastdeit-student[z{z}]{t}", "ms_per_step",
+                "step time with frozen teacher + distillation / without")
+            add(f"DS defaults z{z}{t}", f"ds-defaults[z{z}]{t}", f"fastdeit-student[z{z}]{t}", "ms_per_step",
+                "step time with DeepSpeed's bf16 defaults / with fastdeit.engine's config")
+    # Several sizes (data.size_schedule): each variant's speed-up at a smaller side over its
+    # speed at the largest, next to what the patch-token and counted-FLOP ratios predict.
+    for base in dict.fromkeys(r["base"] for r in rows if r["name"] != r["base"]):
+        same = sorted((r for r in rows if r["base"] == base), key=lambda r: -r["img_size"])
+        top = same[0]
+        for r in same[1:]:
+            add(f"{base} {top['img_size']}->{r['img_size']}", r["name"], top["name"], "img_per_sec",
+                f"img/s at {r['img_size']} / img/s at {top['img_size']}")
+            out[-1].update(token_ratio=(top["img_size"] // patch) ** 2 / (r["img_size"] // patch) ** 2,
+                           flops_ratio=top["flops_per_image"] / r["flops_per_image"])
+            out[-1]["meaning"] += (f"; patch tokens {out[-1]['token_ratio']:.2f}x fewer, "
+                                   f"counted FLOPs {out[-1]['flops_ratio']:.2f}x fewer")
     return out
 
 
@@ -496,7 +548,7 @@ def markdown(record: Dict[str, Any]) -> str:
     st = record["settings"]
     peak = record["peak"]
     model = common.model_label(st["student"], st["model_kwargs"])
-    lines = [common.record_header_md(record, f"Training step: {model} at {st['img_size']}px, batch {st['batch']}"),
+    lines = [common.record_header_md(record, f"Training step: {model} at {size_label(st)}px, batch {st['batch']}"),
              f"- settings: ZeRO {st['zero_stage']}, compile {'on' if st['compile'] else 'off'}, teacher "
              f"{st['teacher']} ({st['teacher_format']}), mixing {'on' if st['mixing'] else 'off (label smoothing only)'}, "
              f"{st['warmup']} warm-up + {st['rounds']} rounds x {st['steps']} timed steps per variant, interleaved",
@@ -519,7 +571,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--model", choices=sorted(SIZES), default="b", help="DeiT size: ti, s or b (ViT-Ti/S/B for baseline A)")
     p.add_argument("--model-kwargs", default=None, help="JSON of extra timm args for every ViT, e.g. tiny debug models")
     p.add_argument("--batch", type=int, default=256, help="images per step (per device)")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, nargs="+", default=[224],
+                   help="image side; several: every variant at each side in one interleaved run, the "
+                        "fastdeit students built at --native-size and resampling their position "
+                        "embedding per forward (data.size_schedule), plus speed ratios between sides")
+    p.add_argument("--native-size", type=int, default=None,
+                   help="with several --img-size: the students' native side (default: the largest)")
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--zero-stage", type=int, nargs="+", default=[1], choices=[0, 1, 2])
     p.add_argument("--compile", action="store_true", help="torch.compile the student (not baseline B)")
@@ -562,7 +619,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     s = Setup(args, device)
     try:
         peak = common.PeakFlops(device, args.peak_tflops)
-        common.print_flush(f"step benchmark on {device}: {s.student} family at {args.img_size}px, batch {args.batch}")
+        common.print_flush(f"step benchmark on {device}: {s.student} family at "
+                           f"{'/'.join(map(str, args.img_size))}px, batch {args.batch}")
         rows = measure(s, peak)
     finally:
         s.close()
@@ -574,20 +632,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         r["mfu"] = r["tflops_per_sec"] * 1e12 / peak.flops
     record.update(
         settings={"student": s.student, "distilled": s.distilled, "vit": s.vit, "model_kwargs": s.model_kwargs,
-                  "batch": args.batch, "img_size": args.img_size, "classes": args.classes,
+                  "batch": args.batch, "img_size": args.img_size[0] if len(args.img_size) == 1 else args.img_size,
+                  "native_size": s.native_size, "classes": args.classes,
                   "zero_stage": args.zero_stage, "compile": args.compile, "teacher": args.teacher,
                   "teacher_kwargs": s.teacher_kwargs, "teacher_format": args.teacher_format, "mixing": args.mixing,
                   "ref_amp": reference_amp(args.ref_amp, device), "ds_config": args.ds_config, "warmup": args.warmup, "steps": args.steps, "rewarm": args.rewarm,
                   "rounds": args.rounds},
         peak=peak.record(),
         variants=rows,
-        ratios=ratios(rows, args.zero_stage),
+        ratios=ratios(rows, args.zero_stage, patch=int(s.model_kwargs.get("patch_size", 16))),
     )
     if device.type != "cuda":
         record["notes"] = ["Peak memory is GPU-only (n/a on CPU). Baseline B autocasts to bf16 on CPU: "
                            "fp16 matmuls have no fast CPU path, so as published (fp16) it would measure emulation."]
     print_report(record)
     return common.save_record(record, markdown(record), chart, args, device, "step")
+
+
+def size_label(settings: Dict[str, Any]) -> str:
+    size = settings["img_size"]
+    return "/".join(map(str, size)) if isinstance(size, list) else str(size)
 
 
 def print_report(record: Dict[str, Any]) -> None:
@@ -604,7 +668,7 @@ def chart(record: Dict[str, Any], path: Path) -> Path:
     notes = [f"{record['date']} · {record['commit']} · {hw} · median of {rows[0]['steps_timed']} timed steps"]
     return common.bar_chart(
         [r["name"] for r in rows], [r["img_per_sec"] for r in rows], path,
-        f"Training step, {common.model_label(st['student'], st['model_kwargs'])} at {st['img_size']}px, "
+        f"Training step, {common.model_label(st['student'], st['model_kwargs'])} at {size_label(st)}px, "
         f"batch {st['batch']}",
         highlight=[r["name"] for r in rows if r["kind"].startswith("fastdeit")], notes=notes)
 
