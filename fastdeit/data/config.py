@@ -36,6 +36,11 @@ class DataConfig:
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)   # RandomResizedCrop aspect ratio
     hflip: float = 0.5
     rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"   # timm spec (randaug.py); null disables
+    # DeiT III's 3-Augment instead (threeaug.py): per image one of grayscale, solarisation,
+    # Gaussian blur, then colour jitter of this strength (brightness/contrast/saturation; DeiT
+    # III: 0.3). Needs rand_augment: null; color_jitter applies only with three_augment.
+    three_augment: bool = False
+    color_jitter: float = 0.0
     repeated_aug: int = 3              # repeats per index (reference RASampler); 1 disables
     # The reference uses RASampler only when distributed; true applies the repeats on a single
     # process too (copies then share a rank and usually a batch, augmented independently).

@@ -39,6 +39,7 @@ from .host import BackgroundBatches, resize_crops
 from .pipeline import READER_NAME, Placement, build_train_pipeline, build_val_pipeline
 from .randaug import BatchRandAugment, parse_rand_augment
 from .sampler import effective_repeats, train_indices, val_indices
+from .threeaug import ThreeAugment
 
 SPLITS = ("train", "val")
 
@@ -138,11 +139,13 @@ class Loader:
         self.img_size = cfg.img_size    # train: the current epoch's side (set_epoch)
         self._mean = torch.tensor(cfg.mean, dtype=torch.float32)
         self._std = torch.tensor(cfg.std, dtype=torch.float32)
-        self.randaug: Optional[BatchRandAugment] = None
+        self.randaug = None   # BatchRandAugment or ThreeAugment (train)
         if split == "train":
             self.repeats = effective_repeats(cfg.repeated_aug, world_size,
                                              cfg.repeated_aug_single_process)
-            if cfg.rand_augment:
+            # The batched augmentation (same sample/apply interface): 3-Augment or RandAugment.
+            self.randaug = ThreeAugment.from_config(cfg)
+            if self.randaug is None and cfg.rand_augment:
                 # timm/DeiT fill the warps with the mean pixel: round(255 * mean)
                 fill = [min(255, round(255 * m)) for m in cfg.mean]
                 self.randaug = BatchRandAugment(parse_rand_augment(cfg.rand_augment), fill)
