@@ -18,7 +18,7 @@ from fastdeit.data import build_loader
 from fastdeit.data.loader import resolve_placement
 from fastdeit.data.mixing import BatchMixer
 from fastdeit.data.schedule import size_schedule
-from fastdeit.losses import DeiTLoss
+from fastdeit.losses import DeiTLoss, check_loss_targets
 from fastdeit.metrics import RunLogger, StepTelemetry
 from fastdeit.models import build_student, build_teacher, count_params, is_distilled, size_multiple
 from fastdeit.optim import build_optimizer, build_scheduler, scaled_lr
@@ -58,7 +58,8 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
 
     mixer = BatchMixer(cfg.mixing, num_classes, device, dtype=engine_lib.model_dtype(cfg.engine))
     mixer.check_batch_size(micro)
-    criterion = DeiTLoss(cfg.distill)
+    check_loss_targets(cfg.loss, cfg.mixing.label_smoothing, num_classes)
+    criterion = DeiTLoss(cfg.distill, cfg.loss)
 
     # Other training sizes than data.img_size: the student resamples its position embedding.
     model = build_student(cfg.model, cfg.data.img_size, num_classes,

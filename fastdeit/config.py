@@ -26,7 +26,7 @@ from fastdeit.data.config import DataConfig
 from fastdeit.data.mixing import MixingConfig
 from fastdeit.distributed import RuntimeConfig
 from fastdeit.engine import EngineConfig
-from fastdeit.losses import DistillConfig
+from fastdeit.losses import DistillConfig, LossConfig
 from fastdeit.metrics import LoggingConfig
 from fastdeit.models import ModelConfig, TeacherConfig
 from fastdeit.optim import OptimConfig, ScheduleConfig
@@ -46,6 +46,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
