@@ -21,7 +21,7 @@ from fastdeit.data.schedule import size_schedule
 from fastdeit.losses import DeiTLoss, check_loss_targets
 from fastdeit.metrics import RunLogger, StepTelemetry
 from fastdeit.models import build_student, build_teacher, count_params, is_distilled, size_multiple
-from fastdeit.optim import build_optimizer, build_scheduler, scaled_lr
+from fastdeit.optim import build_optimizer, build_scheduler, check_zero_stage, scaled_lr
 from fastdeit.trainer import Trainer
 
 
@@ -77,6 +77,7 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     flops_by_size = flops_lib.train_flops_by_size(
         model, [cfg.data.img_size, *sizes.sizes(cfg.trainer.epochs)], teacher.module if teacher is not None else None)
     flops_per_image = flops_by_size[cfg.data.img_size]
+    check_zero_stage(cfg.optim, cfg.engine.zero_stage)
     optimizer = build_optimizer(cfg.optim, model, global_batch)
     engine = engine_lib.initialize(model, optimizer, ds_config)
     accum = ds_config["gradient_accumulation_steps"]
