@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Literal, Mapping, Optional
 
 import timm
 import torch
@@ -24,7 +24,10 @@ class CheckpointMismatchError(RuntimeError):
 class ModelConfig:
     name: str = "deit_base_distilled_patch16_224"   # any timm registry name
     num_classes: Optional[int] = None                # None: the training folder's class count
-    drop_path: float = 0.1                           # stochastic depth, linear over depth (timm)
+    drop_path: float = 0.1                           # stochastic depth rate
+    # linear: 0 at the first block rising to drop_path at the last (timm, DeiT); uniform: every
+    # block at drop_path (the DeiT III reference's vit_models, dpr = [drop_path] * depth)
+    drop_path_mode: Literal["linear", "uniform"] = "linear"
     drop: float = 0.0                                # DeiT uses no dropout
     init_weights: Optional[str] = None               # start from these weights (file, URL, hf-hub:...)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra create_model args (tiny debug models)
@@ -83,11 +86,29 @@ def build_student(cfg: ModelConfig, img_size: int, num_classes: int, dynamic_img
         if "'img_size'" not in str(e):
             raise
         model = _create(cfg.name, **kwargs)  # convnets: resolution-agnostic
+    if cfg.drop_path_mode == "uniform":
+        _uniform_drop_path(model, cfg.drop_path, cfg.name)
+    elif cfg.drop_path_mode != "linear":
+        raise ValueError(f"model.drop_path_mode must be linear or uniform, got {cfg.drop_path_mode!r}")
     if is_distilled(model):
         model.set_distilled_training(True)  # train: (cls, dist) logits; eval: their average
     if cfg.init_weights:
         load_weights(model, cfg.init_weights, what=f"model.init_weights for {cfg.name}", adapt=True)
     return model
+
+
+def _uniform_drop_path(model: nn.Module, rate: float, name: str) -> None:
+    """Every block's two residual branches dropped at `rate` (timm builds a linear ramp, with
+    an Identity where the rate is 0, so the modules are replaced rather than re-parameterised)."""
+    from timm.layers import DropPath
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not all(hasattr(b, "drop_path1") and hasattr(b, "drop_path2") for b in blocks):
+        raise ValueError(f"model.drop_path_mode=uniform needs a timm ViT (blocks with drop_path1/2); "
+                         f"{name} has none")
+    for block in blocks:
+        block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
+        block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
 
 
 def size_multiple(model: nn.Module) -> Optional[int]:

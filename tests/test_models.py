@@ -84,3 +84,20 @@ def test_teacher_mismatch_names_file_and_keys(tmp_path):
 def test_teacher_needs_weights():
     with pytest.raises(ValueError, match="teacher.weights"):
         build_teacher(TeacherConfig(weights=None), 10, torch.device("cpu"))
+
+
+def test_uniform_drop_path_like_the_deit3_reference():
+    """DeiT III's vit_models drops every block at the same rate; timm ramps it linearly."""
+    from timm.layers import DropPath
+
+    cfg = ModelConfig(name="deit3_small_patch16_224", drop_path=0.05, drop_path_mode="uniform",
+                      kwargs=dict(depth=3, init_values=1e-4))
+    model = build_student(cfg, 224, 10)
+    rates = [m.drop_prob for b in model.blocks for m in (b.drop_path1, b.drop_path2)]
+    assert all(isinstance(m, DropPath) for b in model.blocks for m in (b.drop_path1, b.drop_path2))
+    assert rates == [0.05] * 6
+    assert float(model.blocks[0].ls1.gamma[0]) == pytest.approx(1e-4)     # the reference's LayerScale init
+    linear = build_student(ModelConfig(name="deit3_small_patch16_224", drop_path=0.05, kwargs=dict(depth=3)), 224, 10)
+    assert [getattr(b.drop_path1, "drop_prob", 0.0) for b in linear.blocks] == pytest.approx([0.0, 0.025, 0.05])
+    with pytest.raises(ValueError, match="drop_path_mode=uniform"):
+        build_student(ModelConfig(name="resnet10t", drop_path_mode="uniform"), 32, 10)
