@@ -113,3 +113,13 @@ def test_loader_three_augment_and_config_errors(synthetic_tree):
         build_loader(DataConfig(**base, three_augment=True), "train", 8, 0, 1, 0, CPU)
     with pytest.raises(ValueError, match="color_jitter=0.3 applies only"):
         build_loader(DataConfig(**base, color_jitter=0.3), "train", 8, 0, 1, 0, CPU)
+
+
+@pytest.mark.gpu
+def test_gpu_equals_cpu():
+    x = images(24)
+    aug = ThreeAugment(0.3)
+    plan = aug.sample(24, 33, 47, torch.Generator().manual_seed(5))
+    cpu = aug.apply(x.clone(), plan)
+    gpu = aug.apply(x.cuda(), plan.to(torch.device("cuda")))
+    assert torch.equal(gpu.cpu(), cpu)

@@ -143,3 +143,17 @@ def test_optim_config_builds_lamb_and_guards_apex_under_zero():
     check_zero_stage(OptimConfig(name="lamb"), 2)
     with pytest.raises(ValueError, match="optim.name=lamb"):
         check_zero_stage(OptimConfig(name="apex_fused_lamb"), 1)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu():
+    ref = train(m := model(), Lamb(groups(m), lr=3e-3, eps=1e-8))
+    m = model().cuda()
+    x, y = batch()
+    opt = Lamb(groups(m), lr=3e-3, eps=1e-8)
+    for _ in range(STEPS):
+        nn.functional.cross_entropy(m(x.cuda()), y.cuda()).backward()
+        opt.step()
+        opt.zero_grad()
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v.cpu(), ref[k], rtol=1e-4, atol=1e-5)

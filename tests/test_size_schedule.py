@@ -136,3 +136,14 @@ def test_loader_builds_each_epoch_at_its_size(synthetic_tree):
     x, _ = next(iter(loader))
     assert x.shape == (8, 3, 32, 32) and loader.img_size == 32
     loader.close()
+
+
+@pytest.mark.gpu
+def test_gpu_loader_builds_each_epoch_at_its_size(synthetic_tree):
+    cfg = DataConfig(root=synthetic_tree, img_size=32, num_threads=2, device="gpu", repeated_aug=1,
+                     rand_augment="rand-m9-mstd0.5-inc1")
+    loader = build_loader(cfg, "train", 8, 0, 1, 0, torch.device("cuda"))
+    loader.set_epoch(0, img_size=48)
+    x, _ = next(iter(loader))
+    assert x.shape == (8, 3, 48, 48) and x.is_cuda
+    loader.close()
