@@ -3,10 +3,36 @@
 
 PYTHON ?= python3
 VENV   ?= .venv
-# DALI build: cuda12 (also fine on CPU-only hosts) or cuda13 for CUDA 13 drivers.
-DALI   ?= cuda12
+# CUDA: the CUDA major version of torch and DALI in the venv; pick it by the NVIDIA driver
+# (`nvidia-smi` prints "CUDA Version: X.Y", the newest it runs; CPU-only hosts: either).
+#   13 (default): torch from the package index (its CUDA 13 build) and DALI's cuda130 build.
+#       Needs an R580 or newer driver.
+#   12: torch from PyTorch's CUDA 12.6 index and DALI's cuda120 build, for R525-R575 drivers:
+#       make install CUDA=12
+# DALI follows CUDA unless set (DALI=cuda12|cuda13): one CUDA generation in the process, so the
+# driver check is one number and the default install is the pair the GPU host runs (torch
+# cu13 + DALI cuda130). DALI's cuda120 build next to a CUDA 13 torch also runs on an R580
+# driver but loads a second set of CUDA 12 libraries (nvJPEG, nvImageCodec, nvCOMP) for
+# nothing. Both DALI builds run the CPU graphs on hosts without a GPU (CI).
+# `python -m fastdeit.doctor` (run by every make install) prints the builds and the driver and
+# stops with the fix when nvidia-smi lists a GPU that torch cannot use.
+# The choice is remembered in the venv's stamp: after `make install CUDA=12`, `make test` and
+# `make demo` keep CUDA 12 until another CUDA= is given.
+_SAVED := $(subst -, ,$(patsubst $(VENV)/.installed-%,%,$(firstword $(wildcard $(VENV)/.installed-cu1*))))
+ifeq ($(origin CUDA),undefined)
+CUDA   := $(or $(patsubst cu%,%,$(word 1,$(_SAVED))),13)
+_DALI  := $(or $(word 2,$(_SAVED)),cuda$(CUDA))
+else
+_DALI  := cuda$(CUDA)
+endif
+ifeq ($(filter $(CUDA),12 13),)
+$(error CUDA must be 12 or 13, got '$(CUDA)')
+endif
+DALI   ?= $(_DALI)
+OTHER_DALI  := $(if $(filter $(DALI),cuda12),nvidia-dali-cuda130,nvidia-dali-cuda120)
+TORCH_INDEX := $(if $(filter $(CUDA),12),--index-url https://download.pytorch.org/whl/cu126,)
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(DALI)
+STAMP  := $(VENV)/.installed-cu$(CUDA)-$(DALI)
 
 # DeepSpeed on every available device: all GPUs, else 2 CPU ranks over gloo.
 GPUS   := $(shell nvidia-smi -L 2>/dev/null | grep -c GPU)
@@ -25,11 +51,22 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
+# Switching CUDA or DALI in an existing venv: the other DALI build goes first (both install
+# the same nvidia.dali package), and a torch built for the other CUDA major is replaced (pip
+# would keep it: its version satisfies the requirement). A CPU-only torch is left alone.
 $(STAMP): setup.py | $(PY)
+	rm -f $(VENV)/.installed-*
+	$(PY) -m pip uninstall -y -q $(OTHER_DALI) 2>/dev/null || true
+	@have=$$($(PY) -c "import torch; print((torch.version.cuda or '').split('.')[0])" 2>/dev/null); \
+	if [ -n "$$have" ] && [ "$$have" != "$(CUDA)" ]; then \
+		echo "replacing torch's CUDA $$have build by a CUDA $(CUDA) one"; \
+		$(PY) -m pip uninstall -y -q torch torchvision; fi
+	$(PY) -m pip install -q $(TORCH_INDEX) torch torchvision
 	$(PY) -m pip install -q -e ".[$(DALI),dev]"
 	touch $@
 
 install: $(STAMP)
+	$(PY) -m fastdeit.doctor
 
 $(DEMO_DATA)/.complete: | $(STAMP)
 	$(PY) -m fastdeit.data.synthetic --out $(DEMO_DATA) --classes 10 --train-per-class 120 \

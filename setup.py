@@ -3,9 +3,12 @@
 DALI ships one wheel per CUDA major version and both install the same `nvidia.dali` package, so
 it is an extra rather than a hard requirement: pick exactly one.
 
-    pip install -e ".[cuda12]"        # nvidia-dali-cuda120: CUDA 12 drivers (and CPU-only hosts)
-    pip install -e ".[cuda13]"        # nvidia-dali-cuda130: CUDA 13 drivers
-    pip install -e ".[cuda12,dev]"    # plus tests, plots, TensorBoard
+    pip install -e ".[cuda13]"        # nvidia-dali-cuda130: with the index's CUDA 13 torch, R580+ drivers
+    pip install -e ".[cuda12]"        # nvidia-dali-cuda120: with a CUDA 12 torch, R525+ drivers
+    pip install -e ".[cuda13,dev]"    # plus tests, plots, TensorBoard
+
+`make install [CUDA=12]` picks the matching torch and DALI builds and checks them against the
+driver (python -m fastdeit.doctor); either build runs DALI's CPU graphs on hosts without a GPU.
 
 Apex (fused Adam/LAMB) is optional and is not on the package index: build it from NVIDIA's
 repository if you want optim.name=apex_fused_adam; everything else works without it.

@@ -60,6 +60,8 @@ class PhaseClock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
+        self._peak_allocated = 0     # whole run, all variants together (CUDA)
+        self._peak_reserved = 0
 
     def mark(self):
         if self.cuda:
@@ -143,6 +145,8 @@ class MemoryProbe:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
+        self._peak_allocated = 0     # whole run, all variants together (CUDA)
+        self._peak_reserved = 0
 
     def allocated(self) -> Optional[int]:
         return torch.cuda.memory_allocated(self.device) if self.cuda else None
@@ -151,6 +155,7 @@ class MemoryProbe:
         if not self.cuda:
             return None
         synchronize(self.device)
+        self._note_run_peak()          # before the reset forgets the peak so far
         torch.cuda.reset_peak_memory_stats(self.device)
         return torch.cuda.memory_allocated(self.device)
 
@@ -158,7 +163,40 @@ class MemoryProbe:
         if not self.cuda or start is None:
             return None
         synchronize(self.device)
+        self._note_run_peak()
         return torch.cuda.max_memory_allocated(self.device) - start
+
+    def _note_run_peak(self) -> None:
+        self._peak_allocated = max(self._peak_allocated, torch.cuda.max_memory_allocated(self.device))
+        self._peak_reserved = max(self._peak_reserved, torch.cuda.max_memory_reserved(self.device))
+
+    def run_peak(self) -> Dict[str, Any]:
+        """The run's peak memory, every variant included: on CUDA the caching allocator's peak
+        allocated and reserved bytes on the device; on CPU the process's maximum resident set
+        (what the OS saw, including Python, the libraries and the allocator's caches)."""
+        if self.cuda:
+            synchronize(self.device)
+            self._note_run_peak()
+            return {"kind": "device", "allocated_gib": self._peak_allocated / 2**30,
+                    "reserved_gib": self._peak_reserved / 2**30}
+        return {"kind": "process max RSS", "rss_gib": max_rss_bytes() / 2**30}
+
+
+def max_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def peak_memory_md(peak: Dict[str, Any]) -> str:
+    """One line for a record: the run's peak memory (MemoryProbe.run_peak)."""
+    if peak["kind"] == "device":
+        return (f"peak memory (whole run, device): {peak['allocated_gib']:,.2f} GiB allocated, "
+                f"{peak['reserved_gib']:,.2f} GiB reserved by PyTorch's caching allocator")
+    return (f"peak memory (whole run, CPU): process max RSS {peak['rss_gib']:,.2f} GiB "
+            "(all variants together; per variant n/a on CPU)")
 
 
 # --------------------------------------------------------------------------- the record

@@ -3,6 +3,8 @@
     python -m fastdeit.data.synthetic --mode imagenet --out /tmp/inet --classes 10 \
         --train-per-class 48 --val-per-class 0
     python benchmarks/data.py --data /tmp/inet [--batch 32 --workers 2 --epochs 3 --repeats 3]
+    python -m fastdeit.data.pack /tmp/inet /tmp/inet-packed --shard-size 16MB
+    python benchmarks/data.py --data /tmp/inet-packed [--count-opens]
 
 Both loaders read the same `DIR/train` class-folder tree with the full DeiT train augmentation
 and deliver the batch the model would see (normalised, random-erased, Mixup/CutMix-ed, soft
@@ -15,7 +17,11 @@ targets), in one process, one after the other:
             reference's settings, in a DataLoader with `--workers` processes (persistent, so
             worker start-up is not charged), then timm's Mixup on the batch;
   dali-ra   (with --dali-ra) DALI decode/crop/resize + DALI's per-sample rand_augment (fixed
-            magnitude, its own op set) + normalise: the design we replaced, for reference.
+            magnitude, its own op set) + normalise: the design we replaced, for reference;
+  shards    (when --data is a packed folder, python -m fastdeit.data.pack) ours reading the
+            packed shards, the others the folder it was packed from (its manifest's "source",
+            or --folder). --count-opens also counts the files each of ours opens per epoch
+            (strace, one extra epoch pair each, untimed): the reason packing exists.
 
 Images/sec per epoch (epoch 1 includes warm-up; "steady" is the median of the later epochs),
 the ratio ours / baseline per repeat and its median, and the CPU time spent per image (all
@@ -35,6 +41,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -52,10 +59,10 @@ from fastdeit.data.mixing import BatchMixer, MixingConfig  # noqa: E402
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
 
-def run_ours(args, device):
+def run_ours(args, device, root=None):
     # Thread counts: --dali-threads / --host-threads, else this process's budget for a data
     # path with no training step (fastdeit.distributed.thread_budget).
-    cfg = DataConfig(root=args.data, img_size=args.img_size, num_threads=args.dali_threads,
+    cfg = DataConfig(root=root or args.folder, img_size=args.img_size, num_threads=args.dali_threads,
                      host_threads=args.host_threads,
                      rand_augment=RAND_AUGMENT, repeated_aug=1, val_list=None,
                      device="auto" if device.type == "cuda" else "cpu")
@@ -78,7 +85,9 @@ def run_ours(args, device):
             images_seen += n
     loader.close()
     if args.epochs > 1:
-        args.context_switches.append((_context_switches() - switches) / images_seen)
+        # ours' figure stays ours: the shards' run (root given) goes to its own list
+        (args.shard_switches if root else args.context_switches).append(
+            (_context_switches() - switches) / images_seen)
     return rates, cpu
 
 
@@ -104,7 +113,7 @@ def run_baseline(args, device):
 
     # timm's create_transform with the DeiT settings, made Pillow-safe (see its docstring).
     transform = deit_train_transform(args.img_size)
-    dataset = torchvision.datasets.ImageFolder(os.path.join(args.data, "train"), transform)
+    dataset = torchvision.datasets.ImageFolder(os.path.join(args.folder, "train"), transform)
     data = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch, shuffle=True, num_workers=args.workers, drop_last=True,
         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
@@ -139,7 +148,7 @@ def run_dali_ra(args, device):
 
     from fastdeit.data.folder import scan_image_folder
 
-    files, labels, _ = scan_image_folder(os.path.join(args.data, "train"))
+    files, labels, _ = scan_image_folder(os.path.join(args.folder, "train"))
     gpu = device.type == "cuda"
     size = args.img_size
 
@@ -172,6 +181,47 @@ def run_dali_ra(args, device):
         rates.append(n / (time.perf_counter() - start))
         cpu.append(1e3 * (time.process_time() - start_cpu) / n)
     return rates, cpu
+
+
+def count_opens(args, root, epochs=2):
+    """Files under `root` that our loader opens in each of `epochs` train epochs, counted with
+    strace in a child process (DALI opens files in C++, out of Python's sight). The child
+    opens a marker path before each epoch, so the log splits into epochs."""
+    import shutil
+    import tempfile
+
+    if shutil.which("strace") is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".strace") as log:
+        cmd = ["strace", "-f", "-qq", "-e", "trace=open,openat", "-o", log.name, sys.executable,
+               os.path.abspath(__file__), "--data", root, "--opens-child", str(epochs),
+               "--batch", str(args.batch), "--img-size", str(args.img_size), "--device", "cpu"]
+        subprocess.run(cmd, check=True, capture_output=True)
+        lines = open(log.name, errors="replace").read().splitlines()
+    root = os.path.realpath(root)
+    counts, epoch = [0] * epochs, -1
+    for line in lines:
+        marker = re.search(r'"/nonexistent/fastdeit-epoch-(\d+)"', line)
+        if marker:
+            epoch = int(marker.group(1))
+        elif epoch >= 0 and re.search(rf'"{re.escape(root)}/[^"]*", [^)]*\) = \d+', line):
+            counts[epoch] += 1
+    return counts
+
+
+def _opens_child(args):
+    cfg = DataConfig(root=args.data, img_size=args.img_size, num_threads=2, host_threads=1,
+                     rand_augment=RAND_AUGMENT, repeated_aug=1, device="cpu")
+    loader = build_loader(cfg, "train", args.batch, 0, 1, 0, torch.device("cpu"))
+    for epoch in range(args.opens_child):
+        try:
+            open(f"/nonexistent/fastdeit-epoch-{epoch}")
+        except OSError:
+            pass
+        loader.set_epoch(epoch)
+        for _ in loader:
+            pass
+    loader.close()
 
 
 def _cpu_seconds(pids):
@@ -220,7 +270,13 @@ def commit():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="folder holding train/<class>/*.jpg")
+    p.add_argument("--data", required=True, help="folder holding train/<class>/*.jpg, or a "
+                   "packed one (python -m fastdeit.data.pack)")
+    p.add_argument("--folder", default=None, help="with a packed --data: the class-folder tree "
+                   "for the other loaders (default: the one it was packed from)")
+    p.add_argument("--count-opens", action="store_true",
+                   help="also count the files ours opens per epoch, folder and shards (strace)")
+    p.add_argument("--opens-child", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (baseline)")
     p.add_argument("--dali-threads", type=int, default=None,
@@ -238,17 +294,27 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="results path prefix (default "
                    "benchmarks/results/<date>-<cpu|gpu>-data)")
     args = p.parse_args(argv)
+    if args.opens_child:
+        return _opens_child(args)
+    packed = None
+    if os.path.isfile(os.path.join(args.data, "manifest.json")):
+        with open(os.path.join(args.data, "manifest.json")) as f:
+            args.folder, packed = args.folder or json.load(f)["source"], args.data
+    else:
+        args.folder = args.data
     device = pick_device(args.device)
     data_on_gpu = device.type == "cuda"
     args.budget = distributed.rank_budget(distributed.RuntimeConfig(torch_threads=args.torch_threads),
                                           data_on_gpu, None, args.dali_threads, args.host_threads)
     torch.set_num_threads(args.budget.torch)
     print(args.budget.describe(), flush=True)
-    args.context_switches = []
+    args.context_switches, args.shard_switches = [], []
 
     loaders = {"ours": run_ours, "baseline": run_baseline}
     if args.dali_ra:
         loaders["dali-ra"] = run_dali_ra
+    if packed:
+        loaders["shards"] = lambda args, device: run_ours(args, device, packed)
     runs, cpu_runs = [], []
     for r in range(args.repeats):
         # alternate the order, so that a drift in the machine's load favours neither
@@ -257,11 +323,15 @@ def main(argv=None):
         row = {name: results[name][0] for name in loaders}
         cpu_runs.append({name: results[name][1] for name in loaders})
         row["ratio"] = steady(row["ours"]) / steady(row["baseline"])
+        if packed:
+            row["shards_over_folder"] = steady(row["shards"]) / steady(row["ours"])
         runs.append(row)
         print(f"repeat {r + 1}: " + " | ".join(
             f"{k} {' '.join(f'{v:.0f}' for v in row[k])} img/s "
             f"({steady(cpu_runs[-1][k]):.2f} CPU ms/img)" for k in loaders)
             + f" | ratio {row['ratio']:.2f}", flush=True)
+    opens = ({"folder": count_opens(args, args.folder), "shards": count_opens(args, packed)}
+             if packed and args.count_opens else None)
 
     names = list(loaders)
     summary = {k: statistics.median(steady(run[k]) for run in runs) for k in names}
@@ -272,13 +342,18 @@ def main(argv=None):
     record = {
         "date": date, "commit": commit(), "hardware": hardware(device),
         "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-        "args": {k: v for k, v in vars(args).items() if k not in ("budget", "context_switches")},
+        "args": {k: v for k, v in vars(args).items() if k not in ("budget", "context_switches", "shard_switches")},
         "threads": dataclasses.asdict(args.budget),
         "ours_context_switches_per_image": args.context_switches,
         "images_per_sec_steady": summary, "ratio_ours_over_baseline": ratio,
         "cpu_ms_per_image_steady": cpu_ms, "load_average_at_end": os.getloadavg(),
         "runs": runs, "cpu_ms_per_image_runs": cpu_runs,
     }
+    if packed:
+        record.update(folder=args.folder, packed=packed, file_opens_per_epoch=opens,
+                      shards_context_switches_per_image=args.shard_switches,
+                      ratio_shards_over_folder=statistics.median(
+                          run["shards_over_folder"] for run in runs))
     lines = [
         f"# Data-path throughput, {kind.upper()} ({date}, commit {record['commit']})", "",
         f"Hardware: {record['hardware'].get('cpu')} ({record['hardware']['cores']} cores)"
@@ -297,6 +372,14 @@ def main(argv=None):
               f"Ours: {args.budget.describe()}; steady epochs of all repeats span "
               f"{_spread(runs, 'ours')}; context switches per image (all threads, steady "
               f"epochs): {', '.join(f'{v:.1f}' for v in args.context_switches) or 'n/a'}.", ""]
+    if packed:
+        per_repeat = ", ".join(f"{run['shards_over_folder']:.2f}" for run in runs)
+        lines += [f"Shards ({packed}) against the folder they were packed from ({args.folder}), "
+                  f"both read by ours: **{record['ratio_shards_over_folder']:.2f}x** (per "
+                  f"repeat: {per_repeat})."
+                  + ("" if opens is None else
+                     f" Files opened per train epoch (strace, 2 epochs): folder "
+                     f"{opens['folder']}, shards {opens['shards']}."), ""]
     text = "\n".join(lines)
     print(text)
     prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

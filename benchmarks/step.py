@@ -42,7 +42,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -195,9 +195,10 @@ class FastdeitStep(Variant):
             overrides["bf16"] = {**overrides.get("bf16", {}), "check_grad_overflow": True}
             if stage > 0:
                 overrides["zero_optimization"] = {**overrides.get("zero_optimization", {}), "compute_grad_norm": True}
-        ds = engine_lib.deepspeed_config(
+        ds = engine_lib.deepspeed_config(   # buckets sized from the student, as build.py does
             engine_lib.EngineConfig(global_batch_size=s.batch, zero_stage=stage, precision="bf16",
-                                    deepspeed=overrides), world_size=1)
+                                    deepspeed=overrides), world_size=1,
+            num_params=sum(p.numel() for p in model.parameters()))
         self.engine = engine_lib.initialize(model, optimizer, ds)
         self.engine.train()
         # ImageNet-like schedule length; only the per-step LR computation matters here.
@@ -424,7 +425,8 @@ def _variants_at(s: Setup) -> List[Callable[[], Variant]]:
     return factories
 
 
-def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> List[Dict[str, Any]]:
+def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """(a row per variant, the run's peak memory)."""
     args, device = s.args, s.device
     clock = common.PhaseClock(device)
     probe = common.MemoryProbe(device)
@@ -456,6 +458,7 @@ def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> List[Di
                 res["times"].setdefault(phase, []).extend(values)
         peak.sample()
         log(f"  round {r + 1}/{args.rounds} done")
+    run_peak = probe.run_peak()
     out = []
     for v in built:
         res = results[v.name]
@@ -473,7 +476,7 @@ def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> List[Di
             "flops_per_image": v.flops_per_image,
             "tflops_per_sec": ips * v.flops_per_image / 1e12,
         })
-    return out
+    return out, run_peak
 
 
 def ratios(rows: List[Dict[str, Any]], stages: Sequence[int], patch: int = 16) -> List[Dict[str, Any]]:
@@ -554,6 +557,7 @@ def markdown(record: Dict[str, Any]) -> str:
              f"{st['warmup']} warm-up + {st['rounds']} rounds x {st['steps']} timed steps per variant, interleaved",
              f"- MFU peak: {peak['tflops']:,.3g} TFLOP/s per device ({peak['source']})"
              + (f"; datasheet {peak['datasheet_tflops']:,.0f}" if peak.get("datasheet_tflops") else ""),
+             *([f"- {common.peak_memory_md(record['memory'])}"] if record.get("memory") else []),
              "", common.markdown_table(COLUMNS, table_rows(record["variants"], peak["tflops"])), "",
              common.markdown_table(RATIO_COLUMNS, ratio_rows(record["ratios"]), align="lrrlll"), "",
              "Ratios from the median step time (the headline) and from the best step time (what a "
@@ -591,7 +595,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    choices=["fastdeit", "fastdeit-student", "ds-defaults", "bare", "baseline-a", "baseline-b"])
     p.add_argument("--ds-config", default=None,
                    help="JSON merged into fastdeit's DeepSpeed config (engine.deepspeed), e.g. "
-                        "'{\"zero_optimization\": {\"overlap_comm\": false}}'")
+                        "'{\"zero_optimization\": {\"overlap_comm\": true}}'")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the rounds")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all variants")
@@ -621,7 +625,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         peak = common.PeakFlops(device, args.peak_tflops)
         common.print_flush(f"step benchmark on {device}: {s.student} family at "
                            f"{'/'.join(map(str, args.img_size))}px, batch {args.batch}")
-        rows = measure(s, peak)
+        rows, run_peak = measure(s, peak)
     finally:
         s.close()
         if started:
@@ -639,11 +643,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   "ref_amp": reference_amp(args.ref_amp, device), "ds_config": args.ds_config, "warmup": args.warmup, "steps": args.steps, "rewarm": args.rewarm,
                   "rounds": args.rounds},
         peak=peak.record(),
+        memory=run_peak,
         variants=rows,
         ratios=ratios(rows, args.zero_stage, patch=int(s.model_kwargs.get("patch_size", 16))),
     )
     if device.type != "cuda":
-        record["notes"] = ["Peak memory is GPU-only (n/a on CPU). Baseline B autocasts to bf16 on CPU: "
+        record["notes"] = ["Peak memory per variant is GPU-only (n/a on CPU; the run's max RSS is above). "
+                           "Baseline B autocasts to bf16 on CPU: "
                            "fp16 matmuls have no fast CPU path, so as published (fp16) it would measure emulation."]
     print_report(record)
     return common.save_record(record, markdown(record), chart, args, device, "step")
@@ -656,6 +662,7 @@ def size_label(settings: Dict[str, Any]) -> str:
 
 def print_report(record: Dict[str, Any]) -> None:
     common.print_flush("\n" + common.text_table(COLUMNS, table_rows(record["variants"], record["peak"]["tflops"])))
+    common.print_flush(common.peak_memory_md(record["memory"]))
     if record["ratios"]:
         common.print_flush("\n" + common.text_table(RATIO_COLUMNS, ratio_rows(record["ratios"])))
 

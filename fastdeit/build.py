@@ -43,9 +43,7 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")
 
-    ds_config = engine_lib.deepspeed_config(cfg.engine, env.world_size)
-    global_batch = ds_config["train_batch_size"]
-    micro = ds_config["train_micro_batch_size_per_gpu"]
+    global_batch, micro, accum = engine_lib.resolve_batch(cfg.engine, env.world_size)
 
     loader_args = dict(rank=env.rank, world_size=env.world_size, seed=cfg.trainer.seed, device=device,
                        threads=threads)
@@ -77,10 +75,11 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     flops_by_size = flops_lib.train_flops_by_size(
         model, [cfg.data.img_size, *sizes.sizes(cfg.trainer.epochs)], teacher.module if teacher is not None else None)
     flops_per_image = flops_by_size[cfg.data.img_size]
+    # After the student exists: ZeRO's buckets are sized from its parameter count.
+    ds_config = engine_lib.deepspeed_config(cfg.engine, env.world_size, num_params=count_params(model))
     check_zero_stage(cfg.optim, cfg.engine.zero_stage)
     optimizer = build_optimizer(cfg.optim, model, global_batch)
     engine = engine_lib.initialize(model, optimizer, ds_config)
-    accum = ds_config["gradient_accumulation_steps"]
     scheduler = build_scheduler(cfg.schedule, engine.optimizer, len(train_loader) // accum, cfg.trainer.epochs)
 
     logger = RunLogger(cfg.logging, str(run_dir), env.is_main)

@@ -20,7 +20,14 @@ class EngineConfig:
     zero_stage: int = 1                        # 0, 1 or 2; ZeRO-3 is pointless at DeiT's size
     precision: Literal["bf16", "fp32"] = "bf16"
     gradient_clipping: float = 0.0             # DeiT clips nothing; DeepSpeed's default is 1.0
-    deepspeed: Dict[str, Any] = field(default_factory=dict)  # merged last into the DS config
+    # ZeRO-1/2: reduce gradients while the backward pass runs. Off by default: with it on,
+    # DeepSpeed 0.19.8 calls torch.cuda.synchronize() after every backward (stage_1_and_2.py,
+    # the ipg epilogue), a host sync per step that stops the host from queueing ahead. Whether
+    # the overlap pays for that on a multi-GPU node is for the GPU step benchmark to say.
+    overlap_comm: bool = False
+    # Merged last into the DS config, e.g. {"zero_optimization": {"reduce_bucket_size": 5e8}}
+    # puts back DeepSpeed's own bucket size instead of the one sized from the model.
+    deepspeed: Dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_batch(cfg: EngineConfig, world_size: int) -> Tuple[int, int, int]:
@@ -45,9 +52,48 @@ def resolve_batch(cfg: EngineConfig, world_size: int) -> Tuple[int, int, int]:
     return g, g // (a * world_size), a
 
 
-def deepspeed_config(cfg: EngineConfig, world_size: int) -> Dict[str, Any]:
+# ZeRO-1/2 bucket sizing (elements). DeepSpeed's default, 5e8, is sized for billion-parameter
+# models: with contiguous_gradients it allocates its reduce bucket up front (twice with
+# overlap_comm, double buffering) in the gradient dtype (fp32 where it stages an fp32
+# accumulator): 5e8 x 2 B = 1 GB of bf16 (2 GB with overlap) for DeiT-B, whose gradients are
+# only 175 MB.
+# Four buckets per backward: with engine.overlap_comm the reduction of each runs beside the
+# rest of the backward; without it they only bound the buffer, at a few collectives a step.
+# Below 2^24 elements (32 MB of bf16) NCCL's all-reduce runs well under its bus bandwidth,
+# so smaller models get one bucket of at least that size (never more than the model).
+BUCKETS_PER_MODEL = 4
+MIN_BUCKET_ELEMENTS = 2**24
+DEEPSPEED_DEFAULT_BUCKET = 500_000_000
+
+
+def bucket_elements(num_params: int) -> int:
+    """ZeRO reduce/allgather bucket size for a model of ``num_params`` parameters: a quarter of
+    the model, at least min(model, 2^24), at most DeepSpeed's 5e8; even, as DeepSpeed wants
+    (allgather_bucket_size must be a multiple of 2 for NCCL's 4-byte alignment of bf16)."""
+    if num_params < 1:
+        raise ValueError(f"num_params must be positive, got {num_params}")
+    size = max(-(-num_params // BUCKETS_PER_MODEL), min(num_params, MIN_BUCKET_ELEMENTS))
+    size = min(size, DEEPSPEED_DEFAULT_BUCKET)
+    return size + size % 2
+
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def deepspeed_config(cfg: EngineConfig, world_size: int, num_params: Optional[int] = None) -> Dict[str, Any]:
+    """The DeepSpeed config dict for ``cfg`` at ``world_size`` ranks.
+
+    ``num_params`` (the student's parameter count) sizes ZeRO-1/2's reduce and allgather
+    buckets (bucket_elements); without it DeepSpeed's 5e8-element defaults apply. Anything in
+    ``cfg.deepspeed`` is merged last and wins, buckets included.
+    """
     if cfg.zero_stage not in (0, 1, 2):
         raise ValueError(f"engine.zero_stage must be 0, 1 or 2, got {cfg.zero_stage}")
+    batch_keys = sorted(set(cfg.deepspeed) & set(BATCH_KEYS))
+    if batch_keys:
+        # The loaders are sized from resolve_batch before the engine exists: one source only.
+        raise ValueError(f"engine.deepspeed sets {', '.join(batch_keys)}: use engine.global_batch_size, "
+                         "engine.micro_batch_size and engine.grad_accum_steps instead")
     g, m, a = resolve_batch(cfg, world_size)
     ds: Dict[str, Any] = {
         "train_batch_size": g,
@@ -64,11 +110,14 @@ def deepspeed_config(cfg: EngineConfig, world_size: int) -> Dict[str, Any]:
         },
         "zero_optimization": {
             "stage": cfg.zero_stage,
-            "overlap_comm": cfg.zero_stage > 0,
+            "overlap_comm": cfg.zero_stage > 0 and cfg.overlap_comm,
             "contiguous_gradients": cfg.zero_stage > 0,
             # ZeRO-1/2 compute the global gradient norm every step; only clipping uses it.
             # (Stage 0 has no such switch: DeepSpeed's bf16 stage-0 optimizer always checks.)
             **({"compute_grad_norm": cfg.gradient_clipping > 0} if cfg.zero_stage > 0 else {}),
+            **({"reduce_bucket_size": bucket_elements(num_params),
+                "allgather_bucket_size": bucket_elements(num_params)}
+               if cfg.zero_stage > 0 and num_params is not None else {}),
         },
         # Our optimizers (torch fused AdamW, Apex) are standard Adam(W) maths; ZeRO partitions
         # their state the same way it does for its own.

@@ -15,6 +15,7 @@ forward + backward per image).
 from __future__ import annotations
 
 import copy
+import re
 import time
 from typing import Dict, Optional, Tuple
 
@@ -22,15 +23,35 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-# Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (no 2:4 sparsity). V100 has
-# no bf16: its figure is fp16. Matched as substrings of torch.cuda.get_device_name, first hit wins.
+# Dense bf16 tensor-core peaks per GPU, TFLOP/s, from NVIDIA's data sheets. The sheets print
+# the 2:4-sparsity figure with a footnote ("with sparsity"); MFU divides by the dense one, half of
+# it. V100 has no bf16: its figure is the fp16 tensor-core one.
+#   A100 data sheet (nvidia.com/en-us/data-center/a100): BF16 312 / 624 sparse, the same for
+#     the 40 GB and 80 GB boards, PCIe and SXM.
+#   H100 data sheet (nvidia.com/en-us/data-center/h100): SXM 1,979 sparse -> 989; NVL (94 GB,
+#     per GPU) 1,671 -> 835; PCIe (80 GB, the 2022 sheet's third column) 1,513 -> 756.
+#   H200 data sheet (nvidia.com/en-us/data-center/h200): SXM 1,979 -> 989; NVL 1,671 -> 835.
+#   GH200 Grace Hopper Superchip data sheet: its Hopper GPU's BF16 1,979 sparse -> 989.
+#   HGX B200 (nvidia.com/en-us/data-center/hgx): FP16/BF16 36 PFLOPS sparse for 8 GPUs ->
+#     4.5 per GPU sparse -> 2,250 dense.
+#   V100 data sheet: fp16 tensor 125 (SXM2), 112 (PCIe).
+# Matched against torch.cuda.get_device_name(), e.g. "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA
+# H100 NVL", "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA GH200 480GB",
+# "NVIDIA A100-SXM4-80GB", "NVIDIA A100-PCIE-40GB", "NVIDIA A100 80GB PCIe", "NVIDIA B200",
+# "Tesla V100-SXM2-32GB": case-insensitive, on whole words (so "GH200" is not an "H200" and
+# "GB200", whose figure differs, is not a "B200"); the first pattern that matches wins, so the
+# NVL and PCIe boards come before their SXM sibling.
 KNOWN_PEAK_TFLOPS: Tuple[Tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),        # SXM
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("A100", 312.0),
-    ("V100", 125.0),
+    (r"\bH100\b.*\bNVL\b", 835.0),
+    (r"\bH100\b.*\bPCIe\b", 756.0),
+    (r"\bH100\b", 989.0),               # SXM5 ("H100 80GB HBM3", "H100 SXM5 ...")
+    (r"\bH200\b.*\bNVL\b", 835.0),
+    (r"\bH200\b", 989.0),               # SXM
+    (r"\bGH200\b", 989.0),
+    (r"\bB200\b", 2250.0),
+    (r"\bA100\b", 312.0),               # 40/80 GB, SXM4 and PCIe alike
+    (r"\bV100\b.*\bPCIe\b", 112.0),
+    (r"\bV100\b", 125.0),               # SXM2
 )
 
 
@@ -97,8 +118,9 @@ def train_flops_by_size(student: nn.Module, sizes, teacher: Optional[nn.Module] 
 
 
 def known_peak_tflops(device_name: str) -> Optional[float]:
-    for key, tflops in KNOWN_PEAK_TFLOPS:
-        if key in device_name:
+    """The data-sheet dense bf16 TFLOP/s of a GPU named as torch names it, or None."""
+    for pattern, tflops in KNOWN_PEAK_TFLOPS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
             return tflops
     return None
 

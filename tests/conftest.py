@@ -8,16 +8,46 @@ from PIL import Image
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one; failed where "
+                                       "nvidia-smi lists a GPU that torch cannot use)")
 
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs CUDA")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    from fastdeit.doctor import gpu_unusable_reason
+
+    # A host whose nvidia-smi lists a GPU that torch cannot use (a CUDA 13 torch on a CUDA 12
+    # driver, a CPU-only build) would otherwise skip every GPU test and look green: they fail.
+    broken = gpu_unusable_reason()
+    for item in gpu_items:
+        if broken:
+            item.stash[_GPU_BROKEN] = broken
+            # Their own skipif(not cuda) would hide the failure too.
+            item.own_markers[:] = [m for m in item.own_markers if m.name not in ("skip", "skipif")]
+        else:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
+_GPU_BROKEN = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    broken = item.stash.get(_GPU_BROKEN, None)
+    if broken and (any(item.iter_markers("skipif")) or any(item.iter_markers("skip"))):
+        # A skip marker above the test (module or class level) would run before the call.
+        pytest.fail(f"GPU test on a host whose GPU torch cannot use: {broken}", pytrace=False)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    broken = item.stash.get(_GPU_BROKEN, None)
+    if broken:
+        pytest.fail(f"GPU test on a host whose GPU torch cannot use: {broken}", pytrace=False)
 
 
 # Flat-colour tree: every image is one solid colour that identifies it uniquely, so a decoded

@@ -77,6 +77,9 @@ def test_step_benchmark(tmp_path):
         assert all(ms > 0 for ms in v["ms_phases"].values())
         assert v["peak_mem_gib"] is None                           # GPU-only figure
         assert v["img_per_sec"] == pytest.approx(4 / (v["ms_per_step"] / 1e3))
+    # The run's peak on CPU: this process's max RSS (torch alone takes a few hundred MiB).
+    assert record["memory"]["kind"] == "process max RSS" and 0.1 < record["memory"]["rss_gib"] < 64
+    assert "process max RSS" in md and "process max RSS" in proc.stdout
     # Distillation adds the teacher's forward to the counted FLOPs.
     by = {v["name"]: v for v in record["variants"]}
     assert by["fastdeit[z1]"]["flops_per_image"] > by["fastdeit-student[z1]"]["flops_per_image"]
@@ -137,6 +140,10 @@ def test_statistics_and_cpu_clock():
     b = clock.mark()
     assert clock.elapsed_ms(a, b) >= 0
     assert common.MemoryProbe(torch.device("cpu")).start() is None   # CPU: peak memory unknown
+    # The run's CPU peak is the process's high-water mark, as the kernel reports it.
+    rss = common.MemoryProbe(torch.device("cpu")).run_peak()["rss_gib"] * 2**30
+    hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    assert rss == pytest.approx(hwm_kib * 1024, rel=0.05)
     assert common.hardware_tag(torch.device("cpu")) == "cpu"
 
 
@@ -149,3 +156,7 @@ def test_step_benchmark_gpu_timing_and_memory(tmp_path):
     assert record["hardware"]["gpu"]
     for v in record["variants"]:
         assert v["peak_mem_gib"] > 0 and v["img_per_sec"] > 0
+    # The whole run's device peak holds every variant's own peak.
+    assert record["memory"]["kind"] == "device"
+    assert record["memory"]["allocated_gib"] >= max(v["peak_mem_gib"] for v in record["variants"]) * 0.999
+    assert record["memory"]["reserved_gib"] >= record["memory"]["allocated_gib"]

@@ -1,7 +1,7 @@
 """The DeepSpeed config derived from ours, and batch-size consistency."""
 import pytest
 
-from fastdeit.engine import EngineConfig, deepspeed_config, resolve_batch
+from fastdeit.engine import EngineConfig, bucket_elements, deepspeed_config, resolve_batch
 
 
 @pytest.mark.parametrize("kw,world,expected", [
@@ -39,7 +39,57 @@ def test_deepspeed_dict():
     assert ds["timers"]["throughput"]["synchronized"] is False
     ds = deepspeed_config(EngineConfig(precision="fp32", deepspeed={"zero_optimization": {"reduce_bucket_size": 1}}), 1)
     assert ds["bf16"] == {"enabled": False, "check_grad_overflow": False}
-    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True, "contiguous_gradients": True,
+    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": False, "contiguous_gradients": True,
                                        "compute_grad_norm": False, "reduce_bucket_size": 1}
+    # overlap_comm costs a torch.cuda.synchronize() per backward in DeepSpeed: opt-in only
+    assert deepspeed_config(EngineConfig(overlap_comm=True), 2)["zero_optimization"]["overlap_comm"] is True
+    assert deepspeed_config(EngineConfig(zero_stage=0, overlap_comm=True), 2)["zero_optimization"]["overlap_comm"] is False
     with pytest.raises(ValueError, match="zero_stage must be 0, 1 or 2"):
         deepspeed_config(EngineConfig(zero_stage=3), 1)
+
+
+# Exact distilled parameter counts (DESIGN.md) -> elements per ZeRO bucket, by hand:
+# DeiT-B a quarter of the model; DeiT-S a quarter would be under 2^24, so 2^24; DeiT-Ti the
+# whole model (smaller than 2^24).
+@pytest.mark.parametrize("params,expected", [
+    (87_338_192, 21_834_548),
+    (22_436_432, 2**24),
+    (5_910_800, 5_910_800),
+    (3, 4),                                      # even, for DeepSpeed's allgather alignment
+    (10**10, 500_000_000),                       # never above DeepSpeed's own default
+])
+def test_bucket_elements(params, expected):
+    assert bucket_elements(params) == expected
+
+
+def test_buckets_sized_from_the_model_and_overridable():
+    deit_b = 87_338_192
+    for stage in (1, 2):
+        zero = deepspeed_config(EngineConfig(zero_stage=stage), 8, num_params=deit_b)["zero_optimization"]
+        assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 21_834_548
+        # Even double-buffered (overlap_comm), bf16: 87 MB instead of DeepSpeed's 2 GB.
+        assert 2 * zero["reduce_bucket_size"] * 2 < 0.1 * 2 * 500_000_000 * 2
+    # ZeRO-0 has no buckets; without a parameter count DeepSpeed's defaults stay.
+    assert "reduce_bucket_size" not in deepspeed_config(EngineConfig(zero_stage=0), 1, num_params=deit_b)["zero_optimization"]
+    assert "reduce_bucket_size" not in deepspeed_config(EngineConfig(zero_stage=1), 1)["zero_optimization"]
+    # engine.deepspeed wins over the sizing, key by key.
+    cfg = EngineConfig(zero_stage=2, deepspeed={"zero_optimization": {"reduce_bucket_size": int(5e8)}})
+    zero = deepspeed_config(cfg, 1, num_params=deit_b)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 500_000_000 and zero["allgather_bucket_size"] == 21_834_548
+
+
+def test_buckets_are_deepspeeds_own_keys():
+    """DeepSpeed's ZeRO config reads the sized buckets (its model forbids unknown keys, so a
+    misspelt key could not pass silently)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = deepspeed_config(EngineConfig(zero_stage=2), 8, num_params=87_338_192)["zero_optimization"]
+    parsed = DeepSpeedZeroConfig(**zero)
+    assert parsed.reduce_bucket_size == parsed.allgather_bucket_size == 21_834_548
+    with pytest.raises(Exception):
+        DeepSpeedZeroConfig(**{**zero, "reduce_bucket_sise": 1})
+
+
+def test_batch_keys_in_engine_deepspeed_are_refused():
+    with pytest.raises(ValueError, match="engine.deepspeed sets train_micro_batch_size_per_gpu"):
+        deepspeed_config(EngineConfig(deepspeed={"train_micro_batch_size_per_gpu": 8}), 1)

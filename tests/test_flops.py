@@ -66,16 +66,33 @@ def test_teacher_forward_is_added_and_meta_copy_is_harmless():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+# torch.cuda.get_device_name() of each board -> NVIDIA's dense bf16 figure (half the data
+# sheet's "with sparsity" one; V100: fp16).
+DEVICE_NAMES = [
+    ("NVIDIA A100-SXM4-40GB", 312.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100-PCIE-40GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0),
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
+    ("NVIDIA GH200 480GB", 989.0), ("NVIDIA GH200 144G HBM3e", 989.0),
+    ("NVIDIA B200", 2250.0),
+    ("Tesla V100-SXM2-32GB", 125.0), ("Tesla V100-PCIE-32GB", 112.0),
+    # Unknown parts fall back to a measured matmul; look-alike names must not borrow a figure.
+    ("NVIDIA GeForce RTX 4090", None), ("NVIDIA GB200", None), ("NVIDIA H800", None),
+]
+
+
+@pytest.mark.parametrize("name,tflops", DEVICE_NAMES)
+def test_datasheet_peaks(name, tflops):
+    assert flops.known_peak_tflops(name) == tflops
+    assert flops.known_peak_tflops(name.lower()) == tflops      # case does not matter
+
+
 def test_peak_sources():
-    assert flops.known_peak_tflops("NVIDIA H200") == 989.0
-    assert flops.known_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert flops.known_peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert flops.known_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert flops.known_peak_tflops("Tesla V100-SXM2-32GB") == 125.0
-    assert flops.known_peak_tflops("NVIDIA GeForce RTX 4090") is None
     assert flops.peak_flops(torch.device("cpu"), 2.5) == (2.5e12, "given")
     measured, source = flops.peak_flops(torch.device("cpu"))
-    assert measured > 1e9 and source.startswith("measured")
+    # Any CPU sustains well over 0.1 GFLOP/s in bf16, even with other jobs on its cores (a
+    # loaded 2-core host measured 0.4, so 1 GFLOP/s was too tight a floor).
+    assert measured > 1e8 and source.startswith("measured")
     with pytest.raises(ValueError):
         flops.peak_flops(torch.device("cpu"), 0.0)
 

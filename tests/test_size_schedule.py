@@ -147,3 +147,23 @@ def test_gpu_loader_builds_each_epoch_at_its_size(synthetic_tree):
     x, _ = next(iter(loader))
     assert x.shape == (8, 3, 48, 48) and x.is_cuda
     loader.close()
+
+
+def test_gpu_layout_builds_each_epoch_at_its_size(synthetic_tree, monkeypatch):
+    """The loader's GPU branch (resize and flip inside the DALI graph) on CPU operators
+    (Placement.gpu_layout_on_cpu): each epoch's graph resizes to that epoch's side, and a
+    mid-epoch resume at that side replays the same batches."""
+    from fastdeit.data import loader as loader_module
+    from fastdeit.data.pipeline import Placement
+
+    monkeypatch.setattr(loader_module, "resolve_placement", lambda cfg, device: Placement(None, gpu_layout_on_cpu=True))
+    cfg = DataConfig(root=synthetic_tree, img_size=32, num_threads=2, device="cpu", repeated_aug=1, rand_augment=None)
+    loader = build_loader(cfg, "train", 8, 0, 1, 0, CPU)
+    loader.set_epoch(1, img_size=48)
+    full = list(loader)
+    assert all(x.shape == (8, 3, 48, 48) for x, _ in full)
+    loader.set_epoch(1, skip_batches=4, img_size=48)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(list(loader), full[4:]))
+    loader.set_epoch(2)
+    assert next(iter(loader))[0].shape == (8, 3, 32, 32)
+    loader.close()

@@ -9,11 +9,13 @@ from typing import List, Optional, Tuple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_LARGEST_IMAGE = (5980, 6430)   # width, height: NVIDIA's figure for its largest JPEG
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/demo"            # holds <train_split>/ and <val_split>/ in class-folder layout
+    root: str = "data/demo"            # holds <train_split>/ and <val_split>/ in class-folder layout,
+                                       # or packed (python -m fastdeit.data.pack; detected)
     train_split: str = "train"
     val_split: str = "val"
     # Optional file lists (text, one image path per line, relative to the split folder, e.g.
@@ -57,4 +59,16 @@ class DataConfig:
     prefetch: int = 2                  # DALI prefetch queue depth
     hw_decoder_load: float = 0.65      # GPU: share of JPEG decoding on the A100/H100/H200 hardware
                                        # decoder (the rest on CUDA cores); ignored on CPU
-    decoder_preallocate: bool = True   # GPU: preallocate nvJPEG buffers for ImageNet-sized images
+    # GPU train decoder: preallocate nvJPEG's buffers for images up to decoder_max_image
+    # ([width, height] of the train set's largest image; ImageNet's by default), so no image
+    # reallocates them mid-epoch. Per DALI thread: 5.5 B device + 2 x 3.7 B pinned per pixel of
+    # that image (201 MiB + 2 x 134 MiB for ImageNet; [1024, 1024] for a set resized to at most
+    # 1024 px: 5.5 + 2 x 3.7 MiB). Val never preallocates. fastdeit/data/README.md "GPU memory".
+    decoder_preallocate: bool = True
+    decoder_max_image: Tuple[int, int] = IMAGENET_LARGEST_IMAGE
+
+    def __post_init__(self):
+        size = tuple(self.decoder_max_image)
+        if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
+            raise ValueError(f"data.decoder_max_image must be [width, height] in pixels, got "
+                             f"{self.decoder_max_image!r}")

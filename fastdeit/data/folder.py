@@ -1,12 +1,17 @@
 """Class-folder dataset scan: `<root>/<class>/**/<image>` -> (files, labels, classes).
 
 Label indices are the sorted class-folder names, exactly as torchvision's ImageFolder assigns
-them, so checkpoints and class lists interoperate with timm/torchvision tooling.
+them, so checkpoints and class lists interoperate with timm/torchvision tooling. FolderSource is
+the loader's view of such a tree; shards.ShardSource, beside it, is the same for a packed one.
 """
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .imagecheck import check_image_file
 
 # Extensions we hand to the DALI decoders; compared case-insensitively (ImageNet uses .JPEG).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -88,3 +93,35 @@ def read_file_list(list_path: str, root: str) -> Tuple[List[str], List[int], Lis
     if not files:
         raise ValueError(f"file list {list_path} names no images")
     return files, labels, classes
+
+
+class FolderSource:
+    """The loader's view of a class-folder tree (or file list): labels and classes for the
+    sampler, the ordered file list DALI's file reader takes, and the error path's re-check.
+    Packed splits have the same interface (shards.ShardSource)."""
+
+    def __init__(self, files: List[str], labels: List[int], classes: List[str]):
+        self.files = np.asarray(files, dtype=object)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def pipeline_input(self, order: np.ndarray, batch_size: int, threads: int, prefetch: int):
+        """(files, labels) for pipeline.py, in reading order (DALI's reader does the I/O)."""
+        return self.files[order].tolist(), self.labels[order].tolist()
+
+    def first_bad(self, indices: Sequence[int]) -> Optional[Tuple[str, str]]:
+        """(path, reason) of the first of these images that does not decode, else None."""
+        for path in self.files[np.asarray(indices, dtype=np.int64)].tolist():
+            why = check_image_file(path)
+            if why is not None:
+                return path, why
+        return None
+
+    def describe(self, i: int) -> str:
+        return str(self.files[i])
+
+    def close(self) -> None:
+        pass

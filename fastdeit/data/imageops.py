@@ -20,8 +20,12 @@ Results are rounded back to uint8 after every op, as chaining PIL ops does.
 """
 from __future__ import annotations
 
+from typing import Dict, Sequence, Tuple
+
 import torch
 import torch.nn.functional as F
+
+from .transfer import to_device
 
 Tensor = torch.Tensor
 
@@ -199,7 +203,8 @@ def affine(x: Tensor, matrix: Tensor, fill: Tensor) -> Tensor:
 
     matrix [k, 2, 3] (float64 is fine, any device) maps an output pixel centre (x+0.5, y+0.5)
     to input coordinates, exactly PIL's affine data. Output pixels whose source lies outside
-    [0, W) x [0, H) get `fill` ([3] uint8 values); inside, bicubic taps are clamped at the border.
+    [0, W) x [0, H) get `fill` ([3] values, any dtype; float32 on x's device avoids a copy per
+    call); inside, bicubic taps are clamped at the border.
     """
     k, c, h, w = x.shape
     dev = x.device
@@ -241,7 +246,7 @@ def shift_rows(x: Tensor, axis: int, shear: Tensor, shift: Tensor, fill: Tensor)
     line is f[i + q + 1] where that lies in the line's valid range, else the fill. Each line's
     f sits in the middle of a fill-padded row of a buffer, so (2) is one copy of overlapping
     row windows (unfold + index_select), no per-pixel gather or mask. shear, shift: [k] (any
-    float dtype, any device); fill: [3] uint8.
+    float dtype, any device); fill: [3] (as in affine).
     """
     k, c, h, w = x.shape
     dev = x.device
@@ -290,19 +295,43 @@ def shift_rows(x: Tensor, axis: int, shear: Tensor, shift: Tensor, fill: Tensor)
     return out.permute(0, 3, 1, 2)
 
 
-def normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+class Normalize:
     """uint8 [B, 3, H, W] in channels-last memory -> float32 (x / 255 - mean) / std, same layout.
 
-    mean/std: [3] on the 0-1 scale. Computed on the NHWC buffer viewed as [B*H, W*3] with the
-    per-channel scale and bias tiled along the row: a per-channel broadcast over a 3-wide
-    innermost dimension defeats vectorisation on the CPU (about 3x slower).
+    mean/std: 3 values on the 0-1 scale. The per-channel scale and bias, tiled along an image
+    row (see normalize), are made once per (device, width) and kept there: moving them to the
+    device per batch would be two blocking host-to-device copies every batch.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        mean = torch.tensor(mean, dtype=torch.float32)
+        std = torch.tensor(std, dtype=torch.float32)
+        self._scale = 1.0 / (255.0 * std)
+        self._bias = -mean / std
+        self._rows: Dict[Tuple[torch.device, int], Tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        key = (x.device, x.shape[-1])
+        rows = self._rows.get(key)
+        if rows is None:
+            w = x.shape[-1]
+            rows = self._rows[key] = (to_device(self._scale.repeat(w), x.device),
+                                      to_device(self._bias.repeat(w), x.device))
+        return normalize(x, *rows)
+
+
+def normalize(x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """uint8 [B, 3, H, W] in channels-last memory -> float32 x * scale + bias, same layout.
+
+    scale, bias: float32 [W * 3] on x's device, the per-channel values tiled along the row
+    (Normalize makes them). Computed on the NHWC buffer viewed as [B*H, W*3]: a per-channel
+    broadcast over a 3-wide innermost dimension defeats vectorisation on the CPU (about 3x
+    slower).
     """
     b, c, h, w = x.shape
     nhwc = x.permute(0, 2, 3, 1)
     if not nhwc.is_contiguous():
         nhwc = nhwc.contiguous()
-    scale = (1.0 / (255.0 * std)).to(x.device, torch.float32).repeat(w)
-    bias = (-mean / std).to(x.device, torch.float32).repeat(w)
     out = torch.empty((b * h, w * c), dtype=torch.float32, device=x.device)
     out.copy_(nhwc.reshape(b * h, w * c))            # uint8 -> float32
     torch.addcmul(bias, out, scale, out=out)

@@ -18,13 +18,17 @@ uninterrupted epoch. The old pipeline is released before the new one is built.
 
 Val is unshuffled and seedless: one pipeline is kept across evaluations and rebuilt only if an
 evaluation was abandoned part way (DALI cannot rewind a reader mid-epoch).
+
+Sources: `cfg.root` is a class-folder tree (folder.FolderSource: DALI's file reader) or, when it
+holds a manifest, a packed one (shards.ShardSource: positioned reads from tar shards); both give
+the sampler the same indices and labels and DALI the same bytes, so batches are the same.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,13 +37,14 @@ from fastdeit import distributed
 
 from . import imageops
 from .config import DataConfig
-from .folder import find_classes, read_file_list, scan_image_folder
-from .imagecheck import check_image_file
+from . import shards
+from .folder import FolderSource, find_classes, read_file_list, scan_image_folder
 from .host import BackgroundBatches, resize_crops
 from .pipeline import READER_NAME, Placement, build_train_pipeline, build_val_pipeline
 from .randaug import BatchRandAugment, parse_rand_augment
 from .sampler import effective_repeats, train_indices, val_indices
 from .threeaug import ThreeAugment
+from .transfer import pins_for, to_device
 
 SPLITS = ("train", "val")
 
@@ -47,7 +52,7 @@ SPLITS = ("train", "val")
 def build_loader(cfg: DataConfig, split: str, batch_size: int, rank: int, world_size: int,
                  seed: int, device: torch.device,
                  threads: Optional[distributed.ThreadBudget] = None) -> "Loader":
-    """Scan `cfg.root/<split folder>` and return this rank's loader for `split`.
+    """Scan `cfg.root/<split folder>` (or open it, packed) and return this rank's loader.
 
     batch_size is the per-rank micro batch. `device` is where batches are delivered; DALI runs
     on that GPU when cfg.device is "gpu", or "auto" with CUDA available and a CUDA `device`.
@@ -59,25 +64,26 @@ def build_loader(cfg: DataConfig, split: str, batch_size: int, rank: int, world_
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
-    folder = os.path.join(cfg.root, cfg.train_split if split == "train" else cfg.val_split)
+    name = cfg.train_split if split == "train" else cfg.val_split
+    folder, train_folder = os.path.join(cfg.root, name), os.path.join(cfg.root, cfg.train_split)
     file_list = cfg.train_list if split == "train" else cfg.val_list
-    if file_list:
-        files, labels, classes = read_file_list(file_list, folder)
+    if shards.is_packed(cfg.root):  # python -m fastdeit.data.pack output (shards.py)
+        source = shards.open_split(cfg.root, name, file_list)
+        train_classes = shards.split_classes(cfg.root, cfg.train_split)
     else:
-        files, labels, classes = scan_image_folder(folder)
-    if split == "val":
-        train_folder = os.path.join(cfg.root, cfg.train_split)
-        if os.path.isdir(train_folder) and find_classes(train_folder) != classes:
-            # Same index <-> name mapping or every val label would be silently wrong.
-            raise ValueError(f"class folders of {folder} differ from those of {train_folder}")
+        source = FolderSource(*(read_file_list(file_list, folder) if file_list
+                                else scan_image_folder(folder)))
+        train_classes = find_classes(train_folder) if os.path.isdir(train_folder) else None
+    if split == "val" and train_classes is not None and train_classes != source.classes:
+        # Same index <-> name mapping or every val label would be silently wrong.
+        raise ValueError(f"class folders of {folder} differ from those of {train_folder}")
     placement = resolve_placement(cfg, device)
     if cfg.num_threads is None or cfg.host_threads is None:
         threads = threads or distributed.rank_budget(distributed.RuntimeConfig(), placement.gpu,
                                                      device.type)
         cfg = dataclasses.replace(cfg, num_threads=cfg.num_threads or threads.dali,
                                   host_threads=cfg.host_threads or threads.host)
-    return Loader(cfg, split, files, labels, classes, batch_size, rank, world_size, seed,
-                  device, placement)
+    return Loader(cfg, split, source, batch_size, rank, world_size, seed, device, placement)
 
 
 def resolve_placement(cfg: DataConfig, device: torch.device) -> Placement:
@@ -118,16 +124,14 @@ class Loader:
     is seen exactly once over all ranks; the last batch may be partial.
     """
 
-    def __init__(self, cfg: DataConfig, split: str, files: List[str], labels: List[int],
-                 classes: List[str], batch_size: int, rank: int, world_size: int, seed: int,
-                 device: torch.device, placement: Placement):
+    def __init__(self, cfg: DataConfig, split: str, source, batch_size: int, rank: int,
+                 world_size: int, seed: int, device: torch.device, placement: Placement):
         self.cfg, self.split, self.batch_size = cfg, split, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device, self.placement = device, placement
-        self.classes = list(classes)
-        self.num_classes = len(classes)
-        self._files = np.asarray(files, dtype=object)
-        self._labels = np.asarray(labels, dtype=np.int64)
+        self.classes = list(source.classes)
+        self.num_classes = len(self.classes)
+        self._source = source   # folder.FolderSource or shards.ShardSource
         self._pipe = None
         self._it = None                 # DALIGenericIterator (GPU train, val)
         self._background: Optional[BackgroundBatches] = None   # CPU train
@@ -137,8 +141,9 @@ class Loader:
         self._epoch = 0
         self._skip = 0
         self.img_size = cfg.img_size    # train: the current epoch's side (set_epoch)
-        self._mean = torch.tensor(cfg.mean, dtype=torch.float32)
-        self._std = torch.tensor(cfg.std, dtype=torch.float32)
+        self._normalize = imageops.Normalize(cfg.mean, cfg.std)  # constants kept on the device
+        # CPU placement feeding a device: host batches are made in pinned memory (transfer.py)
+        self._pin = pins_for(device)
         self.randaug = None   # BatchRandAugment or ThreeAugment (train)
         if split == "train":
             self.repeats = effective_repeats(cfg.repeated_aug, world_size,
@@ -150,16 +155,16 @@ class Loader:
                 fill = [min(255, round(255 * m)) for m in cfg.mean]
                 self.randaug = BatchRandAugment(parse_rand_augment(cfg.rand_augment), fill)
             # Same count on every rank (sampler.py), so the same number of batches.
-            per_rank = len(train_indices(len(files), rank, world_size, seed, 0, self.repeats))
+            per_rank = len(train_indices(len(source), rank, world_size, seed, 0, self.repeats))
             self._num_batches = per_rank // batch_size
             if self._num_batches == 0:
                 raise ValueError(
-                    f"train split has {len(files)} images: {per_rank} per rank, fewer than "
+                    f"train split has {len(source)} images: {per_rank} per rank, fewer than "
                     f"batch_size {batch_size}, so an epoch would have no batches")
             self.num_samples = self._num_batches * batch_size
         else:
             self.repeats = 1
-            self.num_samples = len(val_indices(len(files), rank, world_size))
+            self.num_samples = len(val_indices(len(source), rank, world_size))
             self._num_batches = math.ceil(self.num_samples / batch_size)
 
     def __len__(self) -> int:
@@ -183,12 +188,11 @@ class Loader:
         if not 0 <= skip_batches <= self._num_batches:
             raise ValueError(f"skip_batches must be in [0, {self._num_batches}], got {skip_batches}")
         self.close()
-        order = train_indices(len(self._files), self.rank, self.world_size, self.seed, epoch,
+        order = train_indices(len(self._source), self.rank, self.world_size, self.seed, epoch,
                               self.repeats)[: self.num_samples]
         self.img_size = img_size or self.cfg.img_size
-        pipe_args = (self._files[order].tolist(), self._labels[order].tolist(), self.cfg,
-                     self.batch_size, dali_seed(self.seed, epoch, self.rank), self.placement,
-                     self.img_size)
+        pipe_args = (*self._inputs(order), self.cfg, self.batch_size,
+                     dali_seed(self.seed, epoch, self.rank), self.placement, self.img_size)
         self._start(order, build_train_pipeline, pipe_args)
         self._epoch, self._skip = epoch, skip_batches
         for step in range(skip_batches):  # decode and discard: see the module docstring
@@ -213,10 +217,9 @@ class Loader:
                 return iter(())
             if not self._clean:
                 self.close()
-                order = val_indices(len(self._files), self.rank, self.world_size)
+                order = val_indices(len(self._source), self.rank, self.world_size)
                 self._start(order, build_val_pipeline,
-                            (self._files[order].tolist(), self._labels[order].tolist(),
-                             self.cfg, self.batch_size, self.placement))
+                            (*self._inputs(order), self.cfg, self.batch_size, self.placement))
             self._clean = False
         return self._batches()
 
@@ -231,9 +234,11 @@ class Loader:
                     images = images.permute(0, 3, 1, 2)
             except RuntimeError as e:
                 self._fail(step, e)
-            if images.device != self.device:  # CPU pipeline feeding a GPU run: copy uint8
-                images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
+            if images.device != self.device:
+                # CPU pipeline feeding a GPU run: uint8 from pinned memory, without blocking;
+                # GPU pipeline feeding a CPU run: a blocking copy (never read before it lands)
+                images = to_device(images, self.device)
+                labels = to_device(labels, self.device)
             if self.split == "train" and images.dtype == torch.uint8:
                 images = self._augment(images, step)
             yield images, labels
@@ -251,14 +256,15 @@ class Loader:
             b, _, h, w = images.shape
             plan = self.randaug.sample(b, h, w, gen).to(images.device)
             images = self.randaug.apply(images, plan)
-        return imageops.normalize(images, self._mean, self._std)
+        return self._normalize(images)
 
     def _read_host(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """CPU placement, feeder thread: DALI's crops, resized and flipped (uint8 NCHW in
         channels-last memory) before DALI's next run reuses their buffers."""
         crops, labels, flips = self._run_dali(step)
-        images = resize_crops(crops, flips.as_array(), self.img_size).permute(0, 3, 1, 2)
-        return images, torch.from_numpy(labels.as_array().reshape(-1))
+        images = resize_crops(crops, flips.as_array(), self.img_size, pin=self._pin)
+        labels = torch.from_numpy(labels.as_array().reshape(-1))
+        return images.permute(0, 3, 1, 2), (labels.pin_memory() if self._pin else labels)
 
     def _finish_host(self, step: int, batch):
         """CPU placement, pool thread: RandAugment + normalisation when the batches are for the
@@ -289,6 +295,7 @@ class Loader:
             self._background = None
         self._it = None
         self._pipe = None
+        self._source.close()  # a packed source's read-ahead threads
         self._order = None
         self._ready = False
         self._clean = False
@@ -301,18 +308,26 @@ class Loader:
 
     # -- internals -------------------------------------------------------------------------
 
+    def _inputs(self, order: np.ndarray):
+        """(files, labels) for the pipeline: the ordered file list, or a packed split's feed."""
+        return self._source.pipeline_input(order, self.batch_size, self.cfg.num_threads,
+                                           self.cfg.prefetch)
+
     def _start(self, order: np.ndarray, build, args) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self._order = order
         try:
             self._pipe = build(*args)
-            if self.split == "train" and not self.placement.gpu:
+            if self.split == "train" and not self.placement.gpu_layout:
                 return  # ragged crops (pipeline.py): set_epoch runs the pipeline directly
             # The iterator runs the first batches right away (prefetch), overlapping them with
             # whatever the trainer does between set_epoch and the first step.
+            # A packed feed (files not a list) sizes its own epoch: the iterator reads it to
+            # StopIteration, its last val batch already partial.
             self._it = DALIGenericIterator(
-                [self._pipe], ["images", "labels"], reader_name=READER_NAME,
+                [self._pipe], ["images", "labels"],
+                reader_name=READER_NAME if isinstance(args[0], list) else None,
                 last_batch_policy=(LastBatchPolicy.DROP if self.split == "train"
                                    else LastBatchPolicy.PARTIAL),
                 auto_reset=self.split == "val")
@@ -325,14 +340,17 @@ class Loader:
         Policy for corrupt/truncated/non-image files: the epoch stops with an error naming the
         file (never a skipped sample or a shifted label). DALI's message names only the
         operator, so we re-decode with PIL the files DALI may have been working on: the failing
-        batch and the ones prefetched after it.
+        batch and the ones prefetched after it (for shards: the members, named with their
+        shard). A shard read error (shards.ShardError) already names the file.
         """
         order = self._order if self._order is not None else np.arange(0)
         lo = step * self.batch_size
         hi = (step + self.cfg.prefetch + 2) * self.batch_size
-        candidates = self._files[order[lo:hi]].tolist()
+        candidates = order[lo:hi]
         self.close()
-        bad = _first_undecodable(candidates)
+        if isinstance(error, shards.ShardError):
+            raise error
+        bad = self._source.first_bad(candidates)
         if bad is not None:
             path, why = bad
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -341,12 +359,5 @@ class Loader:
             raise RuntimeError(f"cannot decode image {path}: {why} (DALI: {dali})") from error
         raise RuntimeError(
             f"DALI {self.split} pipeline failed at batch {step}; the images it was reading "
-            f"({len(candidates)} files from {candidates[:1]}) decode fine with PIL") from error
-
-
-def _first_undecodable(paths: List[str]) -> Optional[Tuple[str, str]]:
-    for path in paths:
-        why = check_image_file(path)
-        if why is not None:
-            return path, why
-    return None
+            f"({len(candidates)} files from "
+            f"{[self._source.describe(i) for i in candidates[:1]]}) decode fine with PIL") from error

@@ -8,9 +8,12 @@ mixing is off, so the loss is one soft-target cross entropy in every configurati
 Everything is batched on the images' device. Random erasing is our own vectorised version of
 timm's RandomErasing (a per-image Python loop): the same per-image probability, box count,
 area/aspect sampling with 10 attempts, and fills (tests/test_mixing.py compares the statistics);
-its draws come from torch's global generators. Mixup/CutMix take their parameters and targets
-from timm's Mixup (numpy's global RNG, as in timm) and write the mixed batch once, straight into
-the engine's dtype in channels-last memory, so the trainer's cast is a no-op.
+its draws come from torch's global generators, on the host, and reach the device as one small
+copy from pinned memory that does not block (transfer.py). Mixup/CutMix take their parameters
+and targets from timm's Mixup (numpy's global RNG, as in timm) and write the mixed batch once,
+straight into the engine's dtype in channels-last memory, so the trainer's cast is a no-op.
+In "batch" mode (the recipe) nothing here waits for the device. The "pair" and "elem" modes run
+timm's own per-sample code, which moves its lambdas with one blocking copy per batch.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from typing import Literal, Optional, Tuple
 import torch
 from timm.data import Mixup
 from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
+
+from .transfer import to_device
 
 CHANNELS_LAST = torch.channels_last
 
@@ -97,11 +102,11 @@ class BatchRandomErasing:
         # per box: the flat NHWC pixel index of its top-left corner, its width, its first
         # slot in the list of erased pixels; per pixel: corner + row * W + column
         corner = (sample * height + boxes[:, 0]) * width + boxes[:, 1]
-        table = torch.stack([corner, boxes[:, 3], pixels.cumsum(0) - pixels], dim=1)
-        table = table.to(dev, non_blocking=True)
+        table = torch.stack([corner, boxes[:, 3], pixels.cumsum(0) - pixels, pixels], dim=1)
+        table = to_device(table, dev)     # one copy from pinned memory: the host never waits
         box_of = torch.repeat_interleave(torch.arange(len(boxes), device=dev),
-                                         pixels.to(dev, non_blocking=True), output_size=total)
-        corner, w, start = table.index_select(0, box_of).unbind(1)
+                                         table[:, 3], output_size=total)
+        corner, w, start = table[:, :3].index_select(0, box_of).unbind(1)
         local = torch.arange(total, device=dev) - start
         row = torch.div(local, w, rounding_mode="floor")
         flat = corner + row * width + (local - row * w)

@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import imageops
+from .transfer import to_device
 
 # timm expresses magnitudes on a 0..10 scale (_LEVEL_DENOM).
 TIMM_MAX_MAGNITUDE = 10
@@ -133,12 +134,13 @@ class RandAugmentPlan:
     draws: Optional[Dict[str, torch.Tensor]] = None
 
     def to(self, device: torch.device) -> "RandAugmentPlan":
+        """Two copies from pinned memory that do not block the host (transfer.py)."""
         if device.type == "cpu":
             return self
         n, b = self.value.shape
         floats = torch.cat([self.value.view(n, b, 1), self.matrix.view(n, b, 6)], dim=2)
-        floats = floats.pin_memory().to(device, non_blocking=True)
-        gather = self.gather.pin_memory().to(device, non_blocking=True)
+        floats = to_device(floats, device)
+        gather = to_device(self.gather, device)
         return RandAugmentPlan(gather, floats[..., 0], floats[..., 1:].reshape(n, b, 2, 3),
                                self.groups, self.draws)
 
@@ -153,6 +155,9 @@ class BatchRandAugment:
         self.spec = spec
         self.names = spec.ops
         self.fill = torch.tensor([int(v) for v in fill], dtype=torch.uint8)
+        # float32 copies of the fill per device, made by the first batch there (whatever ops it
+        # draws) and reused: a per-op copy of the constant would block the host every batch
+        self._fills: Dict[torch.device, torch.Tensor] = {}
         # kind of every op id, and the group order used in a slot (one call per kind)
         self._kinds = [_kind(name) for name in self.names]
         self._kind_order = list(dict.fromkeys(self._kinds))
@@ -221,19 +226,20 @@ class BatchRandAugment:
         channels-last memory. Works on the NHWC buffer: each slot is one gather that makes
         every op group a contiguous run of images, so each op reads and writes a plain slice
         (scattered index_copy_ into strided memory is several times slower on the CPU)."""
+        fill = self._fill_on(images.device)
         x = images.permute(0, 2, 3, 1)          # NHWC view; a no-op for channels-last input
         for j, slot in enumerate(plan.groups):
             x = x.index_select(0, plan.gather[j])
             for kind, start, end in slot:
                 sub = x[start:end].permute(0, 3, 1, 2)     # [k, 3, H, W], channels-last
                 if kind == "affine":
-                    out = imageops.affine(sub, plan.matrix[j, start:end], self.fill)
+                    out = imageops.affine(sub, plan.matrix[j, start:end], fill)
                 elif kind == "shift_x":   # matrix [[1, shear, shift], [0, 1, 0]]
                     m = plan.matrix[j, start:end]
-                    out = imageops.shift_rows(sub, 3, m[:, 0, 1], m[:, 0, 2], self.fill)
+                    out = imageops.shift_rows(sub, 3, m[:, 0, 1], m[:, 0, 2], fill)
                 elif kind == "shift_y":   # matrix [[1, 0, 0], [shear, 1, shift]]
                     m = plan.matrix[j, start:end]
-                    out = imageops.shift_rows(sub, 2, m[:, 1, 0], m[:, 1, 2], self.fill)
+                    out = imageops.shift_rows(sub, 2, m[:, 1, 0], m[:, 1, 2], fill)
                 elif kind in _NO_ARG:
                     out = getattr(imageops, kind)(sub)
                 else:
@@ -241,6 +247,12 @@ class BatchRandAugment:
                 x[start:end] = out.permute(0, 2, 3, 1)
         x = x.index_select(0, plan.gather[-1])
         return x.permute(0, 3, 1, 2)
+
+    def _fill_on(self, device: torch.device) -> torch.Tensor:
+        fill = self._fills.get(device)
+        if fill is None:
+            fill = self._fills[device] = to_device(self.fill.to(torch.float32), device)
+        return fill
 
 
 _NO_ARG = ("autocontrast", "equalize", "invert")

@@ -12,7 +12,9 @@ CONFIG=${1:?usage: sbatch launch/slurm/<template>.sbatch CONFIG [key=value ...]}
 shift
 
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
-export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-8}
+# Threads: each rank splits its SLURM_CPUS_PER_TASK between DALI, its host threads and torch
+# (fastdeit.distributed.thread_budget; logged at start). Setting OMP_NUM_THREADS here would
+# override torch's share: with the data on the GPU one intra-op thread is enough.
 PYTHON=${PYTHON:-.venv/bin/python}
 
 srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" launch/train.py --config "$CONFIG" "$@"
