@@ -49,6 +49,8 @@ class Lamb(torch.optim.Optimizer):
         # original parameters (num_params: padding). None: each tensor is one parameter.
         self._layout: Optional[Dict[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None
         self._num_params = 0
+        # Unbound: each tensor's one segment, made on its device once (no per-step copies)
+        self._own: Dict[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._group = None       # the data-parallel process group of the partitions
         self._engine_clips = False   # ZeRO 1/2: DeepSpeed clips by the global norm (see bind_layout)
 
@@ -137,16 +139,15 @@ class Lamb(torch.optim.Optimizer):
                 for p in group["params"]:
                     yield (group, p, *self._layout[p])
             return
-        pid = 0
         for group in self.param_groups:
             for p in group["params"]:
-                dev = p.device
-                yield (group, p, torch.tensor([p.numel()], dtype=torch.int64, device=dev),
-                       torch.tensor([pid], dtype=torch.int64, device=dev))
-                pid += 1
+                if p not in self._own:
+                    self._own[p] = (torch.tensor([p.numel()], dtype=torch.int64, device=p.device),
+                                    torch.tensor([len(self._own)], dtype=torch.int64, device=p.device))
+                yield (group, p, *self._own[p])
 
     def _count(self) -> int:
-        return self._num_params if self._layout is not None else sum(len(g["params"]) for g in self.param_groups)
+        return self._num_params if self._layout is not None else len(self._own)
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self._layout is not None and dist.is_initialized():
