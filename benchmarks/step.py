@@ -42,6 +42,7 @@ two are measured in the same run.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -71,13 +72,21 @@ SIZES = {"ti": "tiny", "s": "small", "b": "base"}
 
 
 class Setup:
-    """What every variant shares: sizes, names, and one synthetic batch on the device."""
+    """What every variant shares: sizes, names, and one synthetic batch on the device.
 
-    def __init__(self, args: argparse.Namespace, device: torch.device):
+    With several --img-size values, ``at(size)`` gives each size its own view (batch, FLOP
+    counts per size) over the same teacher file, and the fastdeit students are built at
+    ``native_size`` with timm's dynamic image size, exactly as training with
+    data.size_schedule builds them (position embedding resampled per forward)."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, img_size: Optional[int] = None,
+                 native_size: Optional[int] = None):
         self.args = args
         self.device = device
         self.batch = args.batch
-        self.img_size = args.img_size
+        self.img_size = img_size or (args.img_size[0] if isinstance(args.img_size, list) else args.img_size)
+        self.native_size = native_size      # None: one size, static models
+        self.tag = ""                       # "@<size>" in variant names when several sizes run
         self.num_classes = args.classes
         size = SIZES[args.model]
         self.student = f"deit_{size}_patch16_224"
@@ -90,8 +99,21 @@ class Setup:
         self.images = torch.randn(self.batch, 3, self.img_size, self.img_size, generator=g).to(device)
         self.labels = torch.randint(0, self.num_classes, (self.batch,), generator=g).to(device)
         self.mixing = MixingConfig() if args.mixing else MixingConfig(prob=0.0, erase_prob=0.0)
-        self._teacher_file: Optional[str] = None
-        self._flops: Dict[str, float] = {}
+        self._shared: Dict[str, Any] = {"teacher": None, "flops": {}}   # across at() views
+
+    def at(self, size: int) -> "Setup":
+        """This setup at another image side (its own batch), sharing the teacher file."""
+        view = copy.copy(self)
+        view.img_size, view.tag = size, f"@{size}"
+        g = torch.Generator().manual_seed(0)
+        view.images = torch.randn(self.batch, 3, size, size, generator=g).to(self.device)
+        return view
+
+    def student_size(self) -> Dict[str, Any]:
+        """build_student's size arguments: the native size, dynamic when several sizes run."""
+        if self.native_size is None:
+            return {"img_size": self.img_size}
+        return {"img_size": self.native_size, "dynamic_img_size": True}
 
     def fresh_images(self) -> torch.Tensor:
         # Mixing works in place; the loader hands over a new tensor every step anyway.
@@ -103,26 +125,27 @@ class Setup:
     def teacher_weights(self) -> str:
         """A random-weight file for the teacher: speed does not depend on the values, and it
         lets the benchmark build the teacher through build_teacher exactly as training does."""
-        if self._teacher_file is None:
+        if self._shared["teacher"] is None:
             module = timm.create_model(self.args.teacher, num_classes=self.num_classes, **self.teacher_kwargs)
             fd, path = tempfile.mkstemp(suffix=".pth", prefix="bench-teacher-")
             os.close(fd)
             torch.save(module.state_dict(), path)
-            self._teacher_file = path
-        return self._teacher_file
+            self._shared["teacher"] = path
+        return self._shared["teacher"]
 
     def count(self, key: str, fn: Callable[[], float]) -> float:
-        if key not in self._flops:
-            self._flops[key] = fn()
-        return self._flops[key]
+        flops, key = self._shared["flops"], f"{key}@{self.img_size}"
+        if key not in flops:
+            flops[key] = fn()
+        return flops[key]
 
     def maybe_compile(self, model: nn.Module, compiled: bool) -> nn.Module:
         return torch.compile(model, **compile_kwargs(self.args.compile_mode)) if compiled else model
 
     def close(self) -> None:
-        if self._teacher_file:
-            os.unlink(self._teacher_file)
-            self._teacher_file = None
+        if self._shared["teacher"]:
+            os.unlink(self._shared["teacher"])
+            self._shared["teacher"] = None
 
 
 # --------------------------------------------------------------------------- variants
@@ -156,7 +179,7 @@ class FastdeitStep(Variant):
                      else "wrap-compiled" if wrap else "fastdeit-student")
         self.stage = stage
         self.compiled = compiled or wrap
-        self.name = f"{self.kind}[z{stage}]" + ("+compile" if compiled and not wrap else "")
+        self.name = f"{self.kind}[z{stage}]" + ("+compile" if compiled and not wrap else "") + s.tag
         mode = s.args.compile_mode
         self.about = (f"DeepSpeed ZeRO-{stage} bf16, {'distilled student + frozen bf16 ' + s.args.teacher_format + ' teacher, hard distillation' if distill else 'student alone'}"
                       f"{', Mixup/CutMix + erasing' if s.args.mixing else ''}"
@@ -165,7 +188,8 @@ class FastdeitStep(Variant):
                       f"{f', engine.compile() ({mode})' if compiled and not wrap else ''}"
                       f"{f', torch.compile ({mode}) before deepspeed.initialize' if wrap else ''}")
         self.s = s
-        model = build_student(s.student_config(s.distilled if distill else s.student), s.img_size, s.num_classes)
+        model = build_student(s.student_config(s.distilled if distill else s.student), num_classes=s.num_classes,
+                              **s.student_size())
         model = model.to(s.device)
         self.teacher = None
         if distill:
@@ -229,11 +253,11 @@ class BareStep(Variant):
 
     def __init__(self, s: Setup, compiled: bool = False):
         self.compiled = compiled
-        self.name = "bare-student" + ("+compile" if compiled else "")
+        self.name = "bare-student" + ("+compile" if compiled else "") + s.tag
         self.about = ("plain PyTorch loop: same student and optimizer, autocast bf16 over fp32 weights"
                       + (f", torch.compile ({s.args.compile_mode})" if compiled else ""))
         self.s = s
-        model = build_student(s.student_config(s.student), s.img_size, s.num_classes).to(s.device)
+        model = build_student(s.student_config(s.student), num_classes=s.num_classes, **s.student_size()).to(s.device)
         self.flops_per_image = s.count("fastdeit-student", lambda: flops_lib.train_flops_per_image(model, s.img_size))
         self.optimizer = build_optimizer(OptimConfig(), model, s.batch)
         self.model = s.maybe_compile(model, compiled)
@@ -266,7 +290,7 @@ class ViTRecipeStep(Variant):
 
     def __init__(self, s: Setup, mixup: bool = False, compiled: bool = False):
         self.compiled = compiled
-        self.name = "A:vit-recipe" + ("+compile" if compiled else "")
+        self.name = "A:vit-recipe" + ("+compile" if compiled else "") + s.tag
         self.about = (f"timm {s.vit}, plain loop, autocast bf16, torch AdamW (default impl), "
                       + ("timm Mixup/CutMix + soft-target CE" if mixup else "CE + smoothing")
                       + (f", torch.compile ({s.args.compile_mode})" if compiled else ""))
@@ -308,7 +332,7 @@ class DeiTReferenceStep(Variant):
         self.s = s
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[reference_amp(s.args.ref_amp, s.device)]
         amp = "fp16" if self.amp_dtype == torch.float16 else "bf16"
-        self.name = "B:deit-reference"
+        self.name = f"B:deit-reference{s.tag}"
         self.about = (f"as published: {amp} autocast + GradScaler, loss.item() + sync every step, "
                       f"fp32 NCHW teacher under autocast, unfused AdamW"
                       f"{', Mixup/CutMix' if s.args.mixing else ''}")
@@ -373,7 +397,7 @@ def run_steps(v: Variant, n: int, clock: common.PhaseClock, s: Setup) -> List[Li
     marks: List[List[Any]] = []
     for _ in range(n):
         start = clock.mark()
-        v.forward(s.fresh_images(), s.labels)
+        v.forward(v.s.fresh_images(), v.s.labels)     # the variant's own size
         fwd = clock.mark()
         v.backward()
         bwd = clock.mark()
@@ -393,7 +417,20 @@ def phase_times(marks: List[List[Any]], clock: common.PhaseClock) -> Dict[str, L
     return out
 
 
+def size_views(s: Setup) -> List[Setup]:
+    """One setup per --img-size (the setup itself when there is one size)."""
+    sizes = s.args.img_size if isinstance(s.args.img_size, list) else [s.args.img_size]
+    if len(sizes) == 1:
+        return [s]
+    s.native_size = s.args.native_size or max(sizes)
+    return [s.at(size) for size in sizes]
+
+
 def build_variants(s: Setup) -> List[Callable[[], Variant]]:
+    return [f for view in size_views(s) for f in _variants_at(view)]
+
+
+def _variants_at(s: Setup) -> List[Callable[[], Variant]]:
     wanted = s.args.variants
     factories: List[Callable[[], Variant]] = []
     for compiled in {"off": [False], "on": [True], "both": [False, True]}[s.args.compile]:
@@ -461,6 +498,7 @@ def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> Tuple[L
         peak_mem = (res["resident"] + res["transient"]) if res["resident"] is not None else None
         out.append({
             "name": v.name, "kind": v.kind, "zero_stage": v.stage, "compiled": v.compiled, "about": v.about,
+            "img_size": v.s.img_size, "base": v.name[: len(v.name) - len(v.s.tag)] if v.s.tag else v.name,
             "img_per_sec": ips, "ms_per_step": step["median"], "ms_p25": step["p25"], "ms_p75": step["p75"],
             "ms_best": step["min"], "img_per_sec_best": s.batch / (step["min"] / 1e3),
             "ms_phases": {p: common.summarize(res["times"][p])["median"] for p in ("forward", "backward", "optimizer")},
@@ -472,7 +510,7 @@ def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> Tuple[L
     return out, run_peak
 
 
-def ratios(rows: List[Dict[str, Any]], stages: Sequence[int]) -> List[Dict[str, Any]]:
+def ratios(rows: List[Dict[str, Any]], stages: Sequence[int], patch: int = 16) -> List[Dict[str, Any]]:
     by = {r["name"]: r for r in rows}
     out = []
 
@@ -485,30 +523,46 @@ def ratios(rows: List[Dict[str, Any]], stages: Sequence[int]) -> List[Dict[str, 
                         "value_best": by[num][best[key]] / by[den][best[key]],
                         "meaning": meaning, **({"target": target} if target else {})})
 
-    for c in ("", "+compile"):                       # the same ratios among eager and among compiled
-        tag = " compiled" if c else ""
+    # Per size tag ("@<side>" when several sizes ran, else ""), the same ratios among eager and
+    # among compiled variants.
+    tags = list(dict.fromkeys(r["name"][len(r["base"]):] for r in rows))
+    for t in tags:
+        for c in ("", "+compile"):
+            ct = (" compiled" if c else "") + t
+            for z in stages:
+                add(f"overhead z{z}{ct}", f"fastdeit-student[z{z}]{c}{t}", f"bare-student{c}{t}", "ms_per_step",
+                    "fastdeit step time / bare PyTorch step time, same student, optimizer, bf16", "<= 1.10")
+                add(f"speed-up vs A z{z}{ct}", f"fastdeit-student[z{z}]{c}{t}", f"A:vit-recipe{c}{t}", "img_per_sec",
+                    "fastdeit student-only img/s / usual ViT recipe img/s")
+                add(f"speed-up vs B z{z}{ct}", f"fastdeit[z{z}]{c}{t}", f"B:deit-reference{t}", "img_per_sec",
+                    "fastdeit distillation img/s / DeiT reference step img/s")
+                add(f"teacher cost z{z}{ct}", f"fastdeit[z{z}]{c}{t}", f"fastdeit-student[z{z}]{c}{t}", "ms_per_step",
+                    "step time with frozen teacher + distillation / without")
+                add(f"DS defaults z{z}{ct}", f"ds-defaults[z{z}]{c}{t}", f"fastdeit-student[z{z}]{c}{t}", "ms_per_step",
+                    "step time with DeepSpeed's bf16 defaults / with fastdeit.engine's config")
+                add(f"EMA cost z{z}{ct}", f"fastdeit-ema[z{z}]{c}{t}", f"fastdeit-student[z{z}]{c}{t}", "ms_per_step",
+                    "step time with the model EMA updated every step / without")
         for z in stages:
-            add(f"overhead z{z}{tag}", f"fastdeit-student[z{z}]{c}", f"bare-student{c}", "ms_per_step",
-                "fastdeit step time / bare PyTorch step time, same student, optimizer, bf16", "<= 1.10")
-            add(f"speed-up vs A z{z}{tag}", f"fastdeit-student[z{z}]{c}", f"A:vit-recipe{c}", "img_per_sec",
-                "fastdeit student-only img/s / usual ViT recipe img/s")
-            add(f"speed-up vs B z{z}{tag}", f"fastdeit[z{z}]{c}", "B:deit-reference", "img_per_sec",
-                "fastdeit distillation img/s / DeiT reference step img/s")
-            add(f"teacher cost z{z}{tag}", f"fastdeit[z{z}]{c}", f"fastdeit-student[z{z}]{c}", "ms_per_step",
-                "step time with frozen teacher + distillation / without")
-            add(f"DS defaults z{z}{tag}", f"ds-defaults[z{z}]{c}", f"fastdeit-student[z{z}]{c}", "ms_per_step",
-                "step time with DeepSpeed's bf16 defaults / with fastdeit.engine's config")
-            add(f"EMA cost z{z}{tag}", f"fastdeit-ema[z{z}]{c}", f"fastdeit-student[z{z}]{c}", "ms_per_step",
-                "step time with the model EMA updated every step / without")
-    for z in stages:
-        add(f"compile speed-up z{z}", f"fastdeit-student[z{z}]+compile", f"fastdeit-student[z{z}]", "img_per_sec",
-            "student img/s compiled (engine.compile) / eager")
-        add(f"compile speed-up distilled z{z}", f"fastdeit[z{z}]+compile", f"fastdeit[z{z}]", "img_per_sec",
-            "distillation img/s, student and teacher compiled / eager")
-        add(f"engine.compile vs wrap z{z}", f"fastdeit-student[z{z}]+compile", f"wrap-compiled[z{z}]", "ms_per_step",
-            "step time with engine.compile() / with torch.compile before deepspeed.initialize")
-    add("compile speed-up bare", "bare-student+compile", "bare-student", "img_per_sec",
-        "bare loop img/s compiled / eager")
+            add(f"compile speed-up z{z}{t}", f"fastdeit-student[z{z}]+compile{t}", f"fastdeit-student[z{z}]{t}",
+                "img_per_sec", "student img/s compiled (engine.compile) / eager")
+            add(f"compile speed-up distilled z{z}{t}", f"fastdeit[z{z}]+compile{t}", f"fastdeit[z{z}]{t}",
+                "img_per_sec", "distillation img/s, student and teacher compiled / eager")
+            add(f"engine.compile vs wrap z{z}{t}", f"fastdeit-student[z{z}]+compile{t}", f"wrap-compiled[z{z}]{t}",
+                "ms_per_step", "step time with engine.compile() / with torch.compile before deepspeed.initialize")
+        add(f"compile speed-up bare{t}", f"bare-student+compile{t}", f"bare-student{t}", "img_per_sec",
+            "bare loop img/s compiled / eager")
+    # Several sizes (data.size_schedule): each variant's speed-up at a smaller side over its
+    # speed at the largest, next to what the patch-token and counted-FLOP ratios predict.
+    for base in dict.fromkeys(r["base"] for r in rows if r["name"] != r["base"]):
+        same = sorted((r for r in rows if r["base"] == base), key=lambda r: -r["img_size"])
+        top = same[0]
+        for r in same[1:]:
+            add(f"{base} {top['img_size']}->{r['img_size']}", r["name"], top["name"], "img_per_sec",
+                f"img/s at {r['img_size']} / img/s at {top['img_size']}")
+            out[-1].update(token_ratio=(top["img_size"] // patch) ** 2 / (r["img_size"] // patch) ** 2,
+                           flops_ratio=top["flops_per_image"] / r["flops_per_image"])
+            out[-1]["meaning"] += (f"; patch tokens {out[-1]['token_ratio']:.2f}x fewer, "
+                                   f"counted FLOPs {out[-1]['flops_ratio']:.2f}x fewer")
     return out
 
 
@@ -543,7 +597,7 @@ def markdown(record: Dict[str, Any]) -> str:
     st = record["settings"]
     peak = record["peak"]
     model = common.model_label(st["student"], st["model_kwargs"])
-    lines = [common.record_header_md(record, f"Training step: {model} at {st['img_size']}px, batch {st['batch']}"),
+    lines = [common.record_header_md(record, f"Training step: {model} at {size_label(st)}px, batch {st['batch']}"),
              f"- settings: ZeRO {st['zero_stage']}, compile {st['compile']} ({st.get('compile_mode', 'default')}), teacher "
              f"{st['teacher']} ({st['teacher_format']}), mixing {'on' if st['mixing'] else 'off (label smoothing only)'}, "
              f"{st['warmup']} warm-up + {st['rounds']} rounds x {st['steps']} timed steps per variant, interleaved",
@@ -567,7 +621,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--model", choices=sorted(SIZES), default="b", help="DeiT size: ti, s or b (ViT-Ti/S/B for baseline A)")
     p.add_argument("--model-kwargs", default=None, help="JSON of extra timm args for every ViT, e.g. tiny debug models")
     p.add_argument("--batch", type=int, default=256, help="images per step (per device)")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, nargs="+", default=[224],
+                   help="image side; several: every variant at each side in one interleaved run, the "
+                        "fastdeit students built at --native-size and resampling their position "
+                        "embedding per forward (data.size_schedule), plus speed ratios between sides")
+    p.add_argument("--native-size", type=int, default=None,
+                   help="with several --img-size: the students' native side (default: the largest)")
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--zero-stage", type=int, nargs="+", default=[1], choices=[0, 1, 2])
     p.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
@@ -615,7 +674,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     s = Setup(args, device)
     try:
         peak = common.PeakFlops(device, args.peak_tflops)
-        common.print_flush(f"step benchmark on {device}: {s.student} family at {args.img_size}px, batch {args.batch}")
+        common.print_flush(f"step benchmark on {device}: {s.student} family at "
+                           f"{'/'.join(map(str, args.img_size))}px, batch {args.batch}")
         rows, run_peak = measure(s, peak)
     finally:
         s.close()
@@ -627,7 +687,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         r["mfu"] = r["tflops_per_sec"] * 1e12 / peak.flops
     record.update(
         settings={"student": s.student, "distilled": s.distilled, "vit": s.vit, "model_kwargs": s.model_kwargs,
-                  "batch": args.batch, "img_size": args.img_size, "classes": args.classes,
+                  "batch": args.batch, "img_size": args.img_size[0] if len(args.img_size) == 1 else args.img_size,
+                  "native_size": s.native_size, "classes": args.classes,
                   "zero_stage": args.zero_stage, "compile": args.compile, "compile_mode": args.compile_mode,
                   "teacher": args.teacher,
                   "teacher_kwargs": s.teacher_kwargs, "teacher_format": args.teacher_format, "mixing": args.mixing,
@@ -636,7 +697,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         peak=peak.record(),
         memory=run_peak,
         variants=rows,
-        ratios=ratios(rows, args.zero_stage),
+        ratios=ratios(rows, args.zero_stage, patch=int(s.model_kwargs.get("patch_size", 16))),
     )
     if device.type != "cuda":
         record["notes"] = ["Peak memory per variant is GPU-only (n/a on CPU; the run's max RSS is above). "
@@ -644,6 +705,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                            "fp16 matmuls have no fast CPU path, so as published (fp16) it would measure emulation."]
     print_report(record)
     return common.save_record(record, markdown(record), chart, args, device, "step")
+
+
+def size_label(settings: Dict[str, Any]) -> str:
+    size = settings["img_size"]
+    return "/".join(map(str, size)) if isinstance(size, list) else str(size)
 
 
 def print_report(record: Dict[str, Any]) -> None:
@@ -661,7 +727,7 @@ def chart(record: Dict[str, Any], path: Path) -> Path:
     notes = [f"{record['date']} · {record['commit']} · {hw} · median of {rows[0]['steps_timed']} timed steps"]
     return common.bar_chart(
         [r["name"] for r in rows], [r["img_per_sec"] for r in rows], path,
-        f"Training step, {common.model_label(st['student'], st['model_kwargs'])} at {st['img_size']}px, "
+        f"Training step, {common.model_label(st['student'], st['model_kwargs'])} at {size_label(st)}px, "
         f"batch {st['batch']}",
         highlight=[r["name"] for r in rows if r["kind"].startswith("fastdeit")], notes=notes)
 

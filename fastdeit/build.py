@@ -17,11 +17,12 @@ from fastdeit.config import Config, save_config
 from fastdeit.data import build_loader
 from fastdeit.data.loader import resolve_placement
 from fastdeit.data.mixing import BatchMixer
+from fastdeit.data.schedule import size_schedule
 from fastdeit.errors import ConfigError, DataError
-from fastdeit.losses import DeiTLoss
+from fastdeit.losses import DeiTLoss, check_loss_targets
 from fastdeit.metrics import RunLogger, StepTelemetry
-from fastdeit.models import build_student, build_teacher, compile_mode_for, count_params, is_distilled
-from fastdeit.optim import build_optimizer, build_scheduler, scaled_lr
+from fastdeit.models import build_student, build_teacher, compile_mode_for, count_params, is_distilled, size_multiple
+from fastdeit.optim import build_optimizer, build_scheduler, check_zero_stage, scaled_lr
 from fastdeit.trainer import RunServices, StepParts, Trainer
 
 
@@ -57,9 +58,13 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     dtype = engine_lib.model_dtype(cfg.engine)
     mixer = BatchMixer(cfg.mixing, num_classes, device, dtype=dtype)
     mixer.check_batch_size(micro)
-    criterion = DeiTLoss(cfg.distill)
+    check_loss_targets(cfg.loss, cfg.mixing.label_smoothing, num_classes)
+    criterion = DeiTLoss(cfg.distill, cfg.loss)
 
-    model = build_student(cfg.model, cfg.data.img_size, num_classes).to(device)
+    # Other training sizes than data.img_size: the student resamples its position embedding.
+    model = build_student(cfg.model, cfg.data.img_size, num_classes,
+                          dynamic_img_size=cfg.data.size_schedule is not None).to(device)
+    sizes = size_schedule(cfg.data, size_multiple(model))
     if is_distilled(model) != criterion.needs_teacher:
         raise ConfigError(
             f"model.name={cfg.model.name} {'has' if is_distilled(model) else 'has no'} distillation "
@@ -74,10 +79,12 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     ema_module = ema_lib.eval_copy(model, dtype) if cfg.ema.decay else None
 
     # Counted on meta-device copies before DeepSpeed wraps the student: no memory, no hooks.
-    flops_per_image = flops_lib.train_flops_per_image(
-        model, cfg.data.img_size, teacher.module if teacher is not None else None)
+    flops_by_size = flops_lib.train_flops_by_size(
+        model, [cfg.data.img_size, *sizes.sizes(cfg.trainer.epochs)], teacher.module if teacher is not None else None)
+    flops_per_image = flops_by_size[cfg.data.img_size]
     # After the student exists: ZeRO's buckets are sized from its parameter count.
     ds_config = engine_lib.deepspeed_config(cfg.engine, env.world_size, num_params=count_params(model))
+    check_zero_stage(cfg.optim, cfg.engine.zero_stage)
     optimizer = build_optimizer(cfg.optim, model, global_batch)
     compile_mode = compile_mode_for(cfg.model.compile, cfg.model.compile_mode, device)
     engine = engine_lib.initialize(model, optimizer, ds_config, compile_mode)
@@ -86,7 +93,8 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
 
     logger = RunLogger(cfg.logging, str(run_dir), env.is_main)
     peak, peak_source = flops_lib.peak_flops(device, cfg.logging.peak_tflops)
-    telemetry = StepTelemetry(flops_per_image, peak, cfg.logging.data_wait_warn, warn=logger.info)
+    telemetry = StepTelemetry(flops_per_image, peak, cfg.logging.data_wait_warn, warn=logger.info,
+                              flops_by_size=flops_by_size)
     fingerprint = {"model": cfg.model.name, "num_classes": num_classes, "img_size": cfg.data.img_size,
                    "zero_stage": cfg.engine.zero_stage}
     checkpointer = Checkpointer(cfg.checkpoint, str(run_dir), fingerprint, env.is_main, ema=ema)
@@ -104,9 +112,13 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
             logger.info(f"{loader.split}: {count} images left out, listed in {listed}")
     logger.info(f"MFU basis: {flops_per_image / 1e9:.2f} GFLOPs per trained image (counted), "
                 f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
+    if not sizes.fixed:
+        logger.info(f"training resolution: {sizes.describe(cfg.trainer.epochs)}; evaluation at "
+                    f"{cfg.data.img_size} px; GFLOPs per trained image: "
+                    + ", ".join(f"{s} px {f / 1e9:.2f}" for s, f in sorted(flops_by_size.items())))
     parts = StepParts(engine=engine, scheduler=scheduler, mixer=mixer, criterion=criterion, teacher=teacher,
                       ema=ema, dtype=dtype)
     run = RunServices(train_loader=train_loader, val_loader=val_loader, logger=logger, checkpointer=checkpointer,
                       telemetry=telemetry, device=device, world_size=env.world_size,
-                      log_every=cfg.logging.log_every)
+                      log_every=cfg.logging.log_every, sizes=sizes)
     return Trainer(cfg.trainer, parts, run)

@@ -28,7 +28,7 @@ from fastdeit.distributed import RuntimeConfig
 from fastdeit.ema import EmaConfig
 from fastdeit.engine import EngineConfig
 from fastdeit.errors import ConfigError  # noqa: F401  (also imported from here)
-from fastdeit.losses import DistillConfig
+from fastdeit.losses import DistillConfig, LossConfig
 from fastdeit.metrics import LoggingConfig
 from fastdeit.models import ModelConfig, TeacherConfig
 from fastdeit.optim import OptimConfig, ScheduleConfig
@@ -44,6 +44,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -159,6 +159,10 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: Di
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if hasattr(optimizer, "bind_layout"):
+        # Layer-wise optimizers (fastdeit.lamb.Lamb) learn how ZeRO flattened and partitioned
+        # the parameters they now step, to keep their per-parameter norms.
+        optimizer.bind_layout(engine.optimizer, engine.module)
     if ds_config.get("bf16", {}).get("enabled"):
         # DeepSpeed casts parameters, not buffers: BatchNorm running stats stay fp32, which
         # CPU batch_norm rejects next to bf16 weights. One dtype for the whole module.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import re
 import time
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -106,6 +106,14 @@ def train_flops_per_image(student: nn.Module, img_size: int, teacher: Optional[n
     if teacher is not None:
         flops += count_flops(teacher, img_size, train=False)
     return flops
+
+
+def train_flops_by_size(student: nn.Module, sizes, teacher: Optional[nn.Module] = None) -> Dict[int, float]:
+    """{size: FLOPs per trained image at that input side} for every size of a resolution
+    schedule (data.size_schedule): MFU is recomputed per epoch from the epoch's size. A ViT's
+    cost grows faster than the token count (attention is quadratic in it), so the counts are
+    taken at each size rather than scaled."""
+    return {int(s): train_flops_per_image(student, int(s), teacher) for s in dict.fromkeys(sizes)}
 
 
 # --------------------------------------------------------------------------- peak FLOP/s

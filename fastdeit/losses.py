@@ -9,6 +9,12 @@ With C classes, batch B, student class logits ``z_s`` and distillation-head logi
 
 The soft term divides the summed KL by ``numel`` (B*C), not B, exactly as the reference code
 does; that scaling is part of what alpha=0.5 was tuned against.
+
+The class-head term CE(z_s, y) is the soft-target cross entropy by default (DeiT); with
+``loss.base: bce`` it is DeiT III's binary cross entropy instead (section 3, after Wightman et
+al.'s "ResNet strikes back"): the reference trains with ``--bce-loss``, which binarises the
+mixed targets (``targets.gt(0.0)``: every class present in the Mixup/CutMix blend becomes 1)
+and applies ``BCEWithLogitsLoss`` (mean over B*C). The distillation terms are unchanged.
 """
 from __future__ import annotations
 
@@ -25,6 +31,33 @@ Outputs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
+class LossConfig:
+    base: Literal["ce", "bce"] = "ce"     # class-head loss: soft-target CE (DeiT) or BCE (DeiT III)
+    # BCE targets: 1 where the mixed (soft) target exceeds this, else 0; the reference's
+    # targets.gt(0.0). null: BCE on the soft targets as they are.
+    bce_target_threshold: Optional[float] = 0.0
+
+
+def check_loss_targets(cfg: LossConfig, label_smoothing: float, num_classes: int) -> None:
+    """Smoothing gives every class at least label_smoothing / num_classes (timm's Mixup): BCE
+    targets binarised below that would be 1 everywhere. Refuse it rather than train on it."""
+    t = cfg.bce_target_threshold
+    if cfg.base == "bce" and t is not None and label_smoothing > 0 and t < label_smoothing / num_classes:
+        raise ConfigError(
+            f"loss.base=bce with loss.bce_target_threshold={t} and mixing.label_smoothing="
+            f"{label_smoothing}: every smoothed class ({label_smoothing / num_classes:.2g} or more) is "
+            "above the threshold, so every target would be 1. DeiT III trains BCE without "
+            "smoothing (mixing.label_smoothing: 0); or raise the threshold, or set it null")
+
+
+def binary_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, threshold: Optional[float]) -> torch.Tensor:
+    """Mean BCE-with-logits over all B*C entries; targets binarised at ``threshold`` if given."""
+    if threshold is not None:
+        targets = (targets > threshold).to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+
+
+@dataclass
 class DistillConfig:
     type: Literal["none", "soft", "hard"] = "hard"   # the paper's best (Table 3): hard + dist token
     alpha: float = 0.5
@@ -34,7 +67,7 @@ class DistillConfig:
 class DeiTLoss:
     """``loss(outputs, targets, teacher_logits) -> (loss, parts)``; parts are detached scalars."""
 
-    def __init__(self, cfg: DistillConfig):
+    def __init__(self, cfg: DistillConfig, loss: Optional[LossConfig] = None):
         if cfg.type not in ("none", "soft", "hard"):
             raise ConfigError(f"distill.type must be none, soft or hard, got {cfg.type!r}")
         if not 0.0 <= cfg.alpha <= 1.0:
@@ -42,7 +75,14 @@ class DeiTLoss:
         if cfg.tau <= 0:
             raise ConfigError(f"distill.tau must be positive, got {cfg.tau}")
         self.cfg = cfg
-        self.base = SoftTargetCrossEntropy()
+        self.loss = loss or LossConfig()
+        if self.loss.base not in ("ce", "bce"):
+            raise ConfigError(f"loss.base must be ce or bce, got {self.loss.base!r}")
+        if self.loss.base == "bce":
+            threshold = self.loss.bce_target_threshold
+            self.base = lambda logits, targets: binary_cross_entropy(logits, targets, threshold)
+        else:
+            self.base = SoftTargetCrossEntropy()
 
     @property
     def needs_teacher(self) -> bool:

@@ -91,8 +91,12 @@ class StepTelemetry:
     """
 
     def __init__(self, flops_per_image: Optional[float] = None, peak_flops: Optional[float] = None,
-                 data_wait_warn: float = 0.10, warn: Callable[[str], None] = print):
+                 data_wait_warn: float = 0.10, warn: Callable[[str], None] = print,
+                 flops_by_size: Optional[Dict[int, float]] = None):
         self.flops_per_image = flops_per_image
+        # Training at several resolutions (data.size_schedule): FLOPs per image for each size;
+        # set_img_size picks the epoch's (fastdeit.flops.train_flops_by_size).
+        self.flops_by_size = dict(flops_by_size or {})
         self.peak_flops = peak_flops
         self.data_wait_warn = data_wait_warn
         self.warn = warn
@@ -104,6 +108,12 @@ class StepTelemetry:
         self.t0 = time.perf_counter()
         self.waited = 0.0        # host seconds blocked in next(loader) in this window
         self.warned = False
+
+    def set_img_size(self, size: int) -> None:
+        """The coming epoch trains at `size` px: MFU from then on uses that size's FLOPs
+        (unknown sizes leave MFU unreported rather than wrong)."""
+        if self.flops_by_size:
+            self.flops_per_image = self.flops_by_size.get(int(size))
 
     def timed(self, loader: Iterable) -> "TimedLoader":
         """``loader`` with the time spent in its ``next()`` added to this window."""

@@ -7,6 +7,7 @@ DeepSpeed: ``FrozenTeacher`` holds it, so its weights can't be partitioned, save
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -28,7 +29,10 @@ CompileMode = Literal["default", "max-autotune-no-cudagraphs", "max-autotune", "
 class ModelConfig:
     name: str = "deit_base_distilled_patch16_224"   # any timm registry name
     num_classes: Optional[int] = None                # None: the training folder's class count
-    drop_path: float = 0.1                           # stochastic depth, linear over depth (timm)
+    drop_path: float = 0.1                           # stochastic depth rate
+    # linear: 0 at the first block rising to drop_path at the last (timm, DeiT); uniform: every
+    # block at drop_path (the DeiT III reference's vit_models, dpr = [drop_path] * depth)
+    drop_path_mode: Literal["linear", "uniform"] = "linear"
     drop: float = 0.0                                # DeiT uses no dropout
     init_weights: Optional[str] = None               # start from these weights (file, URL, hf-hub:...)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra create_model args (tiny debug models)
@@ -85,24 +89,62 @@ def _check_kwargs(kwargs: Dict[str, Any], section: str) -> None:
                          "as in {depth: 2})")
 
 
-def build_student(cfg: ModelConfig, img_size: int, num_classes: int) -> nn.Module:
+def build_student(cfg: ModelConfig, img_size: int, num_classes: int, dynamic_img_size: bool = False) -> nn.Module:
+    """The student at its native `img_size`. `dynamic_img_size` (set when data.size_schedule
+    trains at other sizes): timm's ViTs then keep the position-embedding parameter at the native
+    grid and resample it (bicubic, antialiased) in every forward whose grid differs, so the
+    parameters, the optimizer state and the checkpoints never change shape; at the native size
+    the embedding is used as is, bit-identical to a static model."""
     _check_kwargs(cfg.kwargs, "model")
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ConfigError(
             f"model.num_classes={cfg.num_classes} but the training folder has {num_classes} classes"
         )
     kwargs = dict(num_classes=num_classes, drop_rate=cfg.drop, drop_path_rate=cfg.drop_path, **cfg.kwargs)
+    dynamic = {"dynamic_img_size": True} if dynamic_img_size else {}
     try:
-        model = _create(cfg.name, img_size=img_size, **kwargs)
+        model = _create(cfg.name, img_size=img_size, **dynamic, **kwargs)
     except TypeError as e:
-        if "img_size" not in str(e):
+        if "'dynamic_img_size'" in str(e):
+            raise ConfigError(f"model.name={cfg.name} cannot resample its position embedding per forward "
+                             "(timm's dynamic_img_size), which data.size_schedule needs") from e
+        if "'img_size'" not in str(e):
             raise
         model = _create(cfg.name, **kwargs)  # convnets: resolution-agnostic
+    if cfg.drop_path_mode == "uniform":
+        _uniform_drop_path(model, cfg.drop_path, cfg.name)
+    elif cfg.drop_path_mode != "linear":
+        raise ConfigError(f"model.drop_path_mode must be linear or uniform, got {cfg.drop_path_mode!r}")
     if is_distilled(model):
         model.set_distilled_training(True)  # train: (cls, dist) logits; eval: their average
     if cfg.init_weights:
         load_weights(model, cfg.init_weights, what=f"model.init_weights for {cfg.name}", adapt=True)
     return model
+
+
+def _uniform_drop_path(model: nn.Module, rate: float, name: str) -> None:
+    """Every block's two residual branches dropped at `rate` (timm builds a linear ramp, with
+    an Identity where the rate is 0, so the modules are replaced rather than re-parameterised)."""
+    from timm.layers import DropPath
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not all(hasattr(b, "drop_path1") and hasattr(b, "drop_path2") for b in blocks):
+        raise ConfigError(f"model.drop_path_mode=uniform needs a timm ViT (blocks with drop_path1/2); "
+                         f"{name} has none")
+    for block in blocks:
+        block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
+        block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
+
+
+def size_multiple(model: nn.Module) -> Optional[int]:
+    """The default rounding of data.size_schedule for this model: twice the patch size of a
+    ViT (a multiple of the patch keeps every pixel inside a patch; twice it halves the number of
+    distinct sizes); None for models without a patch embedding (the schedule's default)."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return None
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    return 2 * math.lcm(*(int(p) for p in patch))
 
 
 def count_params(model: nn.Module) -> int:

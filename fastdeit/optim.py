@@ -1,4 +1,10 @@
-"""Parameter groups, optimizer choice and the per-step learning-rate schedule (DeiT recipe)."""
+"""Parameter groups, optimizer choice and the per-step learning-rate schedule (DeiT recipe).
+
+LAMB (DeiT III): ``optim.name=lamb`` is fastdeit.lamb.Lamb, Apex FusedLAMB's maths with its
+trust ratios kept per parameter under ZeRO's flat partitions, the only LAMB that is still
+LAMB at ZeRO stage 1/2 (see fastdeit/lamb.py: Apex's, timm's and DeepSpeed's compute one ratio
+per flat partition there). ``apex_fused_lamb`` is accepted at ZeRO stage 0 only.
+"""
 from __future__ import annotations
 
 import math
@@ -12,7 +18,7 @@ from torch import nn
 
 from fastdeit.errors import ConfigError
 
-OptimizerName = Literal["adamw", "apex_fused_adam", "apex_fused_lamb", "deepspeed_fused_adam"]
+OptimizerName = Literal["adamw", "lamb", "apex_fused_adam", "apex_fused_lamb", "deepspeed_fused_adam"]
 
 
 @dataclass
@@ -24,6 +30,10 @@ class OptimConfig:
     eps: float = 1e-8
     betas: Tuple[float, float] = (0.9, 0.999)
     fused: Optional[bool] = None        # torch AdamW's fused kernel; None = wherever supported
+    # LAMB: gradients first clipped to this global norm (Apex FusedLAMB's default 1.0, which
+    # the DeiT III reference trains with). Under ZeRO 1/2 DeepSpeed does the clipping: set
+    # engine.gradient_clipping to the same value (checked at start).
+    lamb_max_grad_norm: Optional[float] = 1.0
 
 
 @dataclass
@@ -69,6 +79,10 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, global_batch: int) -> to
         cls = FusedAdam if cfg.name == "apex_fused_adam" else FusedLAMB
         extra = {"adam_w_mode": True} if cls is FusedAdam else {}
         return cls(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, **extra)
+    if cfg.name == "lamb":
+        from fastdeit.lamb import Lamb
+
+        return Lamb(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, max_grad_norm=cfg.lamb_max_grad_norm)
     if cfg.name == "deepspeed_fused_adam":
         if device.type != "cuda":
             raise ConfigError("optim.name=deepspeed_fused_adam needs CUDA; use adamw on CPU")
@@ -76,6 +90,15 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, global_batch: int) -> to
 
         return DSFusedAdam(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, adam_w_mode=True)
     raise ConfigError(f"unknown optim.name {cfg.name!r}")
+
+
+def check_zero_stage(cfg: OptimConfig, zero_stage: int) -> None:
+    """Apex FusedLAMB under ZeRO 1/2 would take each flat partition for one layer."""
+    if cfg.name == "apex_fused_lamb" and zero_stage > 0:
+        raise ConfigError(
+            f"optim.name=apex_fused_lamb with engine.zero_stage={zero_stage}: ZeRO hands the optimizer "
+            "flat partitions, so a per-tensor LAMB computes its trust ratios over many layers at once; "
+            "use optim.name=lamb (layer-aware under ZeRO) or engine.zero_stage=0")
 
 
 def build_scheduler(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Callable, Dict, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -65,6 +65,8 @@ class RunServices:
     device: torch.device
     world_size: int
     log_every: int
+    # Training side per epoch (fastdeit.data.schedule, data.size_schedule); None: data.img_size.
+    sizes: Optional[Callable[[int], int]] = None
 
 
 class Trainer:
@@ -79,6 +81,9 @@ class Trainer:
         self.dtype = parts.dtype
         # MFU and data-wait share next to img/s (metrics.StepTelemetry): next() is timed.
         self.telemetry = run.telemetry
+        # Training side per epoch (data.size_schedule, a pure function of the epoch); None: the
+        # loader's fixed data.img_size. Evaluation always runs at data.img_size.
+        self.sizes = run.sizes
         self.train_loader = run.telemetry.timed(run.train_loader)
         self.val_loader = run.val_loader
         self.logger = run.logger
@@ -148,10 +153,10 @@ class Trainer:
         engine = self.engine
         engine.train()
         skip = start_step * self.accum
-        if skip:
-            self.train_loader.set_epoch(epoch, skip_batches=skip)
-        else:
-            self.train_loader.set_epoch(epoch)
+        size = self.sizes(epoch) if self.sizes is not None else None
+        self.train_loader.set_epoch(epoch, skip_batches=skip, img_size=size)
+        size = self.train_loader.img_size
+        self.telemetry.set_img_size(size)                    # MFU from this size's FLOPs
         meter = DeviceMeter(self.device)
         clock = Throughput()
         # First optimizer step whose loss was non-finite on this rank, -1 if none: on device.
@@ -194,7 +199,7 @@ class Trainer:
         self.logger.end_epoch()
         if micro == skip:
             raise RuntimeError("the training loader yielded no batch: the dataset is smaller than one global batch")
-        return {f"train/{k}": v / max(logged, 1) for k, v in sums.items()}
+        return {"img_size": size, **{f"train/{k}": v / max(logged, 1) for k, v in sums.items()}}
 
     def _log_step(self, meter: DeviceMeter, clock: Throughput, first_bad: torch.Tensor) -> Dict[str, float]:
         # One all-reduce carries: stop requested (any rank), non-finite loss (any rank) and the
@@ -239,6 +244,8 @@ class Trainer:
     def _epoch_line(self, epoch: int, train: Dict[str, float], metrics: Dict[str, float]) -> str:
         parts = [f"epoch {epoch + 1}/{self.cfg.epochs}", f"loss {train.get('train/loss', float('nan')):.4f}",
                  f"img/s {train.get('train/img_per_sec', 0):.0f}"]
+        if self.sizes is not None and not getattr(self.sizes, "fixed", False):
+            parts.insert(1, f"{train.get('img_size')} px")
         parts += [f"{k[4:]} {v:.2f}" for k, v in metrics.items() if k.endswith("top1")]
         return " | ".join(parts)
 

@@ -124,6 +124,23 @@ def jpeg_tree(tmp_path_factory):
     return root
 
 
+def test_step_benchmark_several_sizes(tmp_path):
+    """--img-size with several sides (data.size_schedule): every variant at each side in one
+    run, students at the native (largest) side, ratios against the token and FLOP ratios."""
+    run_module("benchmarks.step", "--model", "ti", "--model-kwargs", TINY_VIT, "--img-size", 32, 48,
+               "--batch", 4, "--classes", 5, "--zero-stage", 1, "--variants", "fastdeit-student",
+               "--warmup", 1, "--steps", 1, "--rounds", 1, "--out", tmp_path, "--name", "sizes")
+    record, md = the_record(tmp_path, "-step-sizes")
+    assert [v["name"] for v in record["variants"]] == ["fastdeit-student[z1]@32", "fastdeit-student[z1]@48"]
+    assert record["settings"]["img_size"] == [32, 48] and record["settings"]["native_size"] == 48
+    small, big = record["variants"]
+    assert small["flops_per_image"] < big["flops_per_image"]
+    (ratio,) = [r for r in record["ratios"] if r["name"] == "fastdeit-student[z1] 48->32"]
+    assert ratio["token_ratio"] == (48 // 8) ** 2 / (32 // 8) ** 2
+    assert ratio["flops_ratio"] == pytest.approx(big["flops_per_image"] / small["flops_per_image"])
+    assert "32/48px" in md
+
+
 def test_e2e_benchmark(tmp_path, jpeg_tree):
     proc = run_module(
         "benchmarks.e2e", "--data", jpeg_tree, "--model", "ti", "--model-kwargs", TINY_VIT, "--img-size", 32,

@@ -108,3 +108,20 @@ def test_compiled_teacher_keeps_its_plain_module(tmp_path):
     assert list(teacher.module.state_dict()) == list(ref.state_dict())
     eager = build_teacher(TeacherConfig(name="resnet10t", weights=str(path), compile=False), 5, torch.device("cpu"))
     assert eager.forward is eager.module
+
+
+def test_uniform_drop_path_like_the_deit3_reference():
+    """DeiT III's vit_models drops every block at the same rate; timm ramps it linearly."""
+    from timm.layers import DropPath
+
+    cfg = ModelConfig(name="deit3_small_patch16_224", drop_path=0.05, drop_path_mode="uniform",
+                      kwargs=dict(depth=3, init_values=1e-4))
+    model = build_student(cfg, 224, 10)
+    rates = [m.drop_prob for b in model.blocks for m in (b.drop_path1, b.drop_path2)]
+    assert all(isinstance(m, DropPath) for b in model.blocks for m in (b.drop_path1, b.drop_path2))
+    assert rates == [0.05] * 6
+    assert float(model.blocks[0].ls1.gamma[0]) == pytest.approx(1e-4)     # the reference's LayerScale init
+    linear = build_student(ModelConfig(name="deit3_small_patch16_224", drop_path=0.05, kwargs=dict(depth=3)), 224, 10)
+    assert [getattr(b.drop_path1, "drop_prob", 0.0) for b in linear.blocks] == pytest.approx([0.0, 0.025, 0.05])
+    with pytest.raises(ValueError, match="drop_path_mode=uniform"):
+        build_student(ModelConfig(name="resnet10t", drop_path_mode="uniform"), 32, 10)

@@ -5,7 +5,7 @@ Defaults are the DeiT recipe (DESIGN.md, "augmentation" and "eval" rows).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from ..errors import ConfigError
 
@@ -29,12 +29,26 @@ class DataConfig:
     # (one path per line relative to root, e.g. "train/n01440764/x.JPEG"). Unset: ROOT's own
     # verify_excluded.txt, where the verifier writes by default, when it exists.
     exclude_list: Optional[str] = None
-    img_size: int = 224                # train crop side and eval crop side
+    # The model's native size (its position-embedding grid), the evaluation crop side, and the
+    # training crop side when size_schedule is null.
+    img_size: int = 224
+    # Training resolution per epoch (schedule.py): [[epoch, size], ...] milestones, 0-based
+    # epochs, linear in between, rounded down to size_multiple; before the first milestone its
+    # size, after the last the last size. E.g. [[10, 160], [250, 224]] (FFCV-style ramp) or
+    # [[279, 192], [280, 224]] (DeiT III-style: 192 px, then 224 px for the last 20 of 300).
+    # The student keeps its position embedding at img_size's grid and resamples it per forward.
+    size_schedule: Optional[List[Tuple[int, int]]] = None
+    size_multiple: Optional[int] = None  # None: 2 x the student's patch size (32 for /16), 32 for convnets
     eval_crop_pct: float = 0.875       # eval resize = int(img_size / eval_crop_pct), then center crop
     scale: Tuple[float, float] = (0.08, 1.0)      # RandomResizedCrop area fraction
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)   # RandomResizedCrop aspect ratio
     hflip: float = 0.5
     rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"   # timm spec (randaug.py); null disables
+    # DeiT III's 3-Augment instead (threeaug.py): per image one of grayscale, solarisation,
+    # Gaussian blur, then colour jitter of this strength (brightness/contrast/saturation; DeiT
+    # III: 0.3). Needs rand_augment: null; color_jitter applies only with three_augment.
+    three_augment: bool = False
+    color_jitter: float = 0.0
     repeated_aug: int = 3              # repeats per index (reference RASampler); 1 disables
     # The reference uses RASampler only when distributed; true applies the repeats on a single
     # process too (copies then share a rank and usually a batch, augmented independently).

@@ -44,6 +44,7 @@ from .host import BackgroundBatches, resize_crops
 from .pipeline import READER_NAME, Placement, build_train_pipeline, build_val_pipeline
 from .randaug import BatchRandAugment, parse_rand_augment
 from .sampler import effective_repeats, train_indices, val_indices
+from .threeaug import ThreeAugment
 from .transfer import pins_for, to_device
 
 SPLITS = ("train", "val")
@@ -159,14 +160,17 @@ class Loader:
         self._clean = False   # val: the kept pipeline sits at an epoch start
         self._epoch = 0
         self._skip = 0
+        self.img_size = cfg.img_size    # train: the current epoch's side (set_epoch)
         self._normalize = imageops.Normalize(cfg.mean, cfg.std)  # constants kept on the device
         # CPU placement feeding a device: host batches are made in pinned memory (transfer.py)
         self._pin = pins_for(device)
-        self.randaug: Optional[BatchRandAugment] = None
+        self.randaug = None   # BatchRandAugment or ThreeAugment (train)
         if split == "train":
             self.repeats = effective_repeats(cfg.repeated_aug, world_size,
                                              cfg.repeated_aug_single_process)
-            if cfg.rand_augment:
+            # The batched augmentation (same sample/apply interface): 3-Augment or RandAugment.
+            self.randaug = ThreeAugment.from_config(cfg)
+            if self.randaug is None and cfg.rand_augment:
                 # timm/DeiT fill the warps with the mean pixel: round(255 * mean)
                 fill = [min(255, round(255 * m)) for m in cfg.mean]
                 self.randaug = BatchRandAugment(parse_rand_augment(cfg.rand_augment), fill)
@@ -188,12 +192,14 @@ class Loader:
         len() - k of them)."""
         return self._num_batches
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0, img_size: Optional[int] = None) -> None:
         """Prepare train epoch `epoch`; iteration then yields its batches skip_batches,
         skip_batches + 1, ..., len() - 1, identical to those of an uninterrupted epoch.
 
         Skipped batches are decoded and discarded by DALI (its random crop and flip state
-        only advances by running), at the cost of that much data loading.
+        only advances by running), at the cost of that much data loading. `img_size`: this
+        epoch's training side (data.size_schedule, asked by the trainer); default cfg.img_size.
+        The DALI graph is built per epoch anyway, so a new size costs nothing extra.
         """
         if self.split != "train":
             if skip_batches:
@@ -204,8 +210,9 @@ class Loader:
         self.close()
         order = train_indices(len(self._source), self.rank, self.world_size, self.seed, epoch,
                               self.repeats)[: self.num_samples]
+        self.img_size = img_size or self.cfg.img_size
         pipe_args = (*self._inputs(order), self.cfg, self.batch_size,
-                     dali_seed(self.seed, epoch, self.rank), self.placement)
+                     dali_seed(self.seed, epoch, self.rank), self.placement, self.img_size)
         self._start(order, build_train_pipeline, pipe_args)
         self._epoch, self._skip = epoch, skip_batches
         for step in range(skip_batches):  # decode and discard: see the module docstring
@@ -275,7 +282,7 @@ class Loader:
         """CPU placement, feeder thread: DALI's crops, resized and flipped (uint8 NCHW in
         channels-last memory) before DALI's next run reuses their buffers."""
         crops, labels, flips = self._run_dali(step)
-        images = resize_crops(crops, flips.as_array(), self.cfg.img_size, pin=self._pin)
+        images = resize_crops(crops, flips.as_array(), self.img_size, pin=self._pin)
         labels = torch.from_numpy(labels.as_array().reshape(-1))
         return images.permute(0, 3, 1, 2), (labels.pin_memory() if self._pin else labels)
 

@@ -137,9 +137,9 @@ def _normalize(images, cfg: DataConfig):
 
 
 def build_train_pipeline(files: List[str], labels: List[int], cfg: DataConfig, batch_size: int,
-                         seed: int, placement: Placement) -> Pipeline:
-    """The train graph (define_train_pipeline), built."""
-    return _build(define_train_pipeline(files, labels, cfg, batch_size, seed, placement))
+                         seed: int, placement: Placement, size: Optional[int] = None) -> Pipeline:
+    """The train graph (define_train_pipeline), built; `size`: this epoch's side."""
+    return _build(define_train_pipeline(files, labels, cfg, batch_size, seed, placement, size=size))
 
 
 def build_val_pipeline(files: List[str], labels: List[int], cfg: DataConfig, batch_size: int,
@@ -152,7 +152,8 @@ _PLACEMENT = object()   # define_*_pipeline's device_id default: the placement's
 
 
 def define_train_pipeline(files: List[str], labels: List[int], cfg: DataConfig, batch_size: int,
-                          seed: int, placement: Placement, device_id=_PLACEMENT) -> Pipeline:
+                          seed: int, placement: Placement, device_id=_PLACEMENT,
+                          size: Optional[int] = None) -> Pipeline:
     """Train graph, not built: decode fused with RandomResizedCrop, then the bicubic resize and
     hflip.
 
@@ -166,8 +167,9 @@ def define_train_pipeline(files: List[str], labels: List[int], cfg: DataConfig, 
     must be a multiple of batch_size (the loader drops the partial batch before building).
     device_id: the pipeline's device, the placement's by default; None lets a GPU graph be
     serialised (pipe.serialize()) without a GPU: DALI looks for CUDA only when it creates the
-    backend pipeline, at build or serialisation time."""
-    size = cfg.img_size
+    backend pipeline, at build or serialisation time. `size`: this epoch's output side
+    (data.size_schedule); default cfg.img_size."""
+    size = size or cfg.img_size
 
     @pipeline_def
     def graph():

@@ -1,0 +1,211 @@
+"""LAMB (You et al. 2020) that stays LAMB under DeepSpeed's flat, partitioned optimizer state.
+
+DeiT III trains with LAMB (the reference's ``--opt fusedlamb``: Apex's FusedLAMB through timm's
+create_optimizer). LAMB scales each parameter tensor's Adam-style update by a trust ratio
+||w|| / ||update|| computed over that tensor: a layer-wise quantity. DeepSpeed's ZeRO stage 1/2
+(and its bf16 optimizer at stage 0) flatten each parameter group into one buffer, cut it into
+equal partitions across the data-parallel ranks, and hand the wrapped optimizer one flat fp32
+tensor per group per rank. Any per-tensor LAMB (Apex FusedLAMB, timm's Lamb, DeepSpeed's
+FusedLamb) then computes one trust ratio per *partition*, mixing dozens of layers and cutting
+some in two: not the optimizer the recipe was tuned with (DeepSpeed issues #88 and #490; its
+own FusedLamb is also refused by the engine without fp16 dynamic loss scaling).
+
+This implementation has Apex FusedLAMB's and timm's maths (bias-corrected Adam moments with
+grad averaging, decoupled weight decay inside the update, trust ratio only where weight decay
+is non-zero, 1 when either norm is 0, gradients first clipped to a global norm of
+``max_grad_norm``), and computes the norms per *original* parameter: after
+``deepspeed.initialize``, ``bind_layout(engine.optimizer, model)`` reads where DeepSpeed placed each
+parameter in the flat buffer (the model's parameters are views into it), splits this rank's
+partition into per-parameter segments, and each step all-reduces the per-parameter partial
+sums of squares (two vectors of #params floats, plus the global gradient norm) over the
+data-parallel group. Unbound (DeepSpeed stepping the model's own tensors, or no DeepSpeed),
+every tensor is its own segment and nothing is communicated.
+
+The work is a dozen whole-partition elementwise kernels per group plus two segment
+reductions: with ZeRO the partition is one flat tensor, so this is as batched as Apex's
+multi-tensor kernels, with more passes over memory (no kernel fusion). No host
+synchronisation: the clip factor and the trust ratios stay on the device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from fastdeit.errors import ConfigError
+
+
+class Lamb(torch.optim.Optimizer):
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01, max_grad_norm: Optional[float] = 1.0,
+                 grad_averaging: bool = True, always_adapt: bool = False):
+        if not 0.0 <= eps:
+            raise ConfigError(f"LAMB eps must be >= 0, got {eps}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        grad_averaging=grad_averaging, always_adapt=always_adapt)
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+        # Per stepped tensor: (lengths int64 [s], ids int64 [s]) of its segments; ids index the
+        # original parameters (num_params: padding). None: each tensor is one parameter.
+        self._layout: Optional[Dict[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None
+        self._num_params = 0
+        # Unbound: each tensor's one segment, made on its device once (no per-step copies)
+        self._own: Dict[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._group = None       # the data-parallel process group of the partitions
+        self._engine_clips = False   # ZeRO 1/2: DeepSpeed clips by the global norm (see bind_layout)
+
+    # ------------------------------------------------------------------ ZeRO layout
+
+    def bind_layout(self, wrapper, model: torch.nn.Module) -> None:
+        """Learn DeepSpeed's flat layout from its optimizer wrapper (engine.optimizer).
+
+        ZeRO 1/2 (DeepSpeedZeroOptimizer) and the bf16 optimizer (BF16_Optimizer) both keep,
+        per group, the parameters in flat order, the flat buffer they are views into, and its
+        per-rank partitions; this rank's partition is what our param group now holds.
+
+        ZeRO 1/2 also step one parameter group at a time, each group's gradient partition
+        existing only during its own step, so no optimizer can see the global gradient norm
+        LAMB clips by: there DeepSpeed must clip (engine.gradient_clipping equal to
+        max_grad_norm; its global norm spans every group and rank), and this optimizer's own
+        clipping, which would see one group, is off.
+        """
+        names = {"bit16_groups": ("bit16_groups_flat", "parallel_partitioned_bit16_groups"),
+                 "bf16_groups": ("bf16_groups_flat", "bf16_partitioned_groups")}
+        found = next((k for k in names if hasattr(wrapper, k)), None)
+        mine = [p for g in self.param_groups for p in g["params"]]
+        if found is None:
+            # DeepSpeed steps the model's own tensors (fp32, stage 0) or one fp32 copy per
+            # parameter (its unfused bf16/fp16 optimizer): per-tensor norms are the right ones.
+            shapes = sorted(tuple(p.shape) for p in model.parameters() if p.requires_grad)
+            if sorted(tuple(p.shape) for p in mine) != shapes:
+                raise RuntimeError(
+                    f"LAMB cannot read the parameter layout of {type(wrapper).__name__}: its trust "
+                    "ratios would be computed over flattened partitions instead of layers")
+            self._layout = None
+            return
+        flat_name, parts_name = names[found]
+        self._engine_clips = found == "bit16_groups"
+        if self._engine_clips and self.max_grad_norm:
+            clip = getattr(wrapper, "clip_grad", 0.0)
+            if abs(clip - self.max_grad_norm) > 1e-12:
+                raise ConfigError(
+                    f"LAMB clips gradients to a global norm of {self.max_grad_norm}; under ZeRO stage 1/2 "
+                    f"only DeepSpeed sees that norm: set engine.gradient_clipping={self.max_grad_norm} "
+                    f"(it is {clip})")
+        groups, flats, parts = getattr(wrapper, found), getattr(wrapper, flat_name), getattr(wrapper, parts_name)
+        dp_groups = getattr(wrapper, "real_dp_process_group", [None] * len(groups))
+        if len(groups) != len(self.param_groups):
+            raise RuntimeError(f"DeepSpeed has {len(groups)} parameter groups, LAMB {len(self.param_groups)}")
+        layout, first_id = [], 0
+        for i, (params, flat) in enumerate(zip(groups, flats)):
+            group = dp_groups[i]
+            rank = dist.get_rank(group=group) if dist.is_initialized() else 0
+            part = parts[i][rank]
+            size = flat.element_size()
+            base = flat.data_ptr()
+            start = (part.data_ptr() - base) // size
+            stop = start + part.numel()
+            (mine_i,) = self.param_groups[i]["params"]
+            if mine_i.numel() != part.numel():
+                raise RuntimeError("LAMB's partition does not match DeepSpeed's")
+            spans = sorted(((p.data_ptr() - base) // size, p.numel(), first_id + k) for k, p in enumerate(params))
+            lengths, ids, cursor = [], [], start
+            for offset, numel, pid in spans:
+                a, b = max(offset, start), min(offset + numel, stop)
+                if a >= b:
+                    continue
+                if a > cursor:                       # alignment padding between parameters
+                    lengths.append(a - cursor)
+                    ids.append(-1)
+                lengths.append(b - a)
+                ids.append(pid)
+                cursor = b
+            if cursor < stop:
+                lengths.append(stop - cursor)
+                ids.append(-1)
+            first_id += len(params)
+            layout.append((mine_i, lengths, ids))
+            self._group = group
+        self._num_params = first_id
+        self._layout = {
+            p: (torch.tensor(lengths, dtype=torch.int64, device=p.device),
+                torch.tensor([first_id if j < 0 else j for j in ids], dtype=torch.int64, device=p.device))
+            for p, lengths, ids in layout}
+
+    def _segments(self):
+        """(group, tensor, lengths, ids) for every tensor this optimizer steps."""
+        if self._layout is not None:     # DeepSpeed may show us a subset of the groups (ZeRO 1/2)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    yield (group, p, *self._layout[p])
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p not in self._own:
+                    self._own[p] = (torch.tensor([p.numel()], dtype=torch.int64, device=p.device),
+                                    torch.tensor([len(self._own)], dtype=torch.int64, device=p.device))
+                yield (group, p, *self._own[p])
+
+    def _count(self) -> int:
+        return self._num_params if self._layout is not None else len(self._own)
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self._layout is not None and dist.is_initialized():
+            dist.all_reduce(t, group=self._group)
+        return t
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        tensors = [s for s in self._segments() if s[1].grad is not None]
+        if not tensors:
+            return loss
+        device = tensors[0][1].device
+        clip = None
+        if self.max_grad_norm and not self._engine_clips:
+            sq = torch.zeros((), dtype=torch.float32, device=device)
+            for _, p, _, _ in tensors:
+                sq += p.grad.float().pow(2).sum()
+            norm = self._all_reduce(sq).sqrt()
+            clip = (norm / self.max_grad_norm).clamp_(min=1.0)      # timm / Apex: divide grads by it
+
+        n = self._count()
+        norms = torch.zeros(2, n + 1, dtype=torch.float32, device=device)   # ||w||^2, ||u||^2; [n]: padding
+        updates = []
+        for group, p, lengths, ids in tensors:
+            beta1, beta2 = group["betas"]
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            step = float(state["step"])            # a CPU tensor: no device sync
+            grad = p.grad if clip is None else p.grad / clip
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m.mul_(beta1).add_(grad, alpha=(1 - beta1) if group["grad_averaging"] else 1.0)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
+            update = (m / (1 - beta1 ** step)).div_(denom)
+            if group["weight_decay"] != 0:
+                update.add_(p, alpha=group["weight_decay"])
+            flat_p, flat_u = p.reshape(-1), update.reshape(-1)
+            norms[0].index_add_(0, ids, torch.segment_reduce(flat_p * flat_p, "sum", lengths=lengths, unsafe=True))
+            norms[1].index_add_(0, ids, torch.segment_reduce(flat_u * flat_u, "sum", lengths=lengths, unsafe=True))
+            updates.append(update)
+
+        w, u = self._all_reduce(norms).sqrt().unbind(0)
+        trust = torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w))
+        for (group, p, lengths, ids), update in zip(tensors, updates):
+            if group["weight_decay"] != 0 or group["always_adapt"]:
+                ratio = torch.repeat_interleave(trust.index_select(0, ids), lengths, output_size=p.numel())
+                update.reshape(-1).mul_(ratio)
+            p.add_(update, alpha=-group["lr"])
+        return loss

@@ -1,0 +1,114 @@
+"""The DeiT III recipe configs (README_revenge.md commands), and the recipe's pieces together
+through the real entry point: 3-Augment, BCE, LAMB under ZeRO, a resolution schedule, hard
+distillation; a run resumed across a size change equals the uninterrupted one."""
+import pytest
+import torch
+
+from fastdeit.checkpoint import Checkpointer, fp32_state_dict
+from fastdeit.config import load_config
+from fastdeit.data.schedule import size_schedule
+from fastdeit.models import build_student, count_params, size_multiple
+from fastdeit.optim import scaled_lr
+
+
+@pytest.mark.parametrize("path, model, lr, size, drop_path, params", [
+    ("configs/deit3_s.yaml", "deit3_small_patch16_224", 4e-3, 224, 0.05, 22_059_496),
+    ("configs/deit3_b.yaml", "deit3_base_patch16_224", 3e-3, 192, 0.2, 86_585_320),
+])
+def test_deit3_configs_carry_the_reference_values(path, model, lr, size, drop_path, params):
+    c = load_config(path)
+    assert c.model.name == model and c.model.kwargs == {"init_values": 1e-4}
+    assert (c.model.drop_path, c.model.drop_path_mode, c.model.drop) == (drop_path, "uniform", 0.0)
+    assert c.engine.global_batch_size == 2048 and scaled_lr(c.optim, 2048) == lr        # --unscale-lr
+    assert (c.optim.name, c.optim.weight_decay, c.optim.eps, c.optim.lamb_max_grad_norm) == ("lamb", 0.05, 1e-8, 1.0)
+    assert c.engine.gradient_clipping == 1.0                                           # LAMB's clip under ZeRO
+    assert (c.schedule.warmup_epochs, c.schedule.warmup_lr, c.schedule.min_lr, c.trainer.epochs) == (5, 1e-6, 1e-5, 800)
+    assert (c.loss.base, c.loss.bce_target_threshold, c.mixing.label_smoothing) == ("bce", 0.0, 0.0)
+    assert (c.mixing.mixup_alpha, c.mixing.cutmix_alpha, c.mixing.prob, c.mixing.erase_prob) == (0.8, 1.0, 1.0, 0.0)
+    assert (c.data.rand_augment, c.data.three_augment, c.data.color_jitter) == (None, True, 0.3)
+    assert (c.data.scale, c.data.hflip, c.data.repeated_aug, c.distill.type) == ((0.08, 1.0), 0.5, 3, "none")
+    assert c.data.img_size == 224 and int(224 / c.data.eval_crop_pct) == 256
+    student = build_student(c.model, c.data.img_size, 1000, dynamic_img_size=c.data.size_schedule is not None)
+    assert count_params(student) == params
+    sizes = size_schedule(c.data, size_multiple(student))
+    assert {sizes(e) for e in range(800)} == {size}
+
+
+def test_deit3_b_finetune_is_the_reference_command():
+    c = load_config("configs/deit3_b_finetune.yaml")
+    assert (c.trainer.epochs, c.engine.global_batch_size, scaled_lr(c.optim, 512)) == (20, 512, 1e-5)
+    assert (c.optim.name, c.optim.weight_decay, c.loss.base, c.mixing.label_smoothing) == ("adamw", 0.1, "ce", 0.1)
+    assert (c.data.rand_augment, c.data.three_augment, c.data.repeated_aug, c.data.size_schedule) == \
+        ("rand-m9-mstd0.5-inc1", False, 1, None)
+
+
+# --------------------------------------------------------------------------- end to end (slow)
+
+STEPS = 6        # 4 classes x 48 images / global batch 32
+
+
+def recipe(dataset, run):
+    """configs/deit3_s.yaml at toy size: 3-Augment, BCE, LAMB under ZeRO-1, and a schedule
+    that trains epoch 0 at 32 px and epoch 1 at 48 px (the native and evaluation size)."""
+    return ["--config", "configs/deit3_s.yaml", f"data.root={dataset}", f"trainer.run_dir={run}",
+            "data.img_size=48", "data.size_schedule=[[0,32],[1,48]]", "data.repeated_aug=1", "data.num_threads=1",
+            "data.scale=[0.35,1.0]", "model.kwargs={patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2, init_values: 1.0e-4}",
+            "engine.global_batch_size=32", "optim.lr_base_batch=32", "schedule.warmup_epochs=0.5",
+            "trainer.epochs=2", "trainer.eval_every=2", "logging.log_every=1", "logging.progress=lines"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+    from tests.launching import launch
+
+    run = tmp_path_factory.mktemp("deit3-full")
+    launch(*recipe(dataset, run), tiny=False)
+    return run
+
+
+@pytest.mark.slow
+def test_resume_across_a_size_change_is_exact(dataset, uninterrupted, tmp_path):
+    """Stopped mid-epoch at 32 px, resumed: the rest of epoch 0 at 32 px and epoch 1 at 48 px
+    give the uninterrupted run's losses and LRs bit for bit; the checkpoints keep the native
+    6x6 position grid (48 px, patch 8) whatever the training size."""
+    from tests.launching import launch, records
+
+    epochs = records(uninterrupted, "epoch")
+    assert [(r["epoch"], r["img_size"]) for r in epochs] == [(0, 32), (1, 48)]
+    assert epochs[-1]["val/cls_top1"] >= 0 and "train/loss" in epochs[-1]
+    split = tmp_path / "split"
+    stopped = launch(*recipe(dataset, split), "trainer.stop_after_steps=3", tiny=False)
+    assert "stopping after optimizer step 3" in stopped.stdout
+    assert "training resolution: 32 px (epoch 1), 48 px (epoch 2)" in stopped.stdout
+    ckpt = split / "checkpoints" / "step_00000003"
+    assert (Checkpointer.read_state(ckpt)["epoch"], Checkpointer.read_state(ckpt)["epoch_step"]) == (0, 3)
+    # written during the 32 px epoch: the position embedding at the native 48 px grid
+    # (6 x 6 patches of 8; DeiT III has no class slot in it)
+    assert fp32_state_dict(ckpt)["pos_embed"].shape == (1, 36, 64)
+    resumed = launch(*recipe(dataset, split), tiny=False)
+    assert "resumed from" in resumed.stdout
+    full = {r["step"]: (r["loss"], r["lr"]) for r in records(uninterrupted, "step")}
+    again = {r["step"]: (r["loss"], r["lr"]) for r in records(split, "step")}
+    assert sorted(full) == sorted(again) == list(range(1, 2 * STEPS + 1))
+    assert full == again
+    assert fp32_state_dict(split / "checkpoints" / "step_00000012")["pos_embed"].shape == (1, 36, 64)
+    export = torch.load(split / "model.pth", weights_only=True)
+    assert export["pos_embed"].shape == (1, 36, 64)
+
+
+@pytest.mark.slow
+def test_recipe_composes_with_hard_distillation(dataset, tmp_path):
+    """3-Augment + BCE + LAMB + a schedule with a distilled student and a convnet teacher."""
+    import timm
+
+    from tests.launching import launch, records
+
+    teacher = tmp_path / "teacher.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=4).state_dict(), teacher)
+    run = tmp_path / "run"
+    launch(*recipe(dataset, run), "model.name=deit_tiny_distilled_patch16_224", "model.drop_path_mode=linear",
+           "model.kwargs={patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2}", "distill.type=hard",
+           "teacher.name=resnet10t", f"teacher.weights={teacher}", "trainer.epochs=2", tiny=False)
+    last = records(run, "epoch")[-1]
+    assert last["img_size"] == 48 and {"val/cls_top1", "val/dist_top1", "val/avg_top1"} <= set(last)
+    assert torch.isfinite(torch.tensor([last["train/loss"], last["train/loss_dist"]])).all()

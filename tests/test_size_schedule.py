@@ -1,0 +1,169 @@
+"""data.size_schedule: the training side per epoch (schedule.py), the student that trains at
+any side with a fixed-shape position embedding, FLOPs per side, and the loader at any side."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from fastdeit import flops
+from fastdeit.config import ConfigError, load_config
+from fastdeit.data import DataConfig, build_loader
+from fastdeit.data.schedule import SizeSchedule, size_schedule
+from fastdeit.models import ModelConfig, build_student, size_multiple
+
+CPU = torch.device("cpu")
+FFCV = [[10, 160], [250, 224]]          # the README's ramp: 160 -> 224 over epochs 10..250 of 300
+DEIT3 = [[279, 192], [280, 224]]        # the README's step: 192, then 224 for the last 20 of 300
+
+
+@pytest.mark.parametrize("milestones, multiple, expected", [
+    # hand values: 160 + 64 (e - 10) / 240 rounded down to 32; 192 is reached at e = 130
+    (FFCV, 32, {0: 160, 10: 160, 129: 160, 130: 192, 249: 192, 250: 224, 299: 224}),
+    # the same ramp on a 16 grid: 176 at e = 70 (160 + 64 * 60 / 240 = 176 exactly)
+    (FFCV, 16, {69: 160, 70: 176, 71: 176, 130: 192, 190: 208, 249: 208, 250: 224}),
+    (DEIT3, 32, {0: 192, 279: 192, 280: 224, 299: 224}),
+    # a falling ramp and sizes that are not multiples themselves (rounded down)
+    ([[0, 250], [4, 100]], 32, {0: 224, 1: 192, 2: 160, 3: 128, 4: 96, 9: 96}),
+    ([[2, 64], [4, 32], [6, 64]], 16, {0: 64, 3: 48, 4: 32, 5: 48, 6: 64}),
+])
+def test_schedule_values(milestones, multiple, expected):
+    schedule = SizeSchedule(milestones, default=224, multiple=multiple)
+    assert {e: schedule(e) for e in expected} == expected
+
+
+def test_schedule_sizes_describe_and_fixed():
+    ramp = SizeSchedule(FFCV, 224, 32)
+    assert ramp.sizes(300) == [160, 192, 224] and not ramp.fixed
+    assert ramp.describe(300) == ("160 px (epochs 1-130), 192 px (epochs 131-250), 224 px (epochs 251-300); "
+                                  "multiple 32")
+    fixed = SizeSchedule(None, 224, 32)
+    assert fixed.fixed and fixed.sizes(300) == [224] and {fixed(e) for e in range(300)} == {224}
+
+
+def test_schedule_from_config_and_overrides():
+    cfg = load_config(None, ["data.size_schedule=[[10,160],[250,224]]"])
+    assert cfg.data.size_schedule == [(10, 160), (250, 224)] and cfg.data.size_multiple is None
+    # the model's multiple unless the config sets one; 32 without either
+    assert size_schedule(cfg.data, 16).multiple == 16 and size_schedule(cfg.data).multiple == 32
+    cfg = load_config(None, ["data.size_schedule=[[0,100]]", "data.size_multiple=8"])
+    assert size_schedule(cfg.data, 32)(0) == 96
+    with pytest.raises(ConfigError, match="size_schedule"):
+        load_config(None, ["data.size_schedule=[[10,160,3]]"])
+
+
+@pytest.mark.parametrize("milestones, match", [
+    ([], "empty"),
+    ([[10, 160], [10, 224]], "increase strictly"),
+    ([[-1, 160]], "negative"),
+    ([[0, 16]], "below data.size_multiple=32"),
+])
+def test_schedule_errors_name_the_key(milestones, match):
+    with pytest.raises(ValueError, match=match) as info:
+        SizeSchedule(milestones, 224, 32)
+    assert "data.size_schedule" in str(info.value)
+
+
+def _tiny(dynamic, img_size=64, name="deit_tiny_distilled_patch16_224"):
+    torch.manual_seed(0)
+    cfg = ModelConfig(name=name, drop_path=0.0, kwargs=dict(patch_size=8, embed_dim=32, depth=1, num_heads=2))
+    return build_student(cfg, img_size, 5, dynamic_img_size=dynamic).eval()
+
+
+def test_size_multiple_from_the_model():
+    assert size_multiple(_tiny(False)) == 16                    # patch 8
+    assert size_multiple(timm.create_model("deit3_small_patch16_224")) == 32
+    assert size_multiple(timm.create_model("resnet10t")) is None
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "deit3_small_patch16_224"])
+def test_student_resamples_its_position_embedding_per_forward(name):
+    """The dynamic student at 40 px equals a static 40 px model holding the native 8x8 grid
+    resampled to 5x5 (bicubic, antialiased: timm's resample_abs_pos_embed, by hand here); at its
+    native size it equals the static model bit for bit; parameter shapes never change."""
+    dyn, static = _tiny(True, name=name), _tiny(False, name=name)
+    static.load_state_dict(dyn.state_dict())
+    shapes = {k: v.shape for k, v in dyn.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(dyn(x), static(x))
+
+    prefix = 0 if getattr(dyn, "no_embed_class", False) else dyn.num_prefix_tokens
+    pos = dyn.pos_embed.detach()
+    grid = pos[:, prefix:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+    small = F.interpolate(grid, size=(5, 5), mode="bicubic", antialias=True, align_corners=False)
+    ref = _tiny(False, img_size=40, name=name)
+    ref.load_state_dict({**dyn.state_dict(), "pos_embed": torch.cat(
+        [pos[:, :prefix], small.permute(0, 2, 3, 1).reshape(1, 25, -1)], dim=1)})
+    x = torch.randn(2, 3, 40, 40)
+    torch.testing.assert_close(dyn(x), ref(x), rtol=1e-5, atol=1e-5)
+
+    dyn.train()
+    out = dyn(x)
+    sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+    assert dyn.pos_embed.grad.shape == dyn.pos_embed.shape      # the gradient flows to the native grid
+    assert {k: v.shape for k, v in dyn.state_dict().items()} == shapes
+
+
+def test_a_vit_without_dynamic_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="size_schedule"):
+        build_student(ModelConfig(name="cait_xxs24_224", kwargs=dict(depth=1)), 224, 5, dynamic_img_size=True)
+
+
+def test_flops_per_size_match_static_models():
+    """Counted on the dynamic student at each side == counted on a static model built at that
+    side; and 160 vs 224 is about the token ratio (196 / 100) for DeiT-Ti."""
+    dyn = timm.create_model("deit_tiny_patch16_224", dynamic_img_size=True)
+    by_size = flops.train_flops_by_size(dyn, [160, 224, 160])
+    assert list(by_size) == [160, 224]
+    for s in (160, 224):
+        assert by_size[s] == flops.train_flops_per_image(timm.create_model("deit_tiny_patch16_224", img_size=s), s)
+    ratio = by_size[224] / by_size[160]
+    assert 1.9 < ratio < 2.1, ratio                               # tokens 197 / 101 = 1.95
+
+
+def test_loader_builds_each_epoch_at_its_size(synthetic_tree):
+    """set_epoch(e, img_size=s): s x s batches with RandAugment on, the default size without;
+    resuming mid-epoch at a size gives the same batches as the uninterrupted epoch."""
+    cfg = DataConfig(root=synthetic_tree, img_size=32, num_threads=2, device="cpu", repeated_aug=1,
+                     rand_augment="rand-m9-mstd0.5-inc1")
+    loader = build_loader(cfg, "train", 8, 0, 1, 0, CPU)
+    loader.set_epoch(1, img_size=48)
+    full = list(loader)
+    assert loader.img_size == 48 and all(x.shape == (8, 3, 48, 48) for x, _ in full)
+    loader.set_epoch(1, skip_batches=3, img_size=48)
+    rest = list(loader)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(rest, full[3:])) and len(rest) == len(full) - 3
+    loader.set_epoch(2)
+    x, _ = next(iter(loader))
+    assert x.shape == (8, 3, 32, 32) and loader.img_size == 32
+    loader.close()
+
+
+@pytest.mark.gpu
+def test_gpu_loader_builds_each_epoch_at_its_size(synthetic_tree):
+    cfg = DataConfig(root=synthetic_tree, img_size=32, num_threads=2, device="gpu", repeated_aug=1,
+                     rand_augment="rand-m9-mstd0.5-inc1")
+    loader = build_loader(cfg, "train", 8, 0, 1, 0, torch.device("cuda"))
+    loader.set_epoch(0, img_size=48)
+    x, _ = next(iter(loader))
+    assert x.shape == (8, 3, 48, 48) and x.is_cuda
+    loader.close()
+
+
+def test_gpu_layout_builds_each_epoch_at_its_size(synthetic_tree, monkeypatch):
+    """The loader's GPU branch (resize and flip inside the DALI graph) on CPU operators
+    (Placement.gpu_layout_on_cpu): each epoch's graph resizes to that epoch's side, and a
+    mid-epoch resume at that side replays the same batches."""
+    from fastdeit.data import loader as loader_module
+    from fastdeit.data.pipeline import Placement
+
+    monkeypatch.setattr(loader_module, "resolve_placement", lambda cfg, device: Placement(None, gpu_layout_on_cpu=True))
+    cfg = DataConfig(root=synthetic_tree, img_size=32, num_threads=2, device="cpu", repeated_aug=1, rand_augment=None)
+    loader = build_loader(cfg, "train", 8, 0, 1, 0, CPU)
+    loader.set_epoch(1, img_size=48)
+    full = list(loader)
+    assert all(x.shape == (8, 3, 48, 48) for x, _ in full)
+    loader.set_epoch(1, skip_batches=4, img_size=48)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(list(loader), full[4:]))
+    loader.set_epoch(2)
+    assert next(iter(loader))[0].shape == (8, 3, 32, 32)
+    loader.close()
