@@ -41,9 +41,9 @@ def test_train_decoder_preallocates_val_does_not():
     train = _decoder_kwargs(cfg, GPU, preallocate=True)
     assert train["device"] == "mixed" and train["device_memory_padding"] == 211_025_920
     val = _decoder_kwargs(cfg, GPU)                                      # DALI's small defaults
-    assert val == dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load)
+    assert val == dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load, adjust_orientation=False)
     assert _decoder_kwargs(DataConfig(decoder_preallocate=False), GPU, preallocate=True) == val
-    assert _decoder_kwargs(cfg, CPU, preallocate=True) == dict(device="cpu")
+    assert _decoder_kwargs(cfg, CPU, preallocate=True) == dict(device="cpu", adjust_orientation=False)
 
 
 def test_arguments_are_the_decoders_own():
