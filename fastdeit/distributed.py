@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 import torch
 
@@ -231,6 +231,9 @@ def apply_budget(budget: ThreadBudget) -> None:
     torch.set_num_threads(budget.torch)
 
 
+_ENV_BEFORE: Dict[str, Optional[str]] = {}   # what init() overwrote in os.environ
+
+
 def init(env: Optional[DistEnv] = None) -> DistEnv:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU)."""
     import deepspeed
@@ -244,11 +247,14 @@ def init(env: Optional[DistEnv] = None) -> DistEnv:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             env = DistEnv(master_port=s.getsockname()[1])
-    # DeepSpeed reads these; srun does not export them.
-    os.environ.update(
-        RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-        MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
-    )
+    # DeepSpeed reads these; srun does not export them. teardown() puts back what was there:
+    # a process that initialises more than once (tests, notebooks) would otherwise reuse a port
+    # whose store may still be open, and every child it starts would inherit a rank and a port.
+    ours = dict(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    _ENV_BEFORE.clear()
+    _ENV_BEFORE.update({k: os.environ.get(k) for k in ours})
+    os.environ.update(ours)
     device = device_for(env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -270,6 +276,12 @@ def teardown(env: Optional[DistEnv] = None) -> None:
         return
     env = env or env_from(os.environ)
     torch.distributed.destroy_process_group()
+    for key, value in _ENV_BEFORE.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _ENV_BEFORE.clear()
     # DeepSpeed's CPU shm all-reduce never unlinks its buffer: in tmpfs it holds RAM until
     # reboot, and many runs on one host exhaust memory. Each rank removes its own; peers map
     # each other's buffers once, at initialisation, so unlinking now is safe (no barrier:

@@ -170,3 +170,19 @@ def test_resume_across_compile(world, dataset, teacher, eager, compiled, tmp_pat
     assert sorted(losses(run)) == list(range(1, STEPS + 7))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["optimizer_steps"] == STEPS + 6
+
+
+def test_size_schedule_compiles_a_graph_per_size_not_per_step(world, dataset, teacher, tmp_path):
+    """data.size_schedule with the compiled student and teacher: epoch 1 at 32 px compiles the
+    two graphs, epoch 2 at 48 px adds at most one per module (dynamo then marks the side
+    dynamic) and its six steps and the evaluation at 48 px add nothing more."""
+    torch._dynamo.reset()
+    counters.clear()
+    run = tmp_path / "sized"
+    seen = fit(config(dataset, teacher, run, *COMPILED, "data.img_size=48", "data.size_schedule=[[0,32],[1,48]]"),
+               world)
+    start, after_first_epoch, end = seen
+    assert [r["img_size"] for r in records(run, "epoch")] == [32, 48]
+    assert start == 0 and after_first_epoch == 2, dict(counters["stats"])
+    assert end <= 4 and not counters["graph_break"], (dict(counters["stats"]), dict(counters["graph_break"]))
+    assert sorted(losses(run)) == list(range(1, STEPS + 1))

@@ -27,6 +27,8 @@ def test_expand_nodelist():
 
 # ------------------------------------------------------------------ one device rule
 
+import os  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -157,3 +159,25 @@ def test_rank_budget_honours_config_and_omp_num_threads():
                                 "cpu", dali=4, environ=env)
     assert (b.cores, b.dali, b.torch, b.source) == (6, 4, 5, "runtime.cores_per_rank")
     assert "DALI 4, host 1, torch 5" in b.describe()
+
+
+def test_teardown_gives_the_environment_back(monkeypatch):
+    """A lone process's init() writes RANK, WORLD_SIZE, MASTER_PORT, ... for DeepSpeed;
+    teardown() puts back what was there. Otherwise every process the caller starts later
+    (a test's training run, an sbatch job) inherits rank 0 of 1 and a port whose store may
+    still be open in this process (EADDRINUSE), and a second init() reuses that port."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    first = distributed.init()
+    try:
+        assert os.environ["MASTER_PORT"] == str(first.master_port) and os.environ["WORLD_SIZE"] == "1"
+    finally:
+        distributed.teardown()
+    assert {k: os.environ.get(k) for k in keys} == dict.fromkeys(keys) | {"MASTER_ADDR": "127.0.0.1"}
+    second = distributed.init()          # a fresh port: the first store may still hold its own
+    distributed.teardown()
+    assert second.master_port != first.master_port
+    assert "MASTER_PORT" not in os.environ

@@ -147,7 +147,7 @@ def test_trainer_step_copies_nothing_blocking(flat_tree, tmp_path):
     from fastdeit.losses import DeiTLoss, DistillConfig
     from fastdeit.metrics import LoggingConfig, RunLogger, StepTelemetry
     from fastdeit.models import FrozenTeacher, ModelConfig, build_student
-    from fastdeit.trainer import Trainer, TrainerConfig
+    from fastdeit.trainer import RunServices, StepParts, Trainer, TrainerConfig
 
     torch.manual_seed(0)
     np.random.seed(0)
@@ -158,13 +158,14 @@ def test_trainer_step_copies_nothing_blocking(flat_tree, tmp_path):
                             torch.float32, channels_last=True)
     per_step, logged = [], []
     with CopySpy() as spy:
-        trainer = Trainer(
-            TrainerConfig(epochs=1, run_dir=str(tmp_path)), _FakeEngine(student, spy, per_step),
-            loader, None, BatchMixer(MixingConfig(), 4, META, torch.float32),
-            DeiTLoss(DistillConfig("hard")), teacher, _Schedule(),
-            RunLogger(LoggingConfig(progress="lines"), str(tmp_path), is_main=False),
-            checkpointer=None, log_every=10**6, world_size=1, dtype=torch.float32, device=META,
-            telemetry=StepTelemetry(warn=lambda m: None))
+        parts = StepParts(engine=_FakeEngine(student, spy, per_step), scheduler=_Schedule(),
+                          mixer=BatchMixer(MixingConfig(), 4, META, torch.float32),
+                          criterion=DeiTLoss(DistillConfig("hard")), teacher=teacher, ema=None, dtype=torch.float32)
+        run = RunServices(train_loader=loader, val_loader=None,
+                          logger=RunLogger(LoggingConfig(progress="lines"), str(tmp_path), is_main=False),
+                          checkpointer=None, telemetry=StepTelemetry(warn=lambda m: None), device=META,
+                          world_size=1, log_every=10**6)
+        trainer = Trainer(TrainerConfig(epochs=1, run_dir=str(tmp_path)), parts, run)
         trainer._log_step = lambda meter, clock, first_bad: logged.append(set(meter.sums)) or \
             {"loss": 0.0, "lr": 0.0, "img_per_sec": 0.0}
         trainer.train_epoch(0)
