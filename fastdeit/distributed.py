@@ -271,11 +271,32 @@ def shm_buffers(master_addr: str, master_port: int, ranks=None) -> List[str]:
     return [p for p in glob.glob(pattern + "*") if ranks is None or p[len(pattern):] in {str(r) for r in ranks}]
 
 
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches the process groups it makes (a clone of the world group, data-parallel,
+    expert groups) in module globals of deepspeed.utils.groups and has no call to drop them; after
+    destroy_process_group they name dead groups, and the next deepspeed.initialize in the same
+    process fails ("Group ... is not registered"). Reset the ones this DeepSpeed has."""
+    try:
+        from deepspeed.utils import groups
+    except ImportError:
+        return
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP", "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE",
+                 "_MPU_TENSOR_MODEL_PARALLEL_RANK", "mpu"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        if isinstance(getattr(groups, name, None), dict):
+            setattr(groups, name, {})
+
+
 def teardown(env: Optional[DistEnv] = None) -> None:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     env = env or env_from(os.environ)
     torch.distributed.destroy_process_group()
+    _forget_deepspeed_groups()
     for key, value in _ENV_BEFORE.items():
         if value is None:
             os.environ.pop(key, None)

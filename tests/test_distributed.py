@@ -181,3 +181,27 @@ def test_teardown_gives_the_environment_back(monkeypatch):
     distributed.teardown()
     assert second.master_port != first.master_port
     assert "MASTER_PORT" not in os.environ
+
+
+def test_deepspeed_initializes_again_after_teardown(monkeypatch):
+    """DeepSpeed caches its process groups in module globals; teardown() drops them, so a second
+    init() + deepspeed.initialize in the same process (tests, notebooks) trains instead of
+    failing on a group of the destroyed process group."""
+    from fastdeit import engine as engine_lib
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for _ in range(2):
+        distributed.init()
+        try:
+            torch.manual_seed(0)
+            model = torch.nn.Linear(4, 2)
+            ds = engine_lib.deepspeed_config(engine_lib.EngineConfig(global_batch_size=2, zero_stage=1,
+                                                                     precision="fp32"), world_size=1)
+            engine = engine_lib.initialize(model, torch.optim.SGD(model.parameters(), lr=0.1), ds)
+            engine.backward(engine(torch.ones(2, 4)).sum())
+            engine.step()
+            assert engine.global_steps == 1
+        finally:
+            distributed.teardown()
