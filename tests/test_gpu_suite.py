@@ -6,6 +6,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from benchmarks import suite_summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +31,7 @@ def records(out: Path):
     return names, [line.split("\t") for line in stages.splitlines()]
 
 
+@pytest.mark.slow
 def test_dry_run_end_to_end(tmp_path):
     out = tmp_path / "out"
     proc = run_suite(tmp_path, out)
