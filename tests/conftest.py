@@ -106,3 +106,14 @@ def dataset(tmp_path_factory):
     generate(str(root), classes=4, train_per_class=48, val_per_class=10, min_size=36, max_size=48,
              seed=0, quality=90)
     return root
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    """Weights of a 4-class resnet10t (the `dataset` fixture's classes), a file as users pass one."""
+    import timm
+
+    path = tmp_path_factory.mktemp("teacher") / "resnet10t.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet10t", num_classes=4).state_dict(), path)
+    return path

@@ -11,7 +11,6 @@ less once torch's on-disk cache holds them), hence few runs, shared by the tests
 import json
 
 import pytest
-import timm
 import torch
 from torch._dynamo.utils import counters
 
@@ -32,14 +31,6 @@ def world():
     env = distributed.init()
     yield env
     distributed.teardown()
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "resnet10t.pth"
-    torch.manual_seed(0)
-    torch.save(timm.create_model("resnet10t", num_classes=4).state_dict(), path)
-    return path
 
 
 def config(dataset, teacher, run, *overrides):

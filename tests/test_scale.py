@@ -30,14 +30,6 @@ def base(dataset, run):
             "model.drop_path=0.1", "logging.log_every=1"]
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "resnet10t.pth"
-    torch.manual_seed(0)
-    torch.save(timm.create_model("resnet10t", num_classes=4).state_dict(), path)
-    return path
-
-
 def step_losses(run):
     return {r["step"]: (r["loss"], r["lr"]) for r in records(run, "step")}
 
