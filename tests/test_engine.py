@@ -48,7 +48,7 @@ def test_deepspeed_dict():
         deepspeed_config(EngineConfig(zero_stage=3), 1)
 
 
-# Exact distilled parameter counts (DESIGN.md) -> elements per ZeRO bucket, by hand:
+# Exact distilled parameter counts (docs/DESIGN.md) -> elements per ZeRO bucket, by hand:
 # DeiT-B a quarter of the model; DeiT-S a quarter would be under 2^24, so 2^24; DeiT-Ti the
 # whole model (smaller than 2^24).
 @pytest.mark.parametrize("params,expected", [

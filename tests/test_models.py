@@ -1,4 +1,4 @@
-"""Models through timm's registry: exact parameter counts (DESIGN.md), heads, teacher loading."""
+"""Models through timm's registry: exact parameter counts (docs/DESIGN.md), heads, teacher loading."""
 import pytest
 import timm
 import torch
@@ -7,7 +7,7 @@ from fastdeit.models import (CheckpointMismatchError, ModelConfig, TeacherConfig
                              compile_mode_for,
                              build_teacher, count_params, eval_heads, load_weights)
 
-# The exact counts from the paper's released models (DESIGN.md), at 1000 classes.
+# The exact counts from the paper's released models (docs/DESIGN.md), at 1000 classes.
 PARAMS = {
     ("deit_tiny_patch16_224", 224): 5_717_416,
     ("deit_small_patch16_224", 224): 22_050_664,

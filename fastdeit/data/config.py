@@ -1,6 +1,6 @@
 """The `data` config section: what the input pipeline reads and how it augments.
 
-Defaults are the DeiT recipe (DESIGN.md, "augmentation" and "eval" rows).
+Defaults are the DeiT recipe (docs/DESIGN.md, "train augmentation" and "evaluation" rows).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""DALI graphs for the train and eval transforms (DESIGN.md "augmentation" and "eval" rows).
+"""DALI graphs for the train and eval transforms (docs/DESIGN.md, "train augmentation" and
+"evaluation" rows).
 
 One graph definition serves both placements: on GPU the JPEG decode runs on the "mixed" backend
 (nvJPEG, partly on the hardware decoder) and every later op follows its input onto the GPU; on

@@ -47,7 +47,7 @@ def train_indices(num_samples: int, rank: int, world_size: int, seed: int, epoch
                   repeats: int = 1) -> np.ndarray:
     """Indices rank `rank` reads, in order, for train epoch `epoch`.
 
-    repeats > 1 (DESIGN.md "repeated augmentation"): one permutation, each index repeated
+    repeats > 1 (docs/DESIGN.md "repeated augmentation"): one permutation, each index repeated
     `repeats` times back to back, padded by wrapping to a multiple of world, rank r takes
     [r::world] and keeps the first train_samples_per_rank(). Consecutive copies go to
     consecutive ranks, so with world >= repeats every copy of an image is augmented on a
