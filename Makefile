@@ -82,7 +82,7 @@ demo: install data
 	$(PY) launch/summary.py $(DEMO_RUNS)/teacher $(DEMO_RUNS)/student
 
 test: install
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q -rs tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -rs --durations=15 tests
 
 clean-demo:
 	rm -rf $(DEMO_RUNS) $(DEMO_DATA)
