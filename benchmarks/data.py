@@ -286,6 +286,9 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--repeats", type=int, default=1, help="run both loaders this many times")
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--cores", type=int, default=None,
+                   help="ours: the thread budget's core count, set by hand (default: this process's "
+                   "usable cores); more than the machine has shows how the split scales, not speed")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="intra-op threads of the main process (both loaders; default: the budget)")
     p.add_argument("--device", default="auto", help="auto: the trainer's rule (DeepSpeed's "
@@ -304,7 +307,8 @@ def main(argv=None):
         args.folder = args.data
     device = pick_device(args.device)
     data_on_gpu = device.type == "cuda"
-    args.budget = distributed.rank_budget(distributed.RuntimeConfig(torch_threads=args.torch_threads),
+    args.budget = distributed.rank_budget(distributed.RuntimeConfig(cores_per_rank=args.cores,
+                                                                    torch_threads=args.torch_threads),
                                           data_on_gpu, None, args.dali_threads, args.host_threads)
     torch.set_num_threads(args.budget.torch)
     print(args.budget.describe(), flush=True)
@@ -337,6 +341,9 @@ def main(argv=None):
     summary = {k: statistics.median(steady(run[k]) for run in runs) for k in names}
     cpu_ms = {k: statistics.median(steady(run[k]) for run in cpu_runs) for k in names}
     ratio = statistics.median(run["ratio"] for run in runs)
+    # CPU seconds per wall second over the steady epochs: how many cores the loader kept busy
+    cores_busy = {k: statistics.median(steady([r * c / 1e3 for r, c in zip(run[k], cpu_run[k])])
+                                       for run, cpu_run in zip(runs, cpu_runs)) for k in names}
     kind = "gpu" if device.type == "cuda" else "cpu"
     date = datetime.date.today().isoformat()
     record = {
@@ -346,7 +353,7 @@ def main(argv=None):
         "threads": dataclasses.asdict(args.budget),
         "ours_context_switches_per_image": args.context_switches,
         "images_per_sec_steady": summary, "ratio_ours_over_baseline": ratio,
-        "cpu_ms_per_image_steady": cpu_ms, "load_average_at_end": os.getloadavg(),
+        "cpu_ms_per_image_steady": cpu_ms, "cores_busy_steady": cores_busy, "load_average_at_end": os.getloadavg(),
         "runs": runs, "cpu_ms_per_image_runs": cpu_runs,
     }
     if packed:
@@ -359,15 +366,16 @@ def main(argv=None):
         f"Hardware: {record['hardware'].get('cpu')} ({record['hardware']['cores']} cores)"
         + (f", {record['hardware']['gpu']}" if "gpu" in record["hardware"] else ""), "",
         f"Command: `{record['command']}`", "",
-        "| loader | img/s per epoch (each repeat) | steady img/s (median) | CPU ms per image |",
-        "|---|---|---|---|"]
+        "| loader | img/s per epoch (each repeat) | steady img/s (median) | CPU ms per image | cores busy |",
+        "|---|---|---|---|---|"]
     for k in names:
         per = "; ".join(" ".join(f"{v:.0f}" for v in run[k]) for run in runs)
-        lines.append(f"| {k} | {per} | {summary[k]:.0f} | {cpu_ms[k]:.2f} |")
+        lines.append(f"| {k} | {per} | {summary[k]:.0f} | {cpu_ms[k]:.2f} | {cores_busy[k]:.2f} |")
     per_repeat = ", ".join(f"{run['ratio']:.2f}" for run in runs)
     lines += ["", f"Ratio ours / baseline (median of repeats, steady epochs): **{ratio:.2f}x** "
               f"(per repeat: {per_repeat}). CPU ms per image: all CPU time of the loader's "
-              f"process (and, for the baseline, its worker processes) per image delivered. "
+              f"process (and, for the baseline, its worker processes) per image delivered; cores "
+              f"busy: that CPU time per second of wall time (steady epochs). "
               f"Load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}.", "",
               f"Ours: {args.budget.describe()}; steady epochs of all repeats span "
               f"{_spread(runs, 'ours')}; context switches per image (all threads, steady "

@@ -278,11 +278,14 @@ class Loader:
             images = self.randaug.apply(images, plan)
         return self._normalize(images)
 
-    def _read_host(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _read_host(self, step: int, run_all) -> Tuple[torch.Tensor, torch.Tensor]:
         """CPU placement, feeder thread: DALI's crops, resized and flipped (uint8 NCHW in
-        channels-last memory) before DALI's next run reuses their buffers."""
+        channels-last memory) before DALI's next run reuses their buffers; the resizes are
+        shared out over this thread and the host pool (host_threads slices), so that no single
+        thread carries them as a serial stage while DALI decodes the next batches."""
         crops, labels, flips = self._run_dali(step)
-        images = resize_crops(crops, flips.as_array(), self.img_size, pin=self._pin)
+        images = resize_crops(crops, flips.as_array(), self.img_size, pin=self._pin,
+                              slices=self.cfg.host_threads, run_all=run_all)
         labels = torch.from_numpy(labels.as_array().reshape(-1))
         return images.permute(0, 3, 1, 2), (labels.pin_memory() if self._pin else labels)
 
