@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from benchmarks import common
+from tests.childenv import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = '{"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}'
@@ -27,10 +28,14 @@ def free_port() -> int:
 
 
 def run_module(module, *args, timeout=300):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
+    # DeepSpeed's accelerator follows --device: forcing the CPU under a cuda batch would move
+    # the engine's module to the CPU (tests/childenv.py).
+    args = list(map(str, args))
+    cuda = "--device" in args and args[args.index("--device") + 1].startswith("cuda")
+    env = child_env("cuda" if cuda else "cpu", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
