@@ -147,18 +147,31 @@ def test_step_benchmark_several_sizes(tmp_path):
 
 
 def test_e2e_benchmark(tmp_path, jpeg_tree):
+    """Distilled (the GPU suite's headline): fastdeit's distilled step against the DeiT reference
+    step, each behind its loader, timed in steady state only."""
     proc = run_module(
         "benchmarks.e2e", "--data", jpeg_tree, "--model", "ti", "--model-kwargs", TINY_VIT, "--img-size", 32,
-        "--batch", 8, "--workers", 1, "--warmup", 2, "--steps", 5, "--rounds", 2, "--rewarm", 1,
-        "--out", tmp_path)
+        "--teacher", "resnet10t", "--batch", 8, "--workers", 1, "--warmup", 2, "--steps", 5, "--rounds", 2,
+        "--rewarm", 1, "--out", tmp_path)
     record, md = the_record(tmp_path, "-e2e")
     assert [s["name"] for s in record["sides"]] == ["fastdeit", "baseline"]
+    # 64 images, batch 8: 8 batches per epoch on both sides. Warm-up 2 leaves 6; round 1 takes
+    # 1 untimed + 5 timed (the epoch ends); round 2 would cross the boundary, so the next epoch's
+    # first batch is its untimed step and 5 timed follow: 10 timed steps, one boundary, untimed.
     for side in record["sides"]:
-        positive(side, ["img_per_sec", "ms_per_step", "wall_s", "flops_per_image", "mfu"])
-        assert side["images"] == 80 and 0.0 <= side["data_wait"] <= 1.0
+        positive(side, ["img_per_sec", "ms_per_step", "wall_s", "flops_per_image", "mfu", "boundary_wait_ms"])
+        assert side["images"] == 80 and side["steps_timed"] == 10 and 0.0 <= side["data_wait"] <= 1.0
+        assert (side["batches_per_epoch"], side["epochs_seen"], side["boundaries"]) == (8, 2, 1)
+        assert side["distilled"] is True and side["compute_dtype"] == "bf16"
+    fastdeit, baseline = record["sides"]
+    # Both sides count the same FLOPs: the distilled student's training step plus the teacher's forward.
+    assert fastdeit["flops_per_image"] == pytest.approx(baseline["flops_per_image"], rel=1e-6)
+    assert "resnet10t teacher" in fastdeit["about"] and "DeiT reference step" in baseline["about"]
     assert record["settings"]["train_images"] == 64 and record["settings"]["classes"] == 4
+    assert record["partial"] is False and record["rounds_done"] == 2
     assert record["ratios"][0]["name"] == "speed-up" and record["ratios"][0]["value"] > 0
-    assert "| fastdeit |" in md and "speed-up" in proc.stdout
+    assert "| fastdeit |" in md and "speed-up" in proc.stdout and "distilled (teacher resnet10t)" in md
+    assert "- epoch boundary, fastdeit: " in md and "- epoch boundary, baseline: " in proc.stdout
 
 
 def test_readme_splice_replaces_only_its_block(tmp_path):
