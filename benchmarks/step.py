@@ -18,8 +18,8 @@ Variants, all at the same model size, batch and resolution:
   fastdeit-ema[zN]      (opt-in) fastdeit-student plus the model EMA (fastdeit.ema, decay
                         0.99996, updated every step from the fp32 masters): the EMA's cost.
   fastdeit-lamb[zN]     (opt-in) fastdeit-student with DeiT III's LAMB (optim.name=lamb,
-                        fastdeit.lamb, global-norm clip 1.0 by DeepSpeed as configs/deit3_*.yaml
-                        set it) instead of AdamW: the optimizer's cost.
+                        fastdeit.lamb, with engine.gradient_clipping as configs/deit3_b.yaml
+                        sets it) instead of AdamW: the optimizer's cost.
   wrap-compiled[zN]     (opt-in, with --compile) fastdeit-student compiled by torch.compile before
                         deepspeed.initialize wraps it, against engine.compile() (what the trainer
                         does, fastdeit.engine.initialize).
@@ -219,7 +219,7 @@ class FastdeitStep(Variant):
                 overrides["zero_optimization"] = {**overrides.get("zero_optimization", {}), "compute_grad_norm": True}
         ds = engine_lib.deepspeed_config(   # buckets sized from the student, as build.py does
             engine_lib.EngineConfig(global_batch_size=s.batch, zero_stage=stage, precision="bf16",
-                                    gradient_clipping=1.0 if lamb else 0.0,   # as configs/deit3_*.yaml
+                                    gradient_clipping=deit3_clipping() if lamb else 0.0,
                                     deepspeed=overrides), world_size=1,
             num_params=sum(p.numel() for p in model.parameters()))
         self.engine = engine_lib.initialize(model, optimizer, ds, mode if compiled and not wrap else None)
@@ -378,6 +378,15 @@ class DeiTReferenceStep(Variant):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         common.synchronize(self.s.device)                 # torch.cuda.synchronize() every step
+
+
+def deit3_clipping() -> float:
+    """engine.gradient_clipping of the DeiT III recipe (configs/deit3_b.yaml): whether DeepSpeed
+    or LAMB itself clips the global norm is the recipe's choice, and the LAMB variant follows it."""
+    import yaml
+
+    with open(common.ROOT / "configs" / "deit3_b.yaml") as f:
+        return float(yaml.safe_load(f)["engine"].get("gradient_clipping", 0.0))
 
 
 def timm_mixup(num_classes: int, enabled: bool) -> Mixup:

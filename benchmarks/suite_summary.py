@@ -170,12 +170,19 @@ def headline(e2e: Optional[Dict[str, Any]]) -> List[str]:
             + _partial(e2e)]
 
 
+def peak_row(label: str, record: Dict[str, Any]) -> List[str]:
+    """The MFU's denominator and where it came from, with its dtype (bf16 unless it says)."""
+    peak = record["peak"]
+    return [f"{label} MFU peak", f"{peak['tflops']:,.4g} TFLOP/s", f"{peak.get('dtype', 'bf16')}: {peak['source']}"]
+
+
 def step_rows(record: Dict[str, Any], label: str, ratios_only: bool = False) -> List[List[str]]:
     rows = []
     if not ratios_only:
         for v in record["variants"]:
             rows.append([f"{label} {v['name']}", f"{_f(v['img_per_sec'])} img/s",
                          f"{mfu(v.get('mfu'), v)}, peak {gib(v['peak_mem_gib'])}" + _partial(record)])
+        rows.append(peak_row(label, record))
     for r in record["ratios"]:
         rows.append([f"{label} ratio: {r['name']}", f"{r['value']:.3f}", r.get("target", "") or r["meaning"]])
     return rows
@@ -191,6 +198,7 @@ def table(rec: Path, wall: Optional[int] = None) -> str:
             rows.append([f"e2e {side['name']}", f"{_f(side['img_per_sec'])} img/s",
                          f"data wait {100 * side['data_wait']:.0f}%, {mfu(side.get('mfu'), side)}, "
                          f"peak {gib(side['peak_mem_gib'])}" + _partial(e2e)])
+        rows.append(peak_row("e2e", e2e))
         for r in e2e["ratios"]:
             rows.append([f"e2e ratio: {r['name']}", f"{r['value']:.3f}", r["meaning"]])
         for side in e2e["sides"]:

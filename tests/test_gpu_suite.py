@@ -102,7 +102,7 @@ def test_dry_run_end_to_end(tmp_path):
                 "| extras ratio: LAMB cost z1@32 |", "| extras ratio: fastdeit-student[z1] 32->16 |",
                 "memory: train pipeline", "| data path: fastdeit / reference loader |",
                 "| data path: fastdeit with 3-Augment |", "| e2e fastdeit |", "| e2e ratio: speed-up |",
-                "| e2e epoch boundary, fastdeit |", "step, batch 4 |"):
+                "| e2e epoch boundary, fastdeit |", "step, batch 4 |", "| step MFU peak |", "| e2e MFU peak |"):
         assert row in summary, (row, summary)
     # Sane figures: no MFU above 100% is printed as one, and each names its dtype.
     for value in re.findall(r"MFU ([\d.]+)% \((\w+)\)", summary):
