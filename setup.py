@@ -23,8 +23,11 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["fastdeit", "fastdeit.*"]),
     install_requires=[
-        "torch>=2.4",          # fused AdamW on CPU and GPU
-        "torchvision",
+        # The oldest torch checked: 2.11, what the H200 test host runs (the GPU-path CPU tests pass
+        # on 2.11.0 with torchvision 0.26; benchmarks/results/2026-12-03-gpu-suite-plan.md). Older
+        # releases are not tested, so not claimed.
+        "torch>=2.11",
+        "torchvision>=0.26",   # torch 2.11's
         "timm>=1.0",
         "deepspeed>=0.14",
         "pyyaml",

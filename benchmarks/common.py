@@ -468,6 +468,17 @@ def save_record(record: Dict[str, Any], markdown_text: str, chart_fn, args, devi
     return record
 
 
+def write_partial(record: Dict[str, Any], device, args) -> Path:
+    """The record so far, as JSON only, where the final one will go: a run stopped from outside
+    (the GPU suite's per-stage cap) leaves what it measured. The finished run overwrites it."""
+    path = Path(args.out) / f"{result_stem(record, device, args.name)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)            # never a half-written file, whenever the kill comes
+    return path
+
+
 def start_run(kind: str, args, argv):
     """The device, the thread count and a fresh record (commit and time now) for a benchmark run."""
     device = pick_device(args.device)

@@ -16,6 +16,8 @@ targets), in one process, one after the other:
             flip, rand-m9-mstd0.5-inc1, normalise, random erasing 0.25 pixel), the DeiT
             reference's settings, in a DataLoader with `--workers` processes (persistent, so
             worker start-up is not charged), then timm's Mixup on the batch;
+  ours-3aug (with --three-augment) ours with DeiT III's 3-Augment (grayscale / solarise / blur,
+            colour jitter 0.3) in place of RandAugment: what the DeiT III recipe's data path costs;
   dali-ra   (with --dali-ra) DALI decode/crop/resize + DALI's per-sample rand_augment (fixed
             magnitude, its own op set) + normalise: the design we replaced, for reference;
   shards    (when --data is a packed folder, python -m fastdeit.data.pack) ours reading the
@@ -59,12 +61,13 @@ from fastdeit.data.mixing import BatchMixer, MixingConfig  # noqa: E402
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
 
-def run_ours(args, device, root=None):
+def run_ours(args, device, root=None, three_augment=False):
     # Thread counts: --dali-threads / --host-threads, else this process's budget for a data
     # path with no training step (fastdeit.distributed.thread_budget).
+    augment = dict(rand_augment=None, three_augment=True, color_jitter=0.3) if three_augment else \
+        dict(rand_augment=RAND_AUGMENT)
     cfg = DataConfig(root=root or args.folder, img_size=args.img_size, num_threads=args.dali_threads,
-                     host_threads=args.host_threads,
-                     rand_augment=RAND_AUGMENT, repeated_aug=1, val_list=None,
+                     host_threads=args.host_threads, **augment, repeated_aug=1, val_list=None,
                      device="auto" if device.type == "cuda" else "cpu")
     loader = build_loader(cfg, "train", args.batch, 0, 1, 0, device, threads=args.budget)
     mixer = BatchMixer(MixingConfig(), loader.num_classes, device)
@@ -242,6 +245,29 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _write_partial(args, device, runs, current):
+    """What is measured so far, where the final JSON goes (the GPU suite caps each stage: a
+    stopped run keeps its figures). The finished run overwrites it."""
+    done = runs + [current]
+    names = list(dict.fromkeys(k for run in done for k in run if k not in ("ratio", "shards_over_folder")))
+    partial = {"partial": True, "date": datetime.date.today().isoformat(), "commit": commit(),
+               "images_per_sec_steady": {k: statistics.median(steady(run[k]) for run in done if k in run)
+                                         for k in names}}
+    if "ours" in current and "baseline" in current:
+        partial["ratio_ours_over_baseline"] = steady(current["ours"]) / steady(current["baseline"])
+    path = _prefix(args, device) + ".json"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(partial, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def _prefix(args, device):
+    kind = "gpu" if device.type == "cuda" else "cpu"
+    return args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"{datetime.date.today().isoformat()}-{kind}-data")
+
+
 def steady(rates):
     return statistics.median(rates[1:]) if len(rates) > 1 else rates[0]
 
@@ -294,6 +320,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto: the trainer's rule (DeepSpeed's "
                    "accelerator, this rank's GPU), else cpu / cuda")
     p.add_argument("--dali-ra", action="store_true", help="also time DALI's own rand_augment")
+    p.add_argument("--three-augment", action="store_true", help="also time ours with DeiT III's 3-Augment")
     p.add_argument("--out", default=None, help="results path prefix (default "
                    "benchmarks/results/<date>-<cpu|gpu>-data)")
     args = p.parse_args(argv)
@@ -315,6 +342,8 @@ def main(argv=None):
     args.context_switches, args.shard_switches = [], []
 
     loaders = {"ours": run_ours, "baseline": run_baseline}
+    if args.three_augment:
+        loaders["ours-3aug"] = lambda args, device: run_ours(args, device, three_augment=True)
     if args.dali_ra:
         loaders["dali-ra"] = run_dali_ra
     if packed:
@@ -323,7 +352,10 @@ def main(argv=None):
     for r in range(args.repeats):
         # alternate the order, so that a drift in the machine's load favours neither
         names = list(loaders) if r % 2 == 0 else list(loaders)[::-1]
-        results = {name: loaders[name](args, device) for name in names}
+        results = {}
+        for name in names:
+            results[name] = loaders[name](args, device)
+            _write_partial(args, device, runs, {k: v[0] for k, v in results.items()})
         row = {name: results[name][0] for name in loaders}
         cpu_runs.append({name: results[name][1] for name in loaders})
         row["ratio"] = steady(row["ours"]) / steady(row["baseline"])
@@ -390,8 +422,7 @@ def main(argv=None):
                      f"{opens['folder']}, shards {opens['shards']}."), ""]
     text = "\n".join(lines)
     print(text)
-    prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                      f"{date}-{kind}-data")
+    prefix = _prefix(args, device)
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
     with open(prefix + ".json", "w") as f:
         json.dump(record, f, indent=2)

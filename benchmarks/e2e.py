@@ -3,6 +3,7 @@ the usual PyTorch pipeline, side by side in one run.
 
     python -m benchmarks.e2e --data /datasets/imagenet --model b --batch 256 --workers 8
     python -m benchmarks.e2e --model ti --batch 32 --workers 2      # generated JPEGs (CPU record)
+    python -m benchmarks.e2e --data /datasets/imagenet --model b --teacher regnety_160   # DeiT-B distilled
 
 Both sides read the same folder (``<data>/train``, class sub-folders), train the same model
 size at the same batch and resolution with DeiT's augmentation recipe, and get the same
@@ -12,17 +13,27 @@ number of loader workers:
              (on the GPU when there is one), batched RandAugment rand-m9-mstd0.5-inc1 and
              normalise, repeated augmentation x3, then BatchMixer on the device (random
              erasing, Mixup/CutMix, label smoothing) and fastdeit's engine step
-             (benchmarks/step.py, student only, ZeRO --zero-stage, bf16).
+             (benchmarks/step.py, ZeRO --zero-stage, bf16): the student alone, or with
+             --teacher the distilled student and the frozen channels-last bf16 teacher.
   baseline   torchvision ImageFolder + PIL + timm.data.create_transform with DeiT's settings
              (RandomResizedCrop bicubic, flip, RandAugment, random erasing 0.25 'pixel', in
              the workers), a DataLoader with the same number of worker processes and pinned
-             memory, timm's Mixup/CutMix on the device and the plain loop of baseline A
-             (timm ViT, autocast bf16, torch AdamW, soft-target cross entropy).
+             memory, then the step: without a teacher timm's Mixup/CutMix on the device and
+             the plain loop of baseline A (timm ViT, autocast bf16, torch AdamW, soft-target
+             cross entropy); with --teacher the DeiT reference step of baseline B (timm Mixup,
+             fp16 autocast + GradScaler, fp32 NCHW teacher, loss.item() every step).
 
-Per side: sustained images/sec (timed images / wall time between device syncs, after warm-up;
-epoch boundaries included), median step time, the share of time blocked waiting for the loader
-(the same StepTelemetry as training runs), peak memory (GPU) and MFU. Both sides stay built
-and alternate in rounds, so load from other processes hits both alike.
+Per side: sustained images/sec in steady state (timed images / wall time between device
+syncs, after warm-up), median step time, the share of time blocked waiting for the loader,
+peak memory (GPU) and MFU. Both sides stay built and alternate in rounds, so load from other
+processes hits both alike.
+
+Epoch boundaries are never timed: a timed window that would cross one starts in the next epoch
+instead. The boundary (DALI's per-epoch pipeline rebuild and nvJPEG preallocation, the
+DataLoader's queue refill) is reported on its own line: the host time blocked at an epoch's
+first batch, against the median blocked time of a steady step. On a small benchmark folder an
+epoch is a few dozen batches, so a boundary inside the timed window would weigh hundreds of
+times what it does over an ImageNet epoch (5,000 batches of 256).
 """
 from __future__ import annotations
 
@@ -32,14 +43,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from benchmarks import common
-from benchmarks.step import SIZES, FastdeitStep, Setup, ViTRecipeStep
+from benchmarks.step import SIZES, DeiTReferenceStep, FastdeitStep, Setup, ViTRecipeStep, reference_amp
 from fastdeit.data import DataConfig, build_loader, scan_image_folder
-from fastdeit.metrics import StepTelemetry
 
 DEFAULT_DATA = common.ROOT / "data" / "bench-synthetic"
 
@@ -66,88 +76,125 @@ def baseline_loader(args: argparse.Namespace, device: torch.device):
         prefetch_factor=2 if args.workers > 0 else None)
 
 
-def endless(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Batches across epoch boundaries (set_epoch for fastdeit's loader, as the trainer does)."""
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
 # --------------------------------------------------------------------------- one side
 
 
 class Side:
     """One pipeline + step, kept alive across rounds. While the other side runs, this one's
     loader fills its prefetch queue and then blocks, so it steals no time; the first steps
-    after a switch (``--rewarm``) drain that queue untimed."""
+    after a switch (``--rewarm``) drain that queue untimed.
+
+    Epochs are walked here (set_epoch, then one pass), as the trainer does, so that every epoch
+    boundary is seen: ``window`` never lets one fall inside a timed window, and the host time
+    blocked at each epoch's first batch (after the first epoch) is kept apart."""
 
     def __init__(self, name: str, args: argparse.Namespace, device: torch.device):
         self.name, self.device = name, device
         self.loader = fastdeit_loader(args, device) if name == "fastdeit" else baseline_loader(args, device)
         self.num_classes = self.loader.num_classes if name == "fastdeit" else len(self.loader.dataset.classes)
-        setup = Setup(step_args(args, self.num_classes), device)
+        self.setup = Setup(step_args(args, self.num_classes), device)
+        self.distilled = args.teacher != "none"
         torch.manual_seed(0)
         if name == "fastdeit":
-            self.variant = FastdeitStep(setup, args.zero_stage, distill=False, compiled=args.compile)
+            self.variant = FastdeitStep(self.setup, args.zero_stage, distill=self.distilled, compiled=args.compile)
             gpu = getattr(getattr(self.loader, "placement", None), "gpu", False)
             self.about = (f"DALI {'GPU' if gpu else 'CPU'} placement ({args.workers} DALI threads"
                           f"{'' if gpu else f', {args.workers} host threads'}) + repeated aug x3 + "
-                          f"BatchMixer on {device.type} + DeepSpeed ZeRO-{args.zero_stage} bf16 step")
+                          f"BatchMixer on {device.type} + DeepSpeed ZeRO-{args.zero_stage} bf16 step"
+                          + (f", distilled student + frozen bf16 channels_last {args.teacher} teacher"
+                             if self.distilled else ""))
+            self.compute_dtype = "bf16"
         else:
-            self.variant = ViTRecipeStep(setup, mixup=True, compiled=args.compile)
-            self.about = (f"ImageFolder + PIL + timm DeiT transform, DataLoader ({args.workers} worker "
-                          f"processes{', pinned' if device.type == 'cuda' else ''}) + timm Mixup + "
-                          "plain autocast bf16 loop")
-        self.telemetry = StepTelemetry(warn=lambda message: None)
-        self.batches = iter(self.telemetry.timed(_Endless(self.loader)))
+            loader = (f"ImageFolder + PIL + timm DeiT transform, DataLoader ({args.workers} worker "
+                      f"processes{', pinned' if device.type == 'cuda' else ''}) + timm Mixup + ")
+            if self.distilled:
+                self.variant = DeiTReferenceStep(self.setup)
+                self.compute_dtype = reference_amp(args.ref_amp, device)
+                self.about = loader + (f"DeiT reference step ({self.compute_dtype} autocast + GradScaler, fp32 NCHW "
+                                       f"{args.teacher} teacher, loss.item() + sync every step)")
+            else:
+                self.variant = ViTRecipeStep(self.setup, mixup=True, compiled=args.compile)
+                self.compute_dtype = "bf16"
+                self.about = loader + "plain autocast bf16 loop"
+        self.per_epoch = len(self.loader)
+        self.epoch, self.left, self.batches = -1, 0, None
         self.step_ms: List[float] = []
+        self.waits_ms: List[float] = []          # timed steps: host time blocked in next()
+        self.boundary_ms: List[float] = []       # each later epoch's first batch (untimed)
         self.images = 0
         self.wall = 0.0
         self.waited = 0.0
 
-    def step(self) -> int:
+    def next_batch(self):
+        """(images, labels, seconds blocked); a new epoch when this one is used up."""
+        t0 = time.perf_counter()
+        boundary = self.left == 0
+        if boundary:
+            self.epoch += 1
+            if hasattr(self.loader, "set_epoch"):
+                self.loader.set_epoch(self.epoch)
+            self.batches, self.left = iter(self.loader), self.per_epoch
         images, labels = next(self.batches)
+        self.left -= 1
+        wait = time.perf_counter() - t0
+        if boundary and self.epoch > 0:
+            self.boundary_ms.append(wait * 1e3)
+        return images, labels, wait
+
+    def step(self):
+        images, labels, wait = self.next_batch()
         if images.device != self.device:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
         self.variant.forward(images, labels)
         self.variant.backward()
         self.variant.update()
-        return images.shape[0]
+        return images.shape[0], wait
 
     def run(self, n: int, timed: bool) -> None:
         """n steps; when timed, their images, wall time (between device syncs), per-step host
         times and time blocked on the loader are added to this side's totals."""
         common.synchronize(self.device)
-        self.telemetry.start_epoch()
         t0 = last = time.perf_counter()
-        images = 0
-        step_ms = []
+        images, waited = 0, 0.0
+        step_ms, waits_ms = [], []
         for _ in range(n):
-            images += self.step()
+            batch, wait = self.step()
+            images += batch
+            waited += wait
             now = time.perf_counter()
             step_ms.append((now - last) * 1e3)
+            waits_ms.append(wait * 1e3)
             last = now
         common.synchronize(self.device)
         if timed:
             self.wall += time.perf_counter() - t0
             self.images += images
             self.step_ms += step_ms
-            self.waited += self.telemetry.waited
+            self.waits_ms += waits_ms
+            self.waited += waited
+
+    def window(self, rewarm: int, steps: int) -> None:
+        """``rewarm`` untimed steps then ``steps`` timed ones, all inside one epoch: if they
+        would cross a boundary, the rest of this epoch and the boundary go untimed first."""
+        if self.left < rewarm + steps:
+            self.run(self.left, timed=False)
+            rewarm = max(rewarm, 1)               # the next epoch's first batch: the boundary
+        self.run(rewarm, timed=False)
+        self.run(steps, timed=True)
 
     def close(self) -> None:
         self.batches = None
         if hasattr(self.loader, "close"):
             self.loader.close()
+        self.setup.close()
         self.loader = self.variant = None
         gc.collect()
 
 
 def measure(args: argparse.Namespace, device: torch.device, peak: common.PeakFlops,
-            log=common.print_flush) -> List[Dict[str, Any]]:
+            log=common.print_flush, on_round=None) -> List[Dict[str, Any]]:
+    """A row per side; ``on_round(rows, rounds_done)`` gets the rows so far after every round."""
     probe = common.MemoryProbe(device)
     sides: List[Side] = []
     mem: Dict[str, Dict[str, Any]] = {}
@@ -156,58 +203,64 @@ def measure(args: argparse.Namespace, device: torch.device, peak: common.PeakFlo
             before = probe.allocated()
             t0 = time.perf_counter()
             side = Side(name, args, device)
+            sides.append(side)
+            if side.per_epoch < args.steps + max(args.rewarm, 1):
+                raise SystemExit(f"--steps {args.steps} + --rewarm {max(args.rewarm, 1)}: more than one epoch of "
+                                 f"{args.data}/train for {name} ({side.per_epoch} batches of {args.batch}); "
+                                 "a timed window must fit inside an epoch: more images or fewer steps")
             side.run(args.warmup, timed=False)             # loader start-up, allocator, kernels
             mem[name] = {"resident": probe.allocated() - before if before is not None else None, "transient": 0}
-            sides.append(side)
             log(f"  {name}: built and warmed up ({args.warmup} steps, {time.perf_counter() - t0:.1f} s)")
         for r in range(args.rounds):
             k = r % len(sides)
             for side in sides[k:] + sides[:k]:             # rotate: no side always goes first
-                side.run(args.rewarm, timed=False)
                 start = probe.start()
-                side.run(args.steps, timed=True)
+                side.window(args.rewarm, args.steps)
                 transient = probe.transient(start)
                 if transient is not None:
                     mem[side.name]["transient"] = max(mem[side.name]["transient"], transient)
             peak.sample()
             log(f"  round {r + 1}/{args.rounds} done")
-        rows = []
-        for side in sides:
-            rate = side.images / side.wall
-            resident = mem[side.name]["resident"]
-            rows.append({
-                "name": side.name, "about": side.about, "img_per_sec": rate, "wall_s": side.wall,
-                "images": side.images, "ms_per_step": common.summarize(side.step_ms)["median"],
-                "data_wait": min(side.waited / side.wall, 1.0),
-                "peak_mem_gib": (resident + mem[side.name]["transient"]) / 2**30 if resident is not None else None,
-                "flops_per_image": side.variant.flops_per_image,
-                "tflops_per_sec": rate * side.variant.flops_per_image / 1e12,
-                "steps_timed": len(side.step_ms), "num_classes": side.num_classes,
-            })
-            log(f"  {side.name}: {rate:,.1f} img/s, data wait {100 * rows[-1]['data_wait']:.0f}%")
+            if on_round is not None:
+                on_round(side_rows(sides, mem), r + 1)
+        rows = side_rows(sides, mem)
+        for row in rows:
+            log(f"  {row['name']}: {row['img_per_sec']:,.1f} img/s, data wait {100 * row['data_wait']:.0f}%")
         return rows
     finally:
         for side in sides:
             side.close()
 
 
-class _Endless:
-    """An iterable over ``endless(loader)``: TimedLoader calls iter() once, so every epoch
-    boundary (DALI pipeline rebuild, DataLoader re-shuffle) lands inside the timed window."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        return endless(self.loader)
+def side_rows(sides: List[Side], mem: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    rows = []
+    for side in sides:
+        rate = side.images / side.wall
+        resident = mem[side.name]["resident"]
+        boundary = common.summarize(side.boundary_ms)["median"] if side.boundary_ms else None
+        rows.append({
+            "name": side.name, "about": side.about, "img_per_sec": rate, "wall_s": side.wall,
+            "images": side.images, "ms_per_step": common.summarize(side.step_ms)["median"],
+            "data_wait": min(side.waited / side.wall, 1.0),
+            "peak_mem_gib": (resident + mem[side.name]["transient"]) / 2**30 if resident is not None else None,
+            "flops_per_image": side.variant.flops_per_image, "compute_dtype": side.compute_dtype,
+            "distilled": side.distilled,
+            "tflops_per_sec": rate * side.variant.flops_per_image / 1e12,
+            "steps_timed": len(side.step_ms), "num_classes": side.num_classes,
+            "batches_per_epoch": side.per_epoch, "epochs_seen": side.epoch + 1,
+            "boundaries": len(side.boundary_ms), "boundary_wait_ms": boundary,
+            "steady_wait_ms": common.summarize(side.waits_ms)["median"],
+        })
+    return rows
 
 
 def step_args(args: argparse.Namespace, num_classes: int) -> argparse.Namespace:
     """The slice of benchmarks.step's options its variants read."""
     return argparse.Namespace(
         model=args.model, model_kwargs=args.model_kwargs, batch=args.batch, img_size=args.img_size,
-        classes=num_classes, teacher="none", teacher_kwargs=None, teacher_format="channels_last",
-        mixing=True, ds_config=args.ds_config, compile="on" if args.compile else "off", compile_mode="default")
+        classes=num_classes, teacher=args.teacher, teacher_kwargs=args.teacher_kwargs, teacher_format="channels_last",
+        mixing=True, ds_config=args.ds_config, compile="on" if args.compile else "off", compile_mode="default",
+        ref_amp=args.ref_amp)
 
 
 # --------------------------------------------------------------------------- report
@@ -227,15 +280,34 @@ def ratio_rows(rs: List[Dict[str, Any]]) -> List[List[str]]:
             for r in rs]
 
 
+def boundary_lines(rows: List[Dict[str, Any]]) -> List[str]:
+    """One line per side: what an epoch boundary costs, measured outside the timed windows."""
+    out = []
+    for r in rows:
+        if r["boundary_wait_ms"] is None:
+            out.append(f"- epoch boundary, {r['name']}: not crossed ({r['batches_per_epoch']} batches per epoch)")
+            continue
+        out.append(f"- epoch boundary, {r['name']}: {r['boundary_wait_ms']:,.1f} ms blocked at an epoch's first "
+                   f"batch (median of {r['boundaries']}; steady steps {r['steady_wait_ms']:,.1f} ms), every "
+                   f"{r['batches_per_epoch']} batches here, untimed")
+    return out
+
+
+def title(st: Dict[str, Any]) -> str:
+    model = common.model_label(st["model"], st["model_kwargs"])
+    distilled = st.get("teacher", "none") != "none"
+    return (f"End to end: {model}{' distilled (teacher ' + st['teacher'] + ')' if distilled else ''} at "
+            f"{st['img_size']}px, batch {st['batch']}, {common.plural(st['workers'], 'loader worker')}")
+
+
 def markdown(record: Dict[str, Any]) -> str:
     st = record["settings"]
-    model = common.model_label(st["model"], st["model_kwargs"])
-    lines = [common.record_header_md(record, f"End to end: {model} at {st['img_size']}px, batch {st['batch']}, "
-                                              f"{common.plural(st['workers'], 'loader worker')}"),
+    lines = [common.record_header_md(record, title(st)),
              f"- data: {st['data']} ({st['train_images']} train images, {st['classes']} classes)",
              f"- timing: {st['warmup']} warm-up steps per side, then {st['rounds']} rounds alternating the sides, "
-             f"each {st['rewarm']} untimed + {st['steps']} timed steps per side; img/s = timed images / wall "
-             f"time between device syncs",
+             f"each {st['rewarm']} untimed + {st['steps']} timed steps per side, never across an epoch "
+             f"boundary; img/s = timed images / wall time between device syncs",
+             *boundary_lines(record["sides"]),
              f"- MFU peak: {record['peak']['tflops']:,.3g} TFLOP/s per device ({record['peak']['source']})",
              "", common.markdown_table(COLUMNS, table_rows(record["sides"])), "",
              common.markdown_table(["ratio", "value", "of", "meaning"], ratio_rows(record["ratios"]), align="lrll"),
@@ -254,8 +326,7 @@ def chart(record: Dict[str, Any], path: Path) -> Path:
     notes = [f"{record['date']} · {record['commit']} · {hw} · {rows[0]['steps_timed']} timed steps per side · "
              + " · ".join(f"{r['name']} data wait {100 * r['data_wait']:.0f}%" for r in rows)]
     return common.bar_chart([r["name"] for r in rows], [r["img_per_sec"] for r in rows], path,
-                            f"End to end from JPEGs, {common.model_label(st['model'], st['model_kwargs'])} at "
-                            f"{st['img_size']}px, batch {st['batch']}, {common.plural(st['workers'], 'loader worker')}",
+                            title(st).replace("End to end:", "End to end from JPEGs:"),
                             highlight=["fastdeit"], notes=notes)
 
 
@@ -275,6 +346,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="DALI threads for fastdeit, DataLoader worker processes for the baseline")
     p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--teacher", default="none",
+                   help="a timm model name: distilled DeiT (the student's distillation token, hard "
+                        "distillation) against the DeiT reference step; none: the student alone")
+    p.add_argument("--teacher-kwargs", default=None, help="JSON of extra timm args for the teacher")
+    p.add_argument("--ref-amp", choices=["auto", "fp16", "bf16"], default="auto",
+                   help="with --teacher, the reference step's autocast dtype; auto: fp16 on GPU (as "
+                        "published), bf16 on CPU")
     p.add_argument("--ds-config", default=None, help="JSON merged into fastdeit's DeepSpeed config")
     p.add_argument("--sides", nargs="+", default=["fastdeit", "baseline"], choices=["fastdeit", "baseline"])
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per side after building it")
@@ -320,12 +398,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         peak = common.PeakFlops(device, args.peak_tflops)
         common.print_flush(f"e2e benchmark on {device}: {args.data}, deit_{SIZES[args.model]} at {args.img_size}px, "
                            f"batch {args.batch}, {args.workers} workers")
-        rows = measure(args, device, peak)
+        rows = measure(args, device, peak, on_round=lambda rows, done: common.write_partial(
+            fill_record(record, args, peak, rows, done), device, args))
     finally:
         if started:
             from fastdeit import distributed
 
             distributed.teardown()
+    fill_record(record, args, peak, rows, args.rounds)
+    common.print_flush("\n" + common.text_table(COLUMNS, table_rows(rows)))
+    common.print_flush("\n".join(boundary_lines(rows)))
+    if record["ratios"]:
+        common.print_flush("\n" + common.text_table(["ratio", "value", "of", "meaning"], ratio_rows(record["ratios"])))
+    return common.save_record(record, markdown(record), chart, args, device, "e2e")
+
+
+def fill_record(record: Dict[str, Any], args: argparse.Namespace, peak: common.PeakFlops,
+                rows: List[Dict[str, Any]], rounds_done: int) -> Dict[str, Any]:
+    """The record of the rows so far: complete once ``rounds_done`` is args.rounds."""
     for r in rows:
         r["mfu"] = r["tflops_per_sec"] * 1e12 / peak.flops
     by = {r["name"]: r for r in rows}
@@ -333,23 +423,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if "fastdeit" in by and "baseline" in by:
         ratios.append({"name": "speed-up", "numerator": "fastdeit", "denominator": "baseline", "of": "img_per_sec",
                        "value": by["fastdeit"]["img_per_sec"] / by["baseline"]["img_per_sec"],
-                       "meaning": "fastdeit end-to-end img/s / PyTorch ImageFolder+DataLoader pipeline img/s"})
+                       "meaning": ("fastdeit distilled end-to-end img/s / DeiT reference (ImageFolder+DataLoader, "
+                                   "reference step) img/s" if args.teacher != "none" else
+                                   "fastdeit end-to-end img/s / PyTorch ImageFolder+DataLoader pipeline img/s")})
     record.update(
         settings={"data": args.data, "model": f"deit_{SIZES[args.model]}", "model_kwargs": args.model_kwargs,
                   "batch": args.batch, "img_size": args.img_size, "workers": args.workers,
                   "zero_stage": args.zero_stage, "compile": args.compile, "ds_config": args.ds_config,
+                  "teacher": args.teacher, "teacher_kwargs": args.teacher_kwargs,
                   "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "rewarm": args.rewarm,
                   "classes": rows[0]["num_classes"],
-                  "train_images": len(scan_image_folder(os.path.join(args.data, "train"))[0])},
-        peak=peak.record(), sides=rows, ratios=ratios)
-    if device.type != "cuda":
+                  "train_images": record.get("settings", {}).get("train_images")
+                  or len(scan_image_folder(os.path.join(args.data, "train"))[0])},
+        peak=peak.record(), sides=rows, ratios=ratios, rounds_done=rounds_done, partial=rounds_done < args.rounds)
+    if record["hardware"]["device"] != "cuda":
         record["notes"] = ["On CPU the loaders and the training step share the same cores, so this measures "
                            "total CPU cost per image; DALI runs its CPU graph here (no GPU decode). "
                            "Peak memory is GPU-only (n/a on CPU)."]
-    common.print_flush("\n" + common.text_table(COLUMNS, table_rows(rows)))
-    if ratios:
-        common.print_flush("\n" + common.text_table(["ratio", "value", "of", "meaning"], ratio_rows(ratios)))
-    return common.save_record(record, markdown(record), chart, args, device, "e2e")
+    return record
 
 
 if __name__ == "__main__":

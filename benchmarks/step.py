@@ -17,6 +17,9 @@ Variants, all at the same model size, batch and resolution:
                         what fastdeit.engine's overrides of them save.
   fastdeit-ema[zN]      (opt-in) fastdeit-student plus the model EMA (fastdeit.ema, decay
                         0.99996, updated every step from the fp32 masters): the EMA's cost.
+  fastdeit-lamb[zN]     (opt-in) fastdeit-student with DeiT III's LAMB (optim.name=lamb,
+                        fastdeit.lamb, with engine.gradient_clipping as configs/deit3_b.yaml
+                        sets it) instead of AdamW: the optimizer's cost.
   wrap-compiled[zN]     (opt-in, with --compile) fastdeit-student compiled by torch.compile before
                         deepspeed.initialize wraps it, against engine.compile() (what the trainer
                         does, fastdeit.engine.initialize).
@@ -161,9 +164,10 @@ class Variant:
     name: str = ""
     about: str = ""
     flops_per_image: float = 0.0
-    kind: str = ""           # fastdeit | fastdeit-student | ds-defaults | fastdeit-ema | wrap-compiled | bare | baseline-a | baseline-b
+    kind: str = ""           # fastdeit | fastdeit-student | ds-defaults | fastdeit-ema | fastdeit-lamb | wrap-compiled | bare | baseline-a | baseline-b
     stage: Optional[int] = None
     compiled: bool = False
+    compute_dtype: str = "bf16"   # what the matmuls run in: the MFU's peak must be this dtype's
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> None: ...
     def backward(self) -> None: ...
@@ -174,9 +178,9 @@ class FastdeitStep(Variant):
     """The trainer's step (fastdeit/trainer.py, train_epoch), call for call."""
 
     def __init__(self, s: Setup, stage: int, distill: bool, ds_defaults: bool = False, compiled: bool = False,
-                 ema: bool = False, wrap: bool = False):
+                 ema: bool = False, wrap: bool = False, lamb: bool = False):
         self.kind = ("fastdeit" if distill else "ds-defaults" if ds_defaults else "fastdeit-ema" if ema
-                     else "wrap-compiled" if wrap else "fastdeit-student")
+                     else "wrap-compiled" if wrap else "fastdeit-lamb" if lamb else "fastdeit-student")
         self.stage = stage
         self.compiled = compiled or wrap
         self.name = f"{self.kind}[z{stage}]" + ("+compile" if compiled and not wrap else "") + s.tag
@@ -185,6 +189,7 @@ class FastdeitStep(Variant):
                       f"{', Mixup/CutMix + erasing' if s.args.mixing else ''}"
                       f"{', DeepSpeed defaults: overflow check + grad norm every step' if ds_defaults else ''}"
                       f"{', model EMA (decay 0.99996) updated every step' if ema else ''}"
+                      f"{', LAMB (fastdeit.lamb)' if lamb else ''}"
                       f"{f', engine.compile() ({mode})' if compiled and not wrap else ''}"
                       f"{f', torch.compile ({mode}) before deepspeed.initialize' if wrap else ''}")
         self.s = s
@@ -206,7 +211,7 @@ class FastdeitStep(Variant):
         self.mixer = BatchMixer(s.mixing, s.num_classes, s.device, dtype=self.dtype)   # as build.py makes it
         ema_module = ema_lib.eval_copy(model, self.dtype) if ema else None             # as build.py makes it
         model = s.maybe_compile(model, wrap)
-        optimizer = build_optimizer(OptimConfig(), model, s.batch)
+        optimizer = build_optimizer(OptimConfig(name="lamb") if lamb else OptimConfig(), model, s.batch)
         overrides = json.loads(s.args.ds_config) if s.args.ds_config else {}
         if ds_defaults:
             overrides["bf16"] = {**overrides.get("bf16", {}), "check_grad_overflow": True}
@@ -214,6 +219,7 @@ class FastdeitStep(Variant):
                 overrides["zero_optimization"] = {**overrides.get("zero_optimization", {}), "compute_grad_norm": True}
         ds = engine_lib.deepspeed_config(   # buckets sized from the student, as build.py does
             engine_lib.EngineConfig(global_batch_size=s.batch, zero_stage=stage, precision="bf16",
+                                    gradient_clipping=deit3_clipping() if lamb else 0.0,
                                     deepspeed=overrides), world_size=1,
             num_params=sum(p.numel() for p in model.parameters()))
         self.engine = engine_lib.initialize(model, optimizer, ds, mode if compiled and not wrap else None)
@@ -331,7 +337,7 @@ class DeiTReferenceStep(Variant):
     def __init__(self, s: Setup):
         self.s = s
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[reference_amp(s.args.ref_amp, s.device)]
-        amp = "fp16" if self.amp_dtype == torch.float16 else "bf16"
+        amp = self.compute_dtype = "fp16" if self.amp_dtype == torch.float16 else "bf16"
         self.name = f"B:deit-reference{s.tag}"
         self.about = (f"as published: {amp} autocast + GradScaler, loss.item() + sync every step, "
                       f"fp32 NCHW teacher under autocast, unfused AdamW"
@@ -372,6 +378,15 @@ class DeiTReferenceStep(Variant):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         common.synchronize(self.s.device)                 # torch.cuda.synchronize() every step
+
+
+def deit3_clipping() -> float:
+    """engine.gradient_clipping of the DeiT III recipe (configs/deit3_b.yaml): whether DeepSpeed
+    or LAMB itself clips the global norm is the recipe's choice, and the LAMB variant follows it."""
+    import yaml
+
+    with open(common.ROOT / "configs" / "deit3_b.yaml") as f:
+        return float(yaml.safe_load(f)["engine"].get("gradient_clipping", 0.0))
 
 
 def timm_mixup(num_classes: int, enabled: bool) -> Mixup:
@@ -445,6 +460,9 @@ def _variants_at(s: Setup) -> List[Callable[[], Variant]]:
             if "fastdeit-ema" in wanted:
                 factories.append(lambda stage=stage, c=compiled: FastdeitStep(s, stage, distill=False, ema=True,
                                                                               compiled=c))
+            if "fastdeit-lamb" in wanted:
+                factories.append(lambda stage=stage, c=compiled: FastdeitStep(s, stage, distill=False, lamb=True,
+                                                                              compiled=c))
             if "wrap-compiled" in wanted and compiled:
                 factories.append(lambda stage=stage: FastdeitStep(s, stage, distill=False, wrap=True))
         if "bare" in wanted:
@@ -456,8 +474,11 @@ def _variants_at(s: Setup) -> List[Callable[[], Variant]]:
     return factories
 
 
-def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-    """(a row per variant, the run's peak memory)."""
+def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush,
+            on_round: Optional[Callable[[List[Dict[str, Any]], int], None]] = None,
+            ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """(a row per variant, the run's peak memory). ``on_round(rows, rounds_done)`` gets the rows
+    measured so far after every round, so a run stopped from outside keeps what it measured."""
     args, device = s.args, s.device
     clock = common.PhaseClock(device)
     probe = common.MemoryProbe(device)
@@ -489,7 +510,12 @@ def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> Tuple[L
                 res["times"].setdefault(phase, []).extend(values)
         peak.sample()
         log(f"  round {r + 1}/{args.rounds} done")
-    run_peak = probe.run_peak()
+        if on_round is not None:
+            on_round(variant_rows(built, results, s), r + 1)
+    return variant_rows(built, results, s), probe.run_peak()
+
+
+def variant_rows(built: List[Variant], results: Dict[str, Dict[str, Any]], s: Setup) -> List[Dict[str, Any]]:
     out = []
     for v in built:
         res = results[v.name]
@@ -498,6 +524,7 @@ def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> Tuple[L
         peak_mem = (res["resident"] + res["transient"]) if res["resident"] is not None else None
         out.append({
             "name": v.name, "kind": v.kind, "zero_stage": v.stage, "compiled": v.compiled, "about": v.about,
+            "compute_dtype": v.compute_dtype,
             "img_size": v.s.img_size, "base": v.name[: len(v.name) - len(v.s.tag)] if v.s.tag else v.name,
             "img_per_sec": ips, "ms_per_step": step["median"], "ms_p25": step["p25"], "ms_p75": step["p75"],
             "ms_best": step["min"], "img_per_sec_best": s.batch / (step["min"] / 1e3),
@@ -507,7 +534,7 @@ def measure(s: Setup, peak: common.PeakFlops, log=common.print_flush) -> Tuple[L
             "flops_per_image": v.flops_per_image,
             "tflops_per_sec": ips * v.flops_per_image / 1e12,
         })
-    return out, run_peak
+    return out
 
 
 def ratios(rows: List[Dict[str, Any]], stages: Sequence[int], patch: int = 16) -> List[Dict[str, Any]]:
@@ -542,6 +569,8 @@ def ratios(rows: List[Dict[str, Any]], stages: Sequence[int], patch: int = 16) -
                     "step time with DeepSpeed's bf16 defaults / with fastdeit.engine's config")
                 add(f"EMA cost z{z}{ct}", f"fastdeit-ema[z{z}]{c}{t}", f"fastdeit-student[z{z}]{c}{t}", "ms_per_step",
                     "step time with the model EMA updated every step / without")
+                add(f"LAMB cost z{z}{ct}", f"fastdeit-lamb[z{z}]{c}{t}", f"fastdeit-student[z{z}]{c}{t}", "ms_per_step",
+                    "step time with LAMB / with AdamW")
         for z in stages:
             add(f"compile speed-up z{z}{t}", f"fastdeit-student[z{z}]+compile{t}", f"fastdeit-student[z{z}]{t}",
                 "img_per_sec", "student img/s compiled (engine.compile) / eager")
@@ -642,7 +671,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--ref-amp", choices=["auto", "fp16", "bf16"], default="auto",
                    help="baseline B's autocast dtype; auto: fp16 on GPU (as published), bf16 on CPU")
     p.add_argument("--variants", nargs="+", default=["fastdeit", "fastdeit-student", "bare", "baseline-a", "baseline-b"],
-                   choices=["fastdeit", "fastdeit-student", "ds-defaults", "fastdeit-ema", "wrap-compiled", "bare",
+                   choices=["fastdeit", "fastdeit-student", "ds-defaults", "fastdeit-ema", "fastdeit-lamb",
+                            "wrap-compiled", "bare",
                             "baseline-a", "baseline-b"])
     p.add_argument("--ds-config", default=None,
                    help="JSON merged into fastdeit's DeepSpeed config (engine.deepspeed), e.g. "
@@ -676,13 +706,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         peak = common.PeakFlops(device, args.peak_tflops)
         common.print_flush(f"step benchmark on {device}: {s.student} family at "
                            f"{'/'.join(map(str, args.img_size))}px, batch {args.batch}")
-        rows, run_peak = measure(s, peak)
+        rows, run_peak = measure(s, peak, on_round=lambda rows, done: common.write_partial(
+            fill_record(record, args, s, device, peak, rows, None, rounds_done=done), device, args))
     finally:
         s.close()
         if started:
             from fastdeit import distributed
 
             distributed.teardown()
+    fill_record(record, args, s, device, peak, rows, run_peak, rounds_done=args.rounds)
+    print_report(record)
+    return common.save_record(record, markdown(record), chart, args, device, "step")
+
+
+def fill_record(record: Dict[str, Any], args: argparse.Namespace, s: Setup, device: torch.device,
+                peak: common.PeakFlops, rows: List[Dict[str, Any]], run_peak: Optional[Dict[str, Any]],
+                rounds_done: int) -> Dict[str, Any]:
+    """The record of the rows so far: complete once ``rounds_done`` is args.rounds."""
     for r in rows:
         r["mfu"] = r["tflops_per_sec"] * 1e12 / peak.flops
     record.update(
@@ -695,16 +735,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   "ref_amp": reference_amp(args.ref_amp, device), "ds_config": args.ds_config, "warmup": args.warmup, "steps": args.steps, "rewarm": args.rewarm,
                   "rounds": args.rounds},
         peak=peak.record(),
-        memory=run_peak,
+        memory=run_peak or {},
         variants=rows,
         ratios=ratios(rows, args.zero_stage, patch=int(s.model_kwargs.get("patch_size", 16))),
     )
+    record["rounds_done"] = rounds_done
+    record["partial"] = rounds_done < args.rounds
     if device.type != "cuda":
         record["notes"] = ["Peak memory per variant is GPU-only (n/a on CPU; the run's max RSS is above). "
                            "Baseline B autocasts to bf16 on CPU: "
                            "fp16 matmuls have no fast CPU path, so as published (fp16) it would measure emulation."]
-    print_report(record)
-    return common.save_record(record, markdown(record), chart, args, device, "step")
+    return record
 
 
 def size_label(settings: Dict[str, Any]) -> str:

@@ -1,12 +1,18 @@
-"""The short table that benchmarks/gpu_suite.sh prints last, from the records of one suite run.
+"""The short table that benchmarks/gpu_suite.sh prints last (and rewrites after every stage),
+from the records of one suite run.
 
     python -m benchmarks.suite_summary RECORDS_DIR [--wall SECONDS]   # markdown on stdout
-    python -m benchmarks.suite_summary --versions                      # the suite's first stage
+    python -m benchmarks.suite_summary --versions                      # the smoke stage's first lines
 
 Reads what the stages wrote under RECORDS_DIR: stages.tsv (one line per stage: name, status,
-seconds), pytest_gpu.xml (junit), memory-*.json (benchmarks/memory.py), *-step-suite.json,
-*-e2e-suite.json and data.json (the benchmarks' own records). A missing record shows as a
-missing row, never as an error: the table must come out even when a stage failed.
+seconds, cap), the benchmarks' records (*-e2e-suite.json, *-step-{suite,compile,extras}.json,
+data.json, memory-*.json; a record with "partial": true is what a stopped run had measured)
+and pytest_gpu.xml (junit). The headline comes first: distilled DeiT-B images/sec from JPEGs,
+fastdeit against the reference-style loop. Every figure the suite should deliver and did not is
+named under "Missing", with its stage's fate; the table itself always comes out.
+
+MFU is printed with the dtype of its peak; a figure above 100% is not printed as one (the peak
+was not that step's ceiling, e.g. a bf16 peak measured on a CPU that emulates bf16).
 """
 from __future__ import annotations
 
@@ -76,22 +82,153 @@ def pytest_counts(rec: Path) -> Optional[str]:
     return text + (f" (failed: {', '.join(failed[:5])})" if failed else "")
 
 
+def gib(value: Optional[float]) -> str:
+    return "n/a (GPU only)" if value is None else f"{value:,.2f} GiB"
+
+
+def mfu(value: Optional[float], row: Dict[str, Any]) -> str:
+    """'MFU 41.2% (bf16)': the share of the peak of the dtype the row computed in."""
+    if value is None:
+        return "MFU n/a"
+    dtype = row.get("compute_dtype", "bf16")
+    if not 0.0 < value <= 1.0:
+        return f"MFU n/a ({100 * value:.0f}% of the {dtype} peak: that peak is not this step's ceiling)"
+    return f"MFU {100 * value:.1f}% ({dtype})"
+
+
+MODELS = {"deit_tiny": "DeiT-Ti", "deit_small": "DeiT-S", "deit_base": "DeiT-B"}
+
+
+def model_name(settings: Dict[str, Any]) -> str:
+    name = MODELS.get(settings.get("model") or settings.get("student", "").replace("_patch16_224", ""), "DeiT")
+    return name + (" (debug sizes)" if settings.get("model_kwargs") else "")
+
+
+def _partial(record: Dict[str, Any]) -> str:
+    if not record.get("partial"):
+        return ""
+    rounds = record.get("settings", {}).get("rounds", "?")
+    return f" (partial: {record.get('rounds_done', 0)} of {rounds} rounds)"
+
+
+# What each stage must deliver: (stage, record glob, the figure it carries).
+EXPECTED = [
+    ("smoke", "smoke.log", "versions, doctor and the GPU data-path tests"),
+    ("e2e", "*-e2e-suite.json", "the headline: distilled DeiT end to end from JPEGs, fastdeit vs the reference loop"),
+    ("step", "*-step-suite.json", "the step alone, distilled and student-only (img/s, MFU)"),
+    ("step_compile", "*-step-compile.json", "compile on/off of the step"),
+    ("data", "data.json", "the data path alone vs the PIL/DataLoader reference, and 3-Augment"),
+    ("memory", "memory-step.json", "the distilled step's memory"),
+    ("memory", "memory-pipeline.json", "one train pipeline's memory"),
+    ("step_extras", "*-step-extras.json", "EMA and LAMB cost, one size of a resolution schedule"),
+    ("pytest_gpu", "pytest_gpu.xml", "pytest -m gpu"),
+]
+
+
+def missing(rec: Path) -> List[str]:
+    """One line per expected figure that has no record, or only a partial one, with the reason."""
+    fate = {s[0]: s for s in stages(rec)}
+    out = []
+    for name, pattern, what in EXPECTED:
+        found = sorted(rec.glob(pattern))
+        record = _load(found[-1]) if found and pattern.endswith(".json") else None
+        if found and not (record and record.get("partial")):
+            continue
+        s = fate.get(name)
+        if s is None:
+            why = "its stage never started (the call ended first)"
+        elif s[1] == "skipped":
+            why = "its stage was skipped: no time left in the budget"
+        elif s[1] == "timeout":
+            why = f"its stage hit its cap ({s[3] if len(s) > 3 else '?'} s)"
+        elif s[1] == "ok":
+            why = "its stage ended without writing it"
+        else:
+            why = f"its stage {s[1]} after {s[2]} s (see suite.log)"
+        state = ((f"partial ({record['rounds_done']} rounds done)" if "rounds_done" in record else "partial")
+                 if record else "missing")
+        out.append(f"- {state}: {what}: {why}")
+    return out
+
+
+def headline(e2e: Optional[Dict[str, Any]]) -> List[str]:
+    if not e2e or not e2e.get("sides"):
+        return ["**Headline (end to end from JPEGs): missing** (see below)"]
+    st = e2e["settings"]
+    by = {s["name"]: s for s in e2e["sides"]}
+    label = model_name(st) + ("⚗" if st.get("teacher", "none") != "none" else "")
+    teacher = f", teacher {st['teacher']}" if st.get("teacher", "none") != "none" else ""
+    ours, ref = by.get("fastdeit"), by.get("baseline")
+    line = f"**{label} from JPEGs: {_f(ours['img_per_sec']) if ours else 'n/a'} img/s** with fastdeit"
+    if ref:
+        line += f" against {_f(ref['img_per_sec'])} img/s for the reference-style loop"
+    for r in e2e.get("ratios", []):
+        if r["name"] == "speed-up":
+            line += f": **{r['value']:.2f}x**"
+    workers = f"{st['workers']} loader worker{'' if st['workers'] == 1 else 's'}"
+    return [line + f" ({st['img_size']} px, batch {st['batch']}, {workers}{teacher})"
+            + _partial(e2e)]
+
+
+def peak_row(label: str, record: Dict[str, Any]) -> List[str]:
+    """The MFU's denominator and where it came from, with its dtype (bf16 unless it says)."""
+    peak = record["peak"]
+    return [f"{label} MFU peak", f"{peak['tflops']:,.4g} TFLOP/s", f"{peak.get('dtype', 'bf16')}: {peak['source']}"]
+
+
+def step_rows(record: Dict[str, Any], label: str, ratios_only: bool = False) -> List[List[str]]:
+    rows = []
+    if not ratios_only:
+        for v in record["variants"]:
+            rows.append([f"{label} {v['name']}", f"{_f(v['img_per_sec'])} img/s",
+                         f"{mfu(v.get('mfu'), v)}, peak {gib(v['peak_mem_gib'])}" + _partial(record)])
+        rows.append(peak_row(label, record))
+    for r in record["ratios"]:
+        rows.append([f"{label} ratio: {r['name']}", f"{r['value']:.3f}", r.get("target", "") or r["meaning"]])
+    return rows
+
+
 def table(rec: Path, wall: Optional[int] = None) -> str:
     rows: List[List[str]] = []
     hw = None
+    e2e = _one(rec, "*-e2e-suite.json")
+    if e2e:
+        hw = e2e["hardware"].get("gpu") or f"CPU ({e2e['hardware']['cpu_cores']} cores)"
+        for side in e2e["sides"]:
+            rows.append([f"e2e {side['name']}", f"{_f(side['img_per_sec'])} img/s",
+                         f"data wait {100 * side['data_wait']:.0f}%, {mfu(side.get('mfu'), side)}, "
+                         f"peak {gib(side['peak_mem_gib'])}" + _partial(e2e)])
+        rows.append(peak_row("e2e", e2e))
+        for r in e2e["ratios"]:
+            rows.append([f"e2e ratio: {r['name']}", f"{r['value']:.3f}", r["meaning"]])
+        for side in e2e["sides"]:
+            if side.get("boundary_wait_ms") is not None:
+                rows.append([f"e2e epoch boundary, {side['name']}", f"{_f(side['boundary_wait_ms'])} ms",
+                             f"blocked at an epoch's first batch (median of {side['boundaries']}; steady steps "
+                             f"{_f(side['steady_wait_ms'])} ms), untimed; every {side['batches_per_epoch']} batches here"])
     step = _one(rec, "*-step-suite.json")
     if step:
-        hw = step["hardware"].get("gpu") or f"CPU ({step['hardware']['cpu_cores']} cores)"
-        for v in step["variants"]:
-            rows.append([f"step {v['name']}", f"{_f(v['img_per_sec'])} img/s",
-                         f"MFU {100 * v['mfu']:.1f}%, peak {_f(v['peak_mem_gib'], 2)} GiB"])
-        for r in step["ratios"]:
-            rows.append([f"step ratio: {r['name']}", f"{r['value']:.3f}", r.get("target", "") or r["meaning"]])
+        hw = hw or step["hardware"].get("gpu") or f"CPU ({step['hardware']['cpu_cores']} cores)"
+        rows += step_rows(step, "step")
         if step.get("memory"):
             m = step["memory"]
             rows.append(["step run peak memory",
                          f"{_f(m.get('allocated_gib'), 2)} GiB" if m["kind"] == "device" else f"{_f(m.get('rss_gib'), 2)} GiB",
                          m["kind"]])
+    compiled = _one(rec, "*-step-compile.json")
+    if compiled:
+        rows += [r for r in step_rows(compiled, "compile") if "+compile" in r[0] or "ratio" in r[0]]
+    data = _load(rec / "data.json")
+    if data:
+        ips = data.get("images_per_sec_steady", {})
+        ratio = data.get("ratio_ours_over_baseline")
+        rows.append(["data path: fastdeit / reference loader",
+                     f"{_f(ips.get('ours'), 0)} / {_f(ips.get('baseline'), 0)} img/s",
+                     (f"ratio {ratio:.2f}x" if ratio is not None else "ratio n/a")
+                     + (" (partial)" if data.get("partial") else "")])
+        if "ours-3aug" in ips:
+            rows.append(["data path: fastdeit with 3-Augment", f"{_f(ips['ours-3aug'], 0)} img/s",
+                         "DeiT III's 3-Augment in place of RandAugment"])
     mem = _load(rec / "memory-step.json")
     if mem:
         rows.append([f"memory: {mem['model']} step, batch {mem['batch']}",
@@ -99,29 +236,19 @@ def table(rec: Path, wall: Optional[int] = None) -> str:
                      else f"{_f(mem['max_rss_gib'], 2)} GiB max RSS",
                      f"resident {_f(mem['resident_after_warmup_gib'], 2)} GiB after warm-up, ZeRO buckets "
                      f"{mem.get('reduce_bucket_size')}"])
-    for name, label in (("memory-pipeline.json", "preallocated"), ("memory-pipeline-noprealloc.json", "no prealloc")):
-        p = _load(rec / name)
-        if p:
-            rows.append([f"memory: train pipeline ({label}), {p['dali_threads']} DALI threads",
-                         f"device +{_f(p['first_epoch_device_gib'], 2)} GiB, RSS +{_f(p['first_epoch_rss_gib'], 2)} GiB",
-                         f"predicted {p['predicted_prealloc_device_gib']:.2f} + {p['predicted_prealloc_pinned_gib']:.2f} "
-                         f"pinned; later epochs device +{_f(p['later_epochs_device_growth_gib'], 2)}, RSS "
-                         f"+{_f(p['later_epochs_rss_growth_gib'], 2)}"])
-    data = _load(rec / "data.json")
-    if data:
-        ips = data["images_per_sec_steady"]
-        rows.append(["data path: fastdeit / reference loader", f"{_f(ips.get('ours'), 0)} / {_f(ips.get('baseline'), 0)} img/s",
-                     f"ratio {data['ratio_ours_over_baseline']:.2f}x"])
-    e2e = _one(rec, "*-e2e-suite.json")
-    if e2e:
-        for side in e2e["sides"]:
-            rows.append([f"e2e {side['name']}", f"{_f(side['img_per_sec'])} img/s",
-                         f"data wait {100 * side['data_wait']:.0f}%, MFU {100 * side['mfu']:.1f}%, "
-                         f"peak {_f(side['peak_mem_gib'], 2)} GiB"])
-        for r in e2e["ratios"]:
-            rows.append([f"e2e ratio: {r['name']}", f"{r['value']:.3f}", r["meaning"]])
+    p = _load(rec / "memory-pipeline.json")
+    if p:
+        rows.append([f"memory: train pipeline, {p['dali_threads']} DALI threads",
+                     f"device +{_f(p['first_epoch_device_gib'], 2)} GiB, RSS +{_f(p['first_epoch_rss_gib'], 2)} GiB",
+                     f"predicted {p['predicted_prealloc_device_gib']:.2f} + {p['predicted_prealloc_pinned_gib']:.2f} "
+                     f"pinned; later epochs device +{_f(p['later_epochs_device_growth_gib'], 2)}, RSS "
+                     f"+{_f(p['later_epochs_rss_growth_gib'], 2)}"])
+    extras = _one(rec, "*-step-extras.json")
+    if extras:
+        rows += step_rows(extras, "extras", ratios_only=True)
     counts = pytest_counts(rec)
     lines = ["## GPU suite" + (f" on {hw}" if hw else "") + (f", {wall} s" if wall is not None else ""), ""]
+    lines += headline(e2e) + [""]
     st = stages(rec)
     if st:
         lines.append("stages: " + ", ".join(f"{s[0]} {s[1]}" + (f" ({s[2]} s)" if len(s) > 2 and s[2] != "-" else "")
@@ -130,14 +257,17 @@ def table(rec: Path, wall: Optional[int] = None) -> str:
     lines.append(f"pytest -m gpu: {counts or 'no record'}")
     lines += ["", "| what | value | detail |", "|---|---:|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    gone = missing(rec)
+    if gone:
+        lines += ["", "Missing:", *gone]
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.suite_summary", description=__doc__.split("\n\n")[0])
     p.add_argument("records", nargs="?", help="the suite's records folder")
     p.add_argument("--wall", type=int, default=None, help="the suite's wall time so far, seconds")
-    p.add_argument("--versions", action="store_true", help="print the library versions instead")
+    p.add_argument("--versions", action="store_true", help="print the versions of what the suite uses")
     args = p.parse_args(argv)
     if args.versions:
         print(versions())

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.childenv import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 
@@ -27,7 +29,7 @@ def free_port() -> int:
 
 
 def env() -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return child_env("cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def command(script: str, *args, ranks: int = 2):

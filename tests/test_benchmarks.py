@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from benchmarks import common
+from tests.childenv import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = '{"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}'
@@ -27,10 +28,14 @@ def free_port() -> int:
 
 
 def run_module(module, *args, timeout=300):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
+    # DeepSpeed's accelerator follows --device: forcing the CPU under a cuda batch would move
+    # the engine's module to the CPU (tests/childenv.py).
+    args = list(map(str, args))
+    cuda = "--device" in args and args[args.index("--device") + 1].startswith("cuda")
+    env = child_env("cuda" if cuda else "cpu", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -142,18 +147,31 @@ def test_step_benchmark_several_sizes(tmp_path):
 
 
 def test_e2e_benchmark(tmp_path, jpeg_tree):
+    """Distilled (the GPU suite's headline): fastdeit's distilled step against the DeiT reference
+    step, each behind its loader, timed in steady state only."""
     proc = run_module(
         "benchmarks.e2e", "--data", jpeg_tree, "--model", "ti", "--model-kwargs", TINY_VIT, "--img-size", 32,
-        "--batch", 8, "--workers", 1, "--warmup", 2, "--steps", 5, "--rounds", 2, "--rewarm", 1,
-        "--out", tmp_path)
+        "--teacher", "resnet10t", "--batch", 8, "--workers", 1, "--warmup", 2, "--steps", 5, "--rounds", 2,
+        "--rewarm", 1, "--out", tmp_path)
     record, md = the_record(tmp_path, "-e2e")
     assert [s["name"] for s in record["sides"]] == ["fastdeit", "baseline"]
+    # 64 images, batch 8: 8 batches per epoch on both sides. Warm-up 2 leaves 6; round 1 takes
+    # 1 untimed + 5 timed (the epoch ends); round 2 would cross the boundary, so the next epoch's
+    # first batch is its untimed step and 5 timed follow: 10 timed steps, one boundary, untimed.
     for side in record["sides"]:
-        positive(side, ["img_per_sec", "ms_per_step", "wall_s", "flops_per_image", "mfu"])
-        assert side["images"] == 80 and 0.0 <= side["data_wait"] <= 1.0
+        positive(side, ["img_per_sec", "ms_per_step", "wall_s", "flops_per_image", "mfu", "boundary_wait_ms"])
+        assert side["images"] == 80 and side["steps_timed"] == 10 and 0.0 <= side["data_wait"] <= 1.0
+        assert (side["batches_per_epoch"], side["epochs_seen"], side["boundaries"]) == (8, 2, 1)
+        assert side["distilled"] is True and side["compute_dtype"] == "bf16"
+    fastdeit, baseline = record["sides"]
+    # Both sides count the same FLOPs: the distilled student's training step plus the teacher's forward.
+    assert fastdeit["flops_per_image"] == pytest.approx(baseline["flops_per_image"], rel=1e-6)
+    assert "resnet10t teacher" in fastdeit["about"] and "DeiT reference step" in baseline["about"]
     assert record["settings"]["train_images"] == 64 and record["settings"]["classes"] == 4
+    assert record["partial"] is False and record["rounds_done"] == 2
     assert record["ratios"][0]["name"] == "speed-up" and record["ratios"][0]["value"] > 0
-    assert "| fastdeit |" in md and "speed-up" in proc.stdout
+    assert "| fastdeit |" in md and "speed-up" in proc.stdout and "distilled (teacher resnet10t)" in md
+    assert "- epoch boundary, fastdeit: " in md and "- epoch boundary, baseline: " in proc.stdout
 
 
 def test_readme_splice_replaces_only_its_block(tmp_path):

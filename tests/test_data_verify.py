@@ -15,6 +15,7 @@ from fastdeit.data.imagecheck import check_image_file
 from fastdeit.data.folder import EXCLUDE_FILE, read_exclusions
 from fastdeit.errors import BadImageError, DataError
 from tests.conftest import write_flat_tree
+from tests.childenv import child_env
 from tests.launching import ROOT, TINY, launch, records
 
 CPU = torch.device("cpu")
@@ -37,7 +38,7 @@ def damage(root):
 
 def verify(*args):
     return subprocess.run([sys.executable, "-m", "fastdeit.data.verify", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          capture_output=True, text=True, timeout=300, env=child_env(None))
 
 
 def listed(path):

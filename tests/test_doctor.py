@@ -9,6 +9,7 @@ import pytest
 
 from fastdeit import doctor
 from fastdeit.doctor import Dali, Driver, Torch
+from tests.childenv import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +90,7 @@ def test_this_host():
     import torch
 
     proc = subprocess.run([sys.executable, "-m", "fastdeit.doctor"], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+                          env=child_env(None), timeout=300)
     assert f"torch {torch.__version__}" in proc.stdout and "DALI" in proc.stdout
     assert proc.returncode == (1 if "ERROR" in proc.stdout else 0)
 
@@ -125,7 +126,7 @@ def run_probe(tmp_path, smi: bool, extra_env=None):
                         f"cat <<'EOF'\n{SMI_BANNER}EOF\n")
         fake.chmod(0o755)
         path = f"{bin_dir}:{path}"
-    env = dict(os.environ, PATH=path, PYTHONPATH=f"{ROOT}:{tmp_path}", **(extra_env or {}))
+    env = child_env(None, path_first=[str(tmp_path)], PATH=path, **(extra_env or {}))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no_cuda", "-p", "tests.conftest",
                            "-p", "no:cacheprovider", "test_probe.py"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -8,7 +8,6 @@ On meta, any read of a device value on the host raises, so these runs also show 
 path has no device-to-host sync. The GPU-marked test at the end checks the same on CUDA with
 torch's sync debug mode.
 """
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import timm
 import torch
 
+from tests.childenv import child_env
 from tests.copyspy import CopySpy
 from fastdeit.data import DataConfig, build_loader
 from fastdeit.data.mixing import BatchMixer, MixingConfig
@@ -184,7 +184,7 @@ def test_twenty_training_steps_without_a_host_sync(tmp_path):
     there (a blocking copy, .item(), a stream sync) raises. Runs in its own process: DeepSpeed's
     accelerator is chosen once per process, and this needs CUDA's."""
     script = ROOT / "tests" / "sync_debug_run.py"
-    env = dict(os.environ, DS_ACCELERATOR="cuda", PYTHONPATH=str(ROOT))
+    env = child_env("cuda")
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]

@@ -81,13 +81,13 @@ def test_training_run_logs_telemetry_and_draws_its_report(tmp_path):
     """A real (one-process) training run: every step record carries img/s, MFU and data
     wait, the progress lines show them, and python -m fastdeit.report draws the run."""
     import json
-    import os
     import socket
     import subprocess
     import sys
     from pathlib import Path
 
     from fastdeit import report
+    from tests.childenv import child_env
     from fastdeit.data.synthetic import generate
 
     root = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_training_run_logs_telemetry_and_draws_its_report(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    env = child_env("cpu", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     overrides = [
