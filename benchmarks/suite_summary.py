@@ -85,6 +85,7 @@ def table(rec: Path, wall: Optional[int] = None) -> str:
         for v in step["variants"]:
             rows.append([f"step {v['name']}", f"{_f(v['img_per_sec'])} img/s",
                          f"MFU {100 * v['mfu']:.1f}%, peak {_f(v['peak_mem_gib'], 2)} GiB"])
+        rows.append(["step MFU peak", f"{step['peak']['tflops']:,.4g} TFLOP/s", step["peak"]["source"]])
         for r in step["ratios"]:
             rows.append([f"step ratio: {r['name']}", f"{r['value']:.3f}", r.get("target", "") or r["meaning"]])
         if step.get("memory"):
@@ -118,6 +119,7 @@ def table(rec: Path, wall: Optional[int] = None) -> str:
             rows.append([f"e2e {side['name']}", f"{_f(side['img_per_sec'])} img/s",
                          f"data wait {100 * side['data_wait']:.0f}%, MFU {100 * side['mfu']:.1f}%, "
                          f"peak {_f(side['peak_mem_gib'], 2)} GiB"])
+        rows.append(["e2e MFU peak", f"{e2e['peak']['tflops']:,.4g} TFLOP/s", e2e["peak"]["source"]])
         for r in e2e["ratios"]:
             rows.append([f"e2e ratio: {r['name']}", f"{r['value']:.3f}", r["meaning"]])
     counts = pytest_counts(rec)

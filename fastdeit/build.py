@@ -19,7 +19,7 @@ from fastdeit.data import build_loader
 from fastdeit.data.loader import resolve_placement
 from fastdeit.data.mixing import BatchMixer
 from fastdeit.data.schedule import size_schedule
-from fastdeit.errors import ConfigError, DataError
+from fastdeit.errors import CheckpointMismatchError, ConfigError, DataError
 from fastdeit.losses import DeiTLoss, check_loss_targets
 from fastdeit.metrics import RunLogger, StepTelemetry
 from fastdeit.models import build_student, build_teacher, compile_mode_for, count_params, is_distilled, size_multiple
@@ -38,17 +38,20 @@ def seed_everything(seed: int, rank: int) -> None:
 def resolve_precisions(cfg: Config, device: torch.device):
     """(cfg with engine.precision and teacher.dtype decided for ``device``, {key: Precision}).
 
-    'auto' becomes bf16 or fp32 here (fastdeit.precision); a resumed run keeps what its
-    checkpoint recorded (precision.for_run says when it cannot). The teacher follows only when
-    there is one to run.
+    'auto' becomes bf16 or fp32 here (fastdeit.precision); a resumed run keeps the engine
+    precision its checkpoint recorded (precision.for_run). The frozen teacher is in no
+    checkpoint: its dtype is decided afresh from the hardware each time.
     """
     state = Checkpointer.resume_state(cfg.checkpoint, cfg.trainer.run_dir)
     recorded = (state or {}).get("precision", {})
-    engine = precision_lib.for_run(cfg.engine.precision, device, recorded.get("engine"), "engine.precision")
+    try:
+        engine = precision_lib.for_run(cfg.engine.precision, device, recorded.get("engine"), "engine.precision")
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{state['path']}: {e}") from None
     chosen = {"engine.precision": engine}
     cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, precision=engine.name))
     if cfg.distill.type != "none":
-        teacher = precision_lib.for_run(cfg.teacher.dtype, device, recorded.get("teacher"), "teacher.dtype")
+        teacher = precision_lib.resolve(cfg.teacher.dtype, device, "teacher.dtype")
         chosen["teacher.dtype"] = teacher
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, dtype=teacher.name))
     return cfg, chosen

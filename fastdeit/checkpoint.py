@@ -181,7 +181,7 @@ class Checkpointer:
         """The trainer state of the checkpoint this run will resume (None: a fresh run); read
         before the engine exists, to decide the run's precision from what it started with."""
         path = cls(cfg, run_dir, {}, is_main=False).resume_path()
-        return cls.read_state(path) if path is not None else None
+        return {**cls.read_state(path), "path": str(path)} if path is not None else None
 
     @staticmethod
     def read_state(path: Path) -> Dict[str, Any]:

@@ -173,7 +173,7 @@ def emulated_bf16_warning(device: torch.device, keys: Iterable[str],
     return (f"warning: {' and '.join(f'{k}=bf16' for k in keys)} on {_where(device)}, which "
             f"{support.reason}: bf16 is emulated, a bf16 matmul runs at {bf16 / 1e9:.3g} GFLOP/s here "
             f"against {fp32 / 1e9:.3g} in fp32 ({fp32 / max(bf16, 1.0):.0f}x slower); "
-            f"{' and '.join(f'{k}=auto' for k in keys)} would pick fp32")
+            "fp32 is the fast choice on this device")
 
 
 def for_run(requested: str, device: torch.device, recorded: Optional[str] = None, key: str = "engine.precision",
@@ -181,26 +181,30 @@ def for_run(requested: str, device: torch.device, recorded: Optional[str] = None
     """The precision of a run that may resume a checkpoint written in ``recorded`` ('bf16',
     'fp32', None for a fresh run or a checkpoint from before precisions were recorded).
 
-    An explicit setting wins. ``auto`` keeps the checkpoint's precision, so a resumed run goes
-    on as it started (an fp32 run resumed on a bf16 host stays fp32), except where that would be
-    bf16 on a device without native bf16 (a bf16 run requeued on an AVX2-only host): it goes on
-    in fp32 there. Nothing is lost either way: DeepSpeed's checkpoints hold fp32 master weights
-    and fp32 optimizer state in both precisions, and the module's weights are cast on load.
+    A resumed run keeps its checkpoint's precision: DeepSpeed resumes a ZeRO checkpoint only in
+    the precision it was written in (a bf16 run's optimizer shards are ``bf16_zero_pp_rank_*``
+    files, an fp32 run's ``zero_pp_rank_*``; the other engine looks for files that are not
+    there). ``auto`` therefore keeps it: an fp32 run resumed on a bf16 host stays fp32, a bf16
+    run requeued on a host without native bf16 stays bf16, and the start-up warning gives its
+    measured cost. An explicit setting that differs is a one-line error.
     """
-    if requested != "auto" or recorded is None:
-        chosen = resolve(requested, device, key, support)
-        if recorded is not None and recorded != chosen.name:
-            return Precision(chosen.name, f"{chosen.why}; the checkpoint was written in {recorded}, its fp32 "
-                                          f"master weights and optimizer state carry over")
-        return chosen
-    if recorded not in DTYPES:
-        from fastdeit.errors import CheckpointError
+    if recorded is None:
+        return resolve(requested, device, key, support)
+    from fastdeit.errors import CheckpointMismatchError
 
-        raise CheckpointError(f"the checkpoint records {key}={recorded!r}, not one of {list(DTYPES)}")
+    if recorded not in DTYPES:
+        raise CheckpointMismatchError(f"the checkpoint records {key}={recorded!r}, not one of {list(DTYPES)}")
+    if requested not in ("auto", recorded):
+        resolve(requested, device, key, support)          # a bad value is reported as such first
+        raise CheckpointMismatchError(
+            f"{key}={requested} but the checkpoint to resume was written in {recorded}, and DeepSpeed resumes "
+            f"it only in {recorded}: set {key}={recorded} (or auto), or start a new run in another trainer.run_dir")
+    if requested == recorded:
+        return Precision(recorded, "set in the config")
     if recorded == "fp32":
         return Precision("fp32", "auto: kept from the checkpoint, written in fp32")
     support = support or bf16_support(device)
     if support.native:
         return Precision("bf16", "auto: kept from the checkpoint, written in bf16")
-    return Precision("fp32", f"auto: the checkpoint was written in bf16 but {_where(device)} {support.reason}; "
-                             "going on in fp32 from its fp32 master weights and optimizer state")
+    return Precision("bf16", f"auto: kept from the checkpoint, written in bf16, which DeepSpeed resumes only in "
+                             f"bf16, although {_where(device)} {support.reason}")

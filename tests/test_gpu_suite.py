@@ -51,7 +51,7 @@ def test_dry_run_end_to_end(tmp_path):
     for row in ("pytest -m gpu: 0 passed, 0 failed, 0 errors", "| step fastdeit[z1] |", "| step bare-student |",
                 "memory: train pipeline (preallocated)", "memory: train pipeline (no prealloc)",
                 "| data path: fastdeit / reference loader |", "| e2e fastdeit |", "| e2e ratio: speed-up |",
-                "step, batch 4 |"):
+                "step, batch 4 |", "| step MFU peak |", "| e2e MFU peak |"):
         assert row in summary, (row, summary)
     assert "torch" in (out / "suite.log").read_text() and "nvidia-smi: not found" in (out / "suite.log").read_text()
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastdeit import flops, precision
-from fastdeit.errors import CheckpointError
+from fastdeit.errors import CheckpointMismatchError
 from fastdeit.precision import Bf16Support, cpu_bf16, for_run, resolve
 
 # /proc/cpuinfo flags, abridged, of the CPUs named.
@@ -52,7 +52,7 @@ def test_onednn_cap_is_honoured():
 _PROBE = """
 import json, torch
 from fastdeit import flops, precision
-from fastdeit.errors import CheckpointError
+from fastdeit.errors import CheckpointMismatchError
 torch.set_num_threads(1)
 rate = {n: flops.measure_matmul_flops(torch.device("cpu"), d, size=256, seconds=0.1)
         for n, d in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
@@ -95,18 +95,20 @@ def test_explicit_settings_and_bad_values():
 
 def test_resume_rules():
     native, emulated = Bf16Support(True, "has AMX (amx_bf16)"), Bf16Support(False, "has no native bf16 (...)")
-    # auto keeps what the checkpoint was written in, where the device runs it natively...
-    assert for_run("auto", CPU, "fp32", support=native).name == "fp32"
-    assert "kept from the checkpoint" in for_run("auto", CPU, "fp32", support=native).why
+    # A resumed run keeps its checkpoint's precision (DeepSpeed resumes it in no other)...
+    assert for_run("auto", CPU, "fp32", support=native) == precision.Precision(
+        "fp32", "auto: kept from the checkpoint, written in fp32")
     assert for_run("auto", CPU, "bf16", support=native).name == "bf16"
-    # ...and a bf16 run requeued where bf16 is emulated goes on in fp32, saying so.
-    moved = for_run("auto", CPU, "bf16", support=emulated)
-    assert moved.name == "fp32" and "written in bf16" in moved.why and "fp32 master weights" in moved.why
-    # Fresh runs decide from the hardware; explicit settings win and say what changed.
+    # ...also where bf16 is emulated: it says so (and build.py warns with the measured cost).
+    kept = for_run("auto", CPU, "bf16", support=emulated)
+    assert kept.name == "bf16" and "DeepSpeed resumes only in bf16" in kept.why and "no native bf16" in kept.why
+    assert for_run("fp32", CPU, "fp32", support=native).name == "fp32"
+    # Fresh runs decide from the hardware; an explicit other precision is a one-line error.
     assert for_run("auto", CPU, None, support=emulated).name == "fp32"
-    forced = for_run("bf16", CPU, "fp32", support=native)
-    assert forced.name == "bf16" and "written in fp32" in forced.why
-    with pytest.raises(CheckpointError, match="records engine.precision=.fp16."):
+    with pytest.raises(CheckpointMismatchError, match="engine.precision=fp32 but the checkpoint to resume was "
+                                                      "written in bf16, and DeepSpeed resumes it only in bf16"):
+        for_run("fp32", CPU, "bf16", support=emulated)
+    with pytest.raises(CheckpointMismatchError, match="records engine.precision='fp16'"):
         for_run("auto", CPU, "fp16", support=native)
 
 
@@ -118,7 +120,7 @@ def test_emulated_bf16_warns_once_with_the_cost(monkeypatch):
     text = precision.emulated_bf16_warning(CPU, ["engine.precision", "teacher.dtype"], emulated)
     assert text == ("warning: engine.precision=bf16 and teacher.dtype=bf16 on this CPU, which has no native "
                     "bf16 (no avx512_bf16 or amx_bf16): bf16 is emulated, a bf16 matmul runs at 2 GFLOP/s here "
-                    "against 150 in fp32 (75x slower); engine.precision=auto and teacher.dtype=auto would pick fp32")
+                    "against 150 in fp32 (75x slower); fp32 is the fast choice on this device")
     assert precision.emulated_bf16_warning(CPU, ["engine.precision"], emulated) is None       # once
     assert precision.emulated_bf16_warning(CPU, ["engine.precision"], Bf16Support(True, "")) is None
 
@@ -160,5 +162,19 @@ def test_cpu_peak_is_measured_in_the_run_dtype_with_the_rank_threads():
             assert source == "measured (bf16 matmul, 1 thread)"
         else:   # emulated bf16 runs on the fp32 units: their peak is the ceiling
             assert source.startswith("measured (fp32 matmul, 1 thread: this CPU ")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_benchmarks_use_the_same_peak_rule():
+    from benchmarks import common
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        peak = common.PeakFlops(CPU, None, torch.float32)
+        assert peak.source == "best of 1 measured (fp32 matmul, 1 thread)" and peak.flops > 1e8
+        assert peak.record()["dtype"] == "fp32"
+        assert common.PeakFlops(CPU, 2.0).source == "given"
     finally:
         torch.set_num_threads(threads)
