@@ -155,9 +155,10 @@ def _sync(device: torch.device) -> None:
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16,
                          size: Optional[int] = None, seconds: Optional[float] = None) -> float:
-    """Best observed FLOP/s of a square ``dtype`` matmul on ``device``: what this device
-    actually sustains on the op that dominates a ViT, a fair (if slightly generous to us, since
-    it is below the datasheet) ceiling where no datasheet figure is known, e.g. a CPU."""
+    """Best observed FLOP/s of a square ``dtype`` matmul on ``device`` with torch's current
+    thread count: what this device actually sustains on the op that dominates a ViT, a fair (if
+    slightly generous to us, since it is below the datasheet) ceiling where no datasheet figure
+    is known, e.g. a CPU."""
     device = torch.device(device)
     n = size or (8192 if device.type == "cuda" else 1024)
     seconds = seconds if seconds is not None else (0.3 if device.type == "cuda" else 0.6)
