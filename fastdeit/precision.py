@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Set
 
