@@ -93,39 +93,56 @@ def summarize(values_ms: Sequence[float]) -> Dict[str, float]:
 
 
 class PeakFlops:
-    """The MFU denominator: ``--peak-tflops`` if given, else the best bf16 matmul rate seen.
+    """The MFU denominator, by the rule training runs use (``fastdeit.flops.peak_flops``):
+    ``--peak-tflops`` if given; else the data-sheet figure of a known GPU for the benchmark's
+    compute dtype (dense bf16; TF32 or fp32 for fp32); else a matmul in that dtype measured with
+    the threads the benchmark runs on (on a CPU without native bf16, the fp32 units' rate).
 
     Measured more than once (``sample()`` between rounds) and the maximum kept: a peak is a
     maximum, and on a shared or throttled host one short measurement can land in a slow patch.
     """
 
-    def __init__(self, device: torch.device, given_tflops: Optional[float] = None):
-        from fastdeit.flops import known_peak_tflops
+    def __init__(self, device: torch.device, given_tflops: Optional[float] = None,
+                 dtype: torch.dtype = torch.bfloat16):
+        from fastdeit import flops
 
         self.device = device
+        self.dtype = dtype
         self.given = given_tflops is not None
         self.flops = given_tflops * 1e12 if self.given else 0.0
         self.samples: List[float] = []
-        self.datasheet_tflops = (known_peak_tflops(torch.cuda.get_device_name(device))
-                                 if device.type == "cuda" else None)
+        self.datasheet_tflops = None
+        self.measured_as = ""
+        if device.type == "cuda":
+            self.gpu_name = torch.cuda.get_device_name(device)
+            self.kind = flops.gpu_peak_kind(dtype)
+            self.datasheet_tflops = flops.known_peak_tflops(self.gpu_name, self.kind)
+            if self.datasheet_tflops is not None and not self.given:
+                self.flops = self.datasheet_tflops * 1e12
         self.sample()
 
     def sample(self) -> None:
-        if self.given:
+        if self.given or self.datasheet_tflops is not None:
             return
-        from fastdeit.flops import measure_matmul_flops
+        from fastdeit.flops import peak_flops
 
-        self.samples.append(measure_matmul_flops(self.device))
+        value, self.measured_as = peak_flops(self.device, None, self.dtype)
+        self.samples.append(value)
         self.flops = max(self.samples)
 
     @property
     def source(self) -> str:
         if self.given:
             return "given"
-        return f"best of {len(self.samples)} bf16 matmul measurements"
+        if self.datasheet_tflops is not None:
+            return f"datasheet ({self.gpu_name}, dense {self.kind})"
+        return f"best of {len(self.samples)} {self.measured_as}"
 
     def record(self) -> Dict[str, Any]:
-        return {"tflops": self.flops / 1e12, "source": self.source, "datasheet_tflops": self.datasheet_tflops,
+        from fastdeit.flops import dtype_name
+
+        return {"tflops": self.flops / 1e12, "source": self.source, "dtype": dtype_name(self.dtype),
+                "datasheet_tflops": self.datasheet_tflops,
                 "samples_tflops": [round(x / 1e12, 4) for x in self.samples]}
 
 

@@ -395,7 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ensure_data(args)
     started = common.ensure_distributed()
     try:
-        peak = common.PeakFlops(device, args.peak_tflops)
+        peak = common.PeakFlops(device, args.peak_tflops, torch.bfloat16)     # both sides train in bf16
         common.print_flush(f"e2e benchmark on {device}: {args.data}, deit_{SIZES[args.model]} at {args.img_size}px, "
                            f"batch {args.batch}, {args.workers} workers")
         rows = measure(args, device, peak, on_round=lambda rows, done: common.write_partial(

@@ -36,8 +36,10 @@ Variants, all at the same model size, batch and resolution:
 
 Per variant: images/sec and ms/step (median over the timed steps after warm-up; CUDA events
 on GPU, perf_counter on CPU), the forward / backward / optimizer split, peak memory (GPU), and
-MFU from FLOPs counted with torch's FLOP counter (fastdeit.flops) against --peak-tflops or a
-measured bf16 matmul. Variants run interleaved in rounds (a few steps of each, rotating the
+MFU from FLOPs counted with torch's FLOP counter (fastdeit.flops) against the peak training
+runs use (fastdeit.flops.peak_flops, in bf16): --peak-tflops, else a known GPU's data-sheet dense
+bf16 figure, else a bf16 matmul measured on the benchmark's threads (the fp32 units' rate on a
+CPU without native bf16). Variants run interleaved in rounds (a few steps of each, rotating the
 order) so that drifting clocks and noisy neighbours hit all of them alike. ``--compile both``
 builds every variant but baseline B twice, eager and compiled (named ``...+compile``), so the
 two are measured in the same run.
@@ -682,7 +684,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all variants")
     p.add_argument("--rewarm", type=int, default=1, help="untimed steps per variant at the start of each round")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="MFU denominator per device; default: a bf16 matmul measured now")
+                   help="MFU denominator per device; default: as training runs (data sheet, else measured)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice); on a shared CPU host one "
@@ -703,7 +705,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     started = common.ensure_distributed()
     s = Setup(args, device)
     try:
-        peak = common.PeakFlops(device, args.peak_tflops)
+        peak = common.PeakFlops(device, args.peak_tflops, torch.bfloat16)     # the variants' dtype
         common.print_flush(f"step benchmark on {device}: {s.student} family at "
                            f"{'/'.join(map(str, args.img_size))}px, batch {args.batch}")
         rows, run_peak = measure(s, peak, on_round=lambda rows, done: common.write_partial(

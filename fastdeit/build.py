@@ -5,20 +5,21 @@ its own section plus the few derived values it needs (world size, class count, g
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastdeit import distributed, ema as ema_lib, engine as engine_lib, flops as flops_lib
+from fastdeit import distributed, ema as ema_lib, engine as engine_lib, flops as flops_lib, precision as precision_lib
 from fastdeit.checkpoint import Checkpointer
 from fastdeit.config import Config, save_config
 from fastdeit.data import build_loader
 from fastdeit.data.loader import resolve_placement
 from fastdeit.data.mixing import BatchMixer
 from fastdeit.data.schedule import size_schedule
-from fastdeit.errors import ConfigError, DataError
+from fastdeit.errors import CheckpointMismatchError, ConfigError, DataError
 from fastdeit.losses import DeiTLoss, check_loss_targets
 from fastdeit.metrics import RunLogger, StepTelemetry
 from fastdeit.models import build_student, build_teacher, compile_mode_for, count_params, is_distilled, size_multiple
@@ -34,6 +35,28 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
+def resolve_precisions(cfg: Config, device: torch.device):
+    """(cfg with engine.precision and teacher.dtype decided for ``device``, {key: Precision}).
+
+    'auto' becomes bf16 or fp32 here (fastdeit.precision); a resumed run keeps the engine
+    precision its checkpoint recorded (precision.for_run). The frozen teacher is in no
+    checkpoint: its dtype is decided afresh from the hardware each time.
+    """
+    state = Checkpointer.resume_state(cfg.checkpoint, cfg.trainer.run_dir)
+    recorded = (state or {}).get("precision", {})
+    try:
+        engine = precision_lib.for_run(cfg.engine.precision, device, recorded.get("engine"), "engine.precision")
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{state['path']}: {e}") from None
+    chosen = {"engine.precision": engine}
+    cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, precision=engine.name))
+    if cfg.distill.type != "none":
+        teacher = precision_lib.resolve(cfg.teacher.dtype, device, "teacher.dtype")
+        chosen["teacher.dtype"] = teacher
+        cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, dtype=teacher.name))
+    return cfg, chosen
+
+
 def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     device = distributed.device_for(env)
     threads = distributed.rank_budget(cfg.runtime, resolve_placement(cfg.data, device).gpu, device.type,
@@ -41,8 +64,9 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     distributed.apply_budget(threads)
     seed_everything(cfg.trainer.seed, env.rank)
     run_dir = Path(cfg.trainer.run_dir)
+    cfg, precisions = resolve_precisions(cfg, device)
     if env.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml")      # with the precisions chosen, not 'auto'
 
     global_batch, micro, accum = engine_lib.resolve_batch(cfg.engine, env.world_size)
 
@@ -92,12 +116,13 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     scheduler = build_scheduler(cfg.schedule, engine.optimizer, len(train_loader) // accum, cfg.trainer.epochs)
 
     logger = RunLogger(cfg.logging, str(run_dir), env.is_main)
-    peak, peak_source = flops_lib.peak_flops(device, cfg.logging.peak_tflops)
+    peak, peak_source = flops_lib.peak_flops(device, cfg.logging.peak_tflops, dtype)
     telemetry = StepTelemetry(flops_per_image, peak, cfg.logging.data_wait_warn, warn=logger.info,
                               flops_by_size=flops_by_size)
     fingerprint = {"model": cfg.model.name, "num_classes": num_classes, "img_size": cfg.data.img_size,
                    "zero_stage": cfg.engine.zero_stage}
-    checkpointer = Checkpointer(cfg.checkpoint, str(run_dir), fingerprint, env.is_main, ema=ema)
+    checkpointer = Checkpointer(cfg.checkpoint, str(run_dir), fingerprint, env.is_main, ema=ema,
+                                precision={k.split(".")[0]: p.name for k, p in precisions.items()})
     logger.info(
         f"{cfg.model.name}: {count_params(model):,} params | {num_classes} classes | world {env.world_size} "
         f"(master {env.master_addr}:{env.master_port}) | "
@@ -106,6 +131,11 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
         f" | compile {compile_mode or 'off'}" + (f" | EMA {cfg.ema.decay}" if ema is not None else "")
     )
     logger.info(threads.describe())
+    for key, chosen in precisions.items():
+        logger.info(f"{'precision' if key == 'engine.precision' else 'teacher precision'}: {chosen.name} ({chosen.why})")
+    slow = precision_lib.emulated_bf16_warning(device, [k for k, p in precisions.items() if p.name == "bf16"])
+    if slow:
+        logger.info(slow)
     for loader in (train_loader, val_loader):
         if loader.excluded:
             count, listed = loader.excluded

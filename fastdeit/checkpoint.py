@@ -89,12 +89,15 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, run_dir: str, fingerprint: Dict[str, Any], is_main: bool,
-                 ema=None):
+                 ema=None, precision: Optional[Dict[str, str]] = None):
         self.cfg = cfg
         self.dir = Path(run_dir) / "checkpoints"
         self.fingerprint = fingerprint   # what must match on resume: model, classes, resolution
         self.is_main = is_main
         self.ema = ema                   # a fastdeit.ema.ModelEma saved and restored with the engine
+        # {'engine': 'bf16'|'fp32', 'teacher': ...}: what the run computes in, recorded in every
+        # checkpoint so that engine.precision=auto resumes as it started (fastdeit.precision.for_run).
+        self.precision = dict(precision or {})
 
     def should_save(self, epoch: int, last_epoch: int) -> bool:
         return (epoch + 1) % max(self.cfg.every_epochs, 1) == 0 or epoch == last_epoch
@@ -122,7 +125,8 @@ class Checkpointer:
                 torch.save({k: v.detach().cpu().clone() for k, v in weights.items()}, partial / EMA_FILE)
         _barrier()
         if self.is_main:
-            meta = {**state, "step": engine.global_steps, "world_size": _world(), "fingerprint": self.fingerprint}
+            meta = {**state, "step": engine.global_steps, "world_size": _world(), "fingerprint": self.fingerprint,
+                    "precision": self.precision}
             _write_atomic(partial / STATE_FILE, json.dumps(meta, indent=2))
             shutil.rmtree(final, ignore_errors=True)         # the same step saved twice
             os.replace(partial, final)
@@ -171,6 +175,13 @@ class Checkpointer:
         if (path / STATE_FILE).is_file():                   # one checkpoint
             return path
         raise CheckpointError(f"checkpoint.resume={path}: not a run, checkpoints or checkpoint folder")
+
+    @classmethod
+    def resume_state(cls, cfg: CheckpointConfig, run_dir: str) -> Optional[Dict[str, Any]]:
+        """The trainer state of the checkpoint this run will resume (None: a fresh run); read
+        before the engine exists, to decide the run's precision from what it started with."""
+        path = cls(cfg, run_dir, {}, is_main=False).resume_path()
+        return {**cls.read_state(path), "path": str(path)} if path is not None else None
 
     @staticmethod
     def read_state(path: Path) -> Dict[str, Any]:

@@ -1,6 +1,7 @@
 """Do torch, DALI and the NVIDIA driver agree? ``python -m fastdeit.doctor`` (run by ``make install``).
 
-Prints the torch and DALI builds and, where ``nvidia-smi`` exists, the driver and the newest
+Prints the torch and DALI builds, whether the CPU computes bf16 natively (what
+``engine.precision: auto`` picks on it) and, where ``nvidia-smi`` exists, the driver and the newest
 CUDA it runs; exits 1 when nvidia-smi lists a GPU that torch cannot use (or that DALI's build
 cannot), with the fix spelled out. Such a host otherwise trains on the CPU without a word and
 skips every GPU test. The test suite asks ``gpu_unusable_reason()`` to fail its GPU tests there.
@@ -176,8 +177,17 @@ def gpu_unusable_reason() -> Optional[str]:
     return errors[0] if errors else None
 
 
-def report(driver: Optional[Driver], torch: Torch, dali: Dali, env=None) -> Tuple[str, bool]:
-    """(the text make install prints, ok)."""
+def cpu_line(support) -> str:
+    """Whether this CPU computes bf16 natively, and what engine.precision=auto does about it
+    (a fastdeit.precision.Bf16Support)."""
+    if support.native:
+        return f"CPU: native bf16 (this CPU {support.reason}): engine.precision=auto trains in bf16 on the CPU"
+    return (f"CPU: no native bf16 (this CPU {support.reason}): engine.precision=auto trains in fp32 on the "
+            "CPU (bf16 would be emulated, several times slower)")
+
+
+def report(driver: Optional[Driver], torch: Torch, dali: Dali, env=None, cpu=None) -> Tuple[str, bool]:
+    """(the text make install prints, ok). ``cpu``: the CPU's bf16 support, a line when given."""
     errors, notes = diagnose(driver, torch, dali, env)
     lines = [f"torch {torch.version}: " + (f"CUDA {torch.cuda} build" if torch.cuda else "CPU-only build")
              + (f", sees {torch.device_count} GPU{'s' if torch.device_count != 1 else ''}" if torch.available
@@ -188,13 +198,17 @@ def report(driver: Optional[Driver], torch: Torch, dali: Dali, env=None) -> Tupl
         names = ", ".join(sorted(set(driver.gpus))) or "no GPU listed"
         lines.append(f"NVIDIA driver {driver.version or '?'} (runs CUDA up to {driver.cuda or '?'}): "
                      f"{len(driver.gpus)} x {names}")
+    if cpu is not None:
+        lines.append(cpu_line(cpu))
     lines += [f"note: {n}" for n in notes]
     lines += [f"ERROR: {e}" for e in errors]
     return "\n".join(lines), not errors
 
 
 def main(argv=None) -> int:
-    text, ok = report(query_driver(), torch_state(), dali_state())
+    from fastdeit.precision import cpu_bf16
+
+    text, ok = report(query_driver(), torch_state(), dali_state(), cpu=cpu_bf16())
     print(text)
     return 0 if ok else 1
 

@@ -21,7 +21,9 @@ class EngineConfig:
     micro_batch_size: Optional[int] = None     # per rank per forward; None = derived
     grad_accum_steps: Optional[int] = None     # None = derived (1 when micro is also None)
     zero_stage: int = 1                        # 0, 1 or 2; ZeRO-3 is pointless at DeiT's size
-    precision: Literal["bf16", "fp32"] = "bf16"
+    # auto: bf16 where the device computes it natively (CUDA Ampere+, CPUs with avx512_bf16 or
+    # AMX that oneDNN may use), fp32 elsewhere; fastdeit.precision decides, build.py records it.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_clipping: float = 0.0             # DeiT clips nothing; DeepSpeed's default is 1.0
     # ZeRO-1/2: reduce gradients while the backward pass runs. Off by default: with it on,
     # DeepSpeed 0.19.8 calls torch.cuda.synchronize() after every backward (stage_1_and_2.py,
@@ -98,6 +100,7 @@ def deepspeed_config(cfg: EngineConfig, world_size: int, num_params: Optional[in
         raise ConfigError(f"engine.deepspeed sets {', '.join(batch_keys)}: use engine.global_batch_size, "
                           "engine.micro_batch_size and engine.grad_accum_steps instead")
     g, m, a = resolve_batch(cfg, world_size)
+    model_dtype(cfg)                # 'auto' must be resolved against the device by now
     ds: Dict[str, Any] = {
         "train_batch_size": g,
         "train_micro_batch_size_per_gpu": m,
@@ -139,6 +142,10 @@ def deepspeed_config(cfg: EngineConfig, world_size: int, num_params: Optional[in
 
 
 def model_dtype(cfg: EngineConfig) -> torch.dtype:
+    """The compute dtype of a resolved config (build.py turns 'auto' into bf16 or fp32 first)."""
+    if cfg.precision not in ("bf16", "fp32"):
+        raise ValueError(f"engine.precision={cfg.precision!r} is not resolved: "
+                         "fastdeit.precision.resolve it against the device first")
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 

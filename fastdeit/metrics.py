@@ -22,8 +22,9 @@ class LoggingConfig:
     log_every: int = 50                          # optimizer steps between logging steps
     progress: Literal["auto", "bar", "lines"] = "auto"   # auto: a bar on a terminal, lines otherwise
     tensorboard: bool = False
-    # MFU denominator per device, TFLOP/s. None: the datasheet dense-bf16 figure for known GPUs
-    # (fastdeit.flops.KNOWN_PEAK_TFLOPS), else a short bf16 matmul measured at start-up.
+    # MFU denominator per device, TFLOP/s. None: a known GPU's data-sheet dense figure for the
+    # run's compute dtype (fastdeit.flops.KNOWN_PEAKS_TFLOPS), else a short matmul in that dtype
+    # measured at start-up on the rank's threads (fastdeit.flops.peak_flops).
     peak_tflops: Optional[float] = None
     data_wait_warn: float = 0.10                 # warn (once per epoch) above this data-wait share
 

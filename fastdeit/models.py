@@ -17,6 +17,7 @@ import timm
 import torch
 from torch import nn
 
+from fastdeit import precision
 from fastdeit.errors import CheckpointMismatchError, ConfigError, WeightsError, one_line
 
 
@@ -54,7 +55,8 @@ class TeacherConfig:
     weights_key: Optional[str] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)
     channels_last: bool = True                       # convnets run faster in NHWC on tensor cores
-    dtype: str = "bf16"                              # bf16 | fp32
+    # auto: bf16 where the device computes it natively, else fp32 (fastdeit.precision)
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
     compile: Union[bool, Literal["auto"]] = "auto"   # torch.compile the teacher; auto as model.compile
     compile_mode: CompileMode = "default"
 
@@ -311,8 +313,7 @@ def build_teacher(cfg: TeacherConfig, num_classes: int, device: torch.device) ->
             "a randomly initialised teacher would only add noise"
         )
     _check_kwargs(cfg.kwargs, "teacher")
-    if cfg.dtype not in ("bf16", "fp32"):
-        raise ConfigError(f"teacher.dtype must be bf16 or fp32, got {cfg.dtype!r}")
+    dtype = precision.resolve(cfg.dtype, device, "teacher.dtype").dtype
     hub = cfg.weights == "timm" or cfg.weights.startswith("hf-hub:")
     if hub and cfg.weights_key is not None:
         raise ConfigError(f"teacher.weights_key={cfg.weights_key!r} picks an entry of a checkpoint file or URL; "
@@ -325,7 +326,6 @@ def build_teacher(cfg: TeacherConfig, num_classes: int, device: torch.device) ->
         module = _create(cfg.name, num_classes=num_classes, **cfg.kwargs)
         load_weights(module, cfg.weights, what=f"teacher {cfg.name} ({num_classes} classes)",
                      key=cfg.weights_key)
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     module = module.to(device=device, dtype=dtype, memory_format=memory_format)
     return FrozenTeacher(module, dtype, cfg.channels_last, compile_mode_for(cfg.compile, cfg.compile_mode, device))

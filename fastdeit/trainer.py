@@ -219,6 +219,12 @@ class Trainer:
         values = meter.read()
         values["img_per_sec"] = clock.read() * self.world_size
         values["lr"] = self.engine.get_lr()[0]
+        # The logging step's global gradient norm (before clipping), where DeepSpeed computes
+        # one: with engine.gradient_clipping > 0, or at ZeRO stage 0. A read of a value the
+        # step already produced, on logging steps only.
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            values["grad_norm"] = float(norm)
         values.update(self.telemetry.read(values["img_per_sec"] / self.world_size))  # host numbers only
         self.rates.append(values["img_per_sec"])
         self.logger.record("step", self.engine.global_steps, values)
@@ -259,6 +265,7 @@ class Trainer:
             "img_per_sec": sum(steady) / max(len(steady), 1),
             "optimizer_steps": self.engine.global_steps,
             "epochs": self.cfg.epochs,
+            "precision": self.checkpointer.precision,
         }
         if self.logger.is_main:
             if self.checkpointer.cfg.export:

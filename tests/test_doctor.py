@@ -93,6 +93,15 @@ def test_this_host():
                           env=child_env(None), timeout=300)
     assert f"torch {torch.__version__}" in proc.stdout and "DALI" in proc.stdout
     assert proc.returncode == (1 if "ERROR" in proc.stdout else 0)
+    from fastdeit.precision import cpu_bf16
+
+    native = cpu_bf16().native
+    assert ("CPU: native bf16 (this CPU has " if native else "CPU: no native bf16 (this CPU has") in proc.stdout
+    assert f"engine.precision=auto trains in {'bf16' if native else 'fp32'} on the CPU" in proc.stdout
+    # An AMD EPYC without avx512_bf16, imitated: oneDNN capped at AVX2.
+    proc = subprocess.run([sys.executable, "-m", "fastdeit.doctor"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), ONEDNN_MAX_CPU_ISA="AVX2"), timeout=300)
+    assert "CPU: no native bf16" in proc.stdout and "trains in fp32 on the CPU" in proc.stdout
 
 
 # The conftest's verdict on GPU tests, run in a child pytest with a fake nvidia-smi on PATH and

@@ -1,7 +1,13 @@
 """The DeepSpeed config derived from ours, and batch-size consistency."""
 import pytest
 
-from fastdeit.engine import EngineConfig, bucket_elements, deepspeed_config, resolve_batch
+from fastdeit import engine
+from fastdeit.engine import bucket_elements, deepspeed_config, resolve_batch
+
+
+def EngineConfig(**kw):
+    """A config whose precision is resolved, as build.py hands it on (bf16 unless given)."""
+    return engine.EngineConfig(**{"precision": "bf16", **kw})
 
 
 @pytest.mark.parametrize("kw,world,expected", [
@@ -46,6 +52,10 @@ def test_deepspeed_dict():
     assert deepspeed_config(EngineConfig(zero_stage=0, overlap_comm=True), 2)["zero_optimization"]["overlap_comm"] is False
     with pytest.raises(ValueError, match="zero_stage must be 0, 1 or 2"):
         deepspeed_config(EngineConfig(zero_stage=3), 1)
+    # 'auto' (the default) is the hardware's call, made in build.py: never a silent fp32 here.
+    assert engine.EngineConfig().precision == "auto"
+    with pytest.raises(ValueError, match="not resolved"):
+        deepspeed_config(engine.EngineConfig(), 1)
 
 
 # Exact distilled parameter counts (docs/DESIGN.md) -> elements per ZeRO bucket, by hand:
