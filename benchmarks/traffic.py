@@ -112,7 +112,7 @@ def _markdown(record: Dict[str, Any]) -> str:
         top = ", ".join(f"{op} {b / GB:.2f}" for op, b in r["top_ops"][:5])
         rows.append([kind, f"{r['total'] / GB:.2f}", f"{r['read'] / GB:.2f}", f"{r['written'] / GB:.2f}", top])
     table = markdown_table(["augmentation", "GB moved", "read", "written", "largest ops (GB)"], rows)
-    title = (f"### Augmentation traffic: bytes moved per batch of {record['batch']} x "
+    title = (f"Augmentation traffic: bytes moved per batch of {record['batch']} x "
              f"{record['size']}x{record['size']} (meta-device count)")
     notes = record.get("notes")
     return record_header_md(record, title) + (f"\nNotes: {notes}\n" if notes else "") + "\n" + table + "\n"
