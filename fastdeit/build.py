@@ -23,7 +23,7 @@ from fastdeit.errors import CheckpointMismatchError, ConfigError, DataError
 from fastdeit.losses import DeiTLoss, check_loss_targets
 from fastdeit.metrics import RunLogger, StepTelemetry
 from fastdeit.models import build_student, build_teacher, compile_mode_for, count_params, is_distilled, size_multiple
-from fastdeit.optim import build_optimizer, build_scheduler, check_zero_stage, scaled_lr
+from fastdeit.optim import build_optimizer, build_scheduler, check_clipping, check_zero_stage, scaled_lr
 from fastdeit.trainer import RunServices, StepParts, Trainer
 
 
@@ -59,6 +59,9 @@ def resolve_precisions(cfg: Config, device: torch.device):
 
 def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     device = distributed.device_for(env)
+    dtype = engine_lib.model_dtype(cfg.engine)
+    # Before anything is built: the combinations that would sync the host every step on CUDA.
+    engine_lib.check_device(cfg.engine, dtype, device)
     threads = distributed.rank_budget(cfg.runtime, resolve_placement(cfg.data, device).gpu, device.type,
                                       cfg.data.num_threads, cfg.data.host_threads)
     distributed.apply_budget(threads)
@@ -69,6 +72,9 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
         save_config(cfg, run_dir / "config.yaml")      # with the precisions chosen, not 'auto'
 
     global_batch, micro, accum = engine_lib.resolve_batch(cfg.engine, env.world_size)
+    engine_lib.check_cuda_graphs(cfg.model.compile_mode if cfg.model.compile is not False else None,
+                                 cfg.engine.zero_stage, accum)
+    check_clipping(cfg.optim, cfg.engine.gradient_clipping)
 
     loader_args = dict(rank=env.rank, world_size=env.world_size, seed=cfg.trainer.seed, device=device,
                        threads=threads)
@@ -79,7 +85,6 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
                          f"but val has {val_loader.num_classes}")
     num_classes = train_loader.num_classes
 
-    dtype = engine_lib.model_dtype(cfg.engine)
     mixer = BatchMixer(cfg.mixing, num_classes, device, dtype=dtype)
     mixer.check_batch_size(micro)
     check_loss_targets(cfg.loss, cfg.mixing.label_smoothing, num_classes)
@@ -111,7 +116,9 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     check_zero_stage(cfg.optim, cfg.engine.zero_stage)
     optimizer = build_optimizer(cfg.optim, model, global_batch)
     compile_mode = compile_mode_for(cfg.model.compile, cfg.model.compile_mode, device)
-    engine = engine_lib.initialize(model, optimizer, ds_config, compile_mode)
+    # One static graph per training size (the eval pass runs eager): the recompile limit.
+    engine = engine_lib.initialize(model, optimizer, ds_config, compile_mode,
+                                   shapes=len(sizes.sizes(cfg.trainer.epochs)))
     ema = ema_lib.ModelEma(cfg.ema, engine, ema_module) if ema_module is not None else None
     scheduler = build_scheduler(cfg.schedule, engine.optimizer, len(train_loader) // accum, cfg.trainer.epochs)
 

@@ -12,16 +12,19 @@ where w_t are the fp32 weights the optimizer just wrote and d_t is ``ema.decay``
 whatever the update interval.
 
 Where the average lives. Under bf16 the module holds bf16 copies; the weights the optimizer
-just wrote are DeepSpeed's fp32 master weights, and under ZeRO-1/2 (and DeepSpeed's bf16
-stage-0 optimizer, which partitions the same way) each rank holds only its partition of them.
+just wrote are DeepSpeed's fp32 master weights, and under ZeRO-1/2 (DeepSpeedZeroOptimizer,
+or BF16_Optimizer where ``data_types.grad_accum_dtype`` is fp32 at stage 1, which partitions the
+same way) each rank holds only its partition of them.
 The EMA is partitioned exactly like them: for every fragment of a parameter this rank's
 partition holds (``param._hp_mapping``, the mapping DeepSpeed's own
 ``safe_get_full_fp32_param`` reads) it keeps an fp32 shadow fragment. An update is then one
 fused ``torch._foreach_lerp_`` over this rank's fragments: on the device, no communication, no
 host sync, 4/world bytes of memory and 12/world bytes of traffic per parameter. A full fp32
 copy on every rank would cost world times that for the same numbers. Where every rank holds all
-masters (bf16 at ZeRO stage 0: DeepSpeed's FP16_(Unfused)Optimizer keeps full fp32 copies;
-fp32 at stage 0: the parameters are the masters) each rank averages the whole model, identically.
+masters (bf16 at ZeRO stage 0, CPU only as it syncs the host on CUDA: DeepSpeed 0.19.8's
+FP16_UnfusedOptimizer keeps one full fp32 copy per parameter, its FP16_Optimizer, with
+DeepSpeed's FusedAdam, one flat copy per group; fp32 at stage 0: the parameters are the
+masters) each rank averages the whole model, identically.
 
 Full weights are assembled only where needed, at evaluation and in checkpoints: one
 all-reduce of a flat fp32 buffer in which each rank fills the fragments it owns (each element
@@ -99,7 +102,8 @@ class ModelEma:
     def _bind(self) -> None:
         """Find the fp32 master weights this rank holds (DeepSpeed re-links them on load)."""
         params = [p for _, p in self.engine.module.named_parameters()]
-        # ZeRO-1/2 and DeepSpeed's BF16_Optimizer: each parameter's fragment in this rank's partition.
+        # ZeRO-1/2 (DeepSpeedZeroOptimizer or BF16_Optimizer): each parameter's fragment in this
+        # rank's partition.
         self.partitioned = any(hasattr(p, "_hp_mapping") for p in params)
         self.group = next((p._dp_group for p in params if hasattr(p, "_dp_group")), None)
         flat_masters = self._flat_masters()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fastdeit.errors import ConfigError
-from fastdeit.models import compile_kwargs
+from fastdeit.models import compile_kwargs, limit_recompiles
 
 
 @dataclass
@@ -149,8 +149,42 @@ def model_dtype(cfg: EngineConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 
+def check_device(cfg: EngineConfig, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before anything is built, what would read the device every step on CUDA.
+
+    bf16 at ZeRO stage 0: DeepSpeed 0.19.8 wraps a torch optimizer in FP16_UnfusedOptimizer
+    (DeepSpeed's FusedAdam in FP16_Optimizer), whose overflow check and norm read one value
+    per parameter tensor on the host each step (about 158 host syncs for DeiT-B); its
+    BF16_Optimizer is reached only from stage 1. ZeRO-1 keeps the same full replicas of weights
+    and gradients and partitions only the fp32 masters and moments: on one GPU it is stage 0's
+    memory, on several less. CPU runs keep stage 0 (tests, debugging).
+    """
+    if device.type == "cuda" and cfg.zero_stage == 0 and dtype == torch.bfloat16:
+        raise ConfigError("engine.zero_stage=0 with bf16 on CUDA syncs the host once per parameter tensor "
+                          "every step (DeepSpeed's FP16_UnfusedOptimizer): use engine.zero_stage=1")
+
+
+# torch.compile modes that capture CUDA graphs (cudagraph trees)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_cuda_graphs(compile_mode: Optional[str], zero_stage: int, accum: int) -> None:
+    """CUDA graphs with gradient accumulation at ZeRO 0/1: the backward graph's outputs (the
+    gradients) live in the graph's memory pool and ``param.grad`` keeps accumulating into them,
+    so the next micro-batch's replay overwrites the gradients summed so far (torch's
+    cudagraph_trees names this case). ZeRO-2 copies each gradient out into its partition
+    during the backward, so it accumulates outside the pool. ``compile_mode`` is the configured
+    mode whenever the student may be compiled (model.compile true or auto), so a CPU dry run of a
+    GPU config refuses it too."""
+    if compile_mode in CUDA_GRAPH_MODES and accum > 1 and zero_stage < 2:
+        raise ConfigError(
+            f"model.compile_mode={compile_mode} (CUDA graphs) with engine.grad_accum_steps={accum} at "
+            f"engine.zero_stage={zero_stage} overwrites the accumulated gradients at every replay: use "
+            "engine.zero_stage=2, grad_accum_steps=1 or compile_mode=default / max-autotune-no-cudagraphs")
+
+
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: Dict[str, Any],
-               compile_mode: Optional[str] = None):
+               compile_mode: Optional[str] = None, shapes: int = 1):
     """Wrap the student and its optimizer; returns the DeepSpeed engine.
 
     ``compile_mode`` (a torch.compile mode, None = eager) compiles the student here, the one
@@ -161,7 +195,8 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: Di
     checkpoints, the exports, the EMA and ``models.eval_heads`` all see its own parameter
     names, whereas a ``torch.compile`` wrapper would prefix every key with ``_orig_mod.`` and
     hide ``forward_features``/``head_dist`` behind the wrapper. A compiled run therefore
-    resumes eager and the other way round.
+    resumes eager and the other way round. ``shapes``: the number of distinct training input
+    shapes (sizes of data.size_schedule), each one static graph (models.limit_recompiles).
     """
     import deepspeed
 
@@ -177,5 +212,6 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: Di
             if buf.is_floating_point():
                 buf.data = buf.data.to(torch.bfloat16)
     if compile_mode is not None:
+        limit_recompiles(shapes)
         engine.compile(compile_kwargs=compile_kwargs(compile_mode))
     return engine

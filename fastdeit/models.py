@@ -68,7 +68,21 @@ def compile_mode_for(flag: Union[bool, str], mode: str, device: torch.device) ->
 
 
 def compile_kwargs(mode: str) -> Dict[str, Any]:
-    return {} if mode == "default" else {"mode": mode}
+    """torch.compile arguments for ``mode``. dynamic=False: one static graph per input shape.
+    With dynamo's default (dynamic=None) the second shape is recompiled with dynamic sizes,
+    but timm's PatchEmbed checks H and W against its grid, which pins them in the guards:
+    a wasted compile at the second size of a schedule, then one static graph per size anyway."""
+    return {"dynamic": False, **({} if mode == "default" else {"mode": mode})}
+
+
+def limit_recompiles(shapes: int) -> None:
+    """Dynamo's recompile limit set to the number of training input shapes (one graph per
+    data.size_schedule size per compiled module; evaluation runs eager), and hitting it made
+    an error instead of a silent fall-back to eager for the rest of the run. Set explicitly:
+    dynamo's default is 8, and importing timm.optim (its Kron optimizer module) raises the
+    limit to 10^6 as a side effect, which is what let more than 8 sizes compile before."""
+    torch._dynamo.config.recompile_limit = max(1, int(shapes))
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 
 def _create(name: str, **kwargs: Any) -> nn.Module:

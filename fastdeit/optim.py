@@ -31,8 +31,8 @@ class OptimConfig:
     betas: Tuple[float, float] = (0.9, 0.999)
     fused: Optional[bool] = None        # torch AdamW's fused kernel; None = wherever supported
     # LAMB: gradients first clipped to this global norm (Apex FusedLAMB's default 1.0, which
-    # the DeiT III reference trains with). Under ZeRO 1/2 DeepSpeed does the clipping: set
-    # engine.gradient_clipping to the same value (checked at start).
+    # the DeiT III reference trains with), by fastdeit.lamb.Lamb itself at every ZeRO stage:
+    # engine.gradient_clipping stays 0 (DeepSpeed's clipping syncs the host, see lamb.py).
     lamb_max_grad_norm: Optional[float] = 1.0
 
 
@@ -90,6 +90,14 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, global_batch: int) -> to
 
         return DSFusedAdam(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, adam_w_mode=True)
     raise ConfigError(f"unknown optim.name {cfg.name!r}")
+
+
+def check_clipping(cfg: OptimConfig, gradient_clipping: float) -> None:
+    """LAMB clips inside its step; DeepSpeed clipping as well would clip twice, with host syncs."""
+    if cfg.name == "lamb" and gradient_clipping > 0:
+        raise ConfigError(
+            f"optim.name=lamb clips gradients itself (optim.lamb_max_grad_norm={cfg.lamb_max_grad_norm}, "
+            f"no host sync): set engine.gradient_clipping=0 (it is {gradient_clipping})")
 
 
 def check_zero_stage(cfg: OptimConfig, zero_stage: int) -> None:

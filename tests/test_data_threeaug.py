@@ -60,6 +60,20 @@ def test_blur_is_pillows_gaussian_blur(h, w):
         assert np.array_equal(got[i].permute(1, 2, 0).numpy(), ref), (h, w, r)
 
 
+def test_blur_is_pillows_at_the_extremes():
+    """All 255, and 0/255 stripes and checks: the largest sums the int32 halves of the
+    fixed-point arithmetic must hold, and the steepest edges."""
+    radii = torch.tensor([0.1, 0.5, 0.99, 1.0, 1.5, 2.0], dtype=torch.float64)
+    n = len(radii)
+    yy, xx = torch.meshgrid(torch.arange(12), torch.arange(15), indexing="ij")
+    for pattern in (torch.ones(12, 15), (xx % 2).float(), ((xx + yy) % 2).float(), (yy % 3 == 0).float()):
+        x = (pattern * 255).to(torch.uint8).expand(n, 3, 12, 15).contiguous(memory_format=torch.channels_last)
+        got = gaussian_blur(x, box_blur_weights(radii))
+        for i, r in enumerate(radii.tolist()):
+            ref = np.asarray(pil(x[i]).filter(ImageFilter.GaussianBlur(radius=r)))
+            assert np.array_equal(got[i].permute(1, 2, 0).numpy(), ref), r
+
+
 @pytest.mark.parametrize("jitter", [0.3, 0.0])
 def test_batch_equals_the_reference_pil_transform(jitter):
     """A whole batch, grouped and batched, equals the reference applied image by image."""

@@ -103,3 +103,73 @@ def test_buckets_are_deepspeeds_own_keys():
 def test_batch_keys_in_engine_deepspeed_are_refused():
     with pytest.raises(ValueError, match="engine.deepspeed sets train_micro_batch_size_per_gpu"):
         deepspeed_config(EngineConfig(deepspeed={"train_micro_batch_size_per_gpu": 8}), 1)
+
+
+def test_bf16_at_stage_0_is_refused_on_cuda_only():
+    """DeepSpeed's FP16_UnfusedOptimizer (bf16, ZeRO 0) reads one value per parameter tensor
+    on the host every step (tests/test_host_syncs.py counts them on CPU): refused on CUDA with
+    the fix in the message, kept on CPU and in fp32."""
+    import torch
+
+    from fastdeit.engine import check_device
+    from fastdeit.errors import ConfigError
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    with pytest.raises(ConfigError, match="use engine.zero_stage=1$"):
+        check_device(EngineConfig(zero_stage=0), torch.bfloat16, cuda)
+    check_device(EngineConfig(zero_stage=0), torch.bfloat16, cpu)
+    check_device(EngineConfig(zero_stage=0), torch.float32, cuda)
+    check_device(EngineConfig(zero_stage=1), torch.bfloat16, cuda)
+
+
+@pytest.mark.parametrize("mode,stage,accum,refused", [
+    ("reduce-overhead", 0, 2, True), ("max-autotune", 1, 4, True),
+    ("reduce-overhead", 2, 2, False),           # ZeRO-2 copies gradients out during the backward
+    ("reduce-overhead", 1, 1, False),           # nothing to accumulate
+    ("max-autotune-no-cudagraphs", 1, 4, False), ("default", 0, 4, False), (None, 1, 4, False),
+])
+def test_cuda_graphs_with_gradient_accumulation_at_zero_0_1_are_refused(mode, stage, accum, refused):
+    from fastdeit.engine import check_cuda_graphs
+    from fastdeit.errors import ConfigError
+
+    if refused:
+        with pytest.raises(ConfigError, match=f"model.compile_mode={mode} .*grad_accum_steps={accum} at "
+                                              f"engine.zero_stage={stage}"):
+            check_cuda_graphs(mode, stage, accum)
+    else:
+        check_cuda_graphs(mode, stage, accum)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    # model.compile auto is off on CPU, yet the GPU config it would run is refused here already
+    (["model.compile_mode=reduce-overhead", "engine.grad_accum_steps=2", "engine.zero_stage=1"],
+     "model.compile_mode=reduce-overhead"),
+    (["optim.name=lamb", "engine.gradient_clipping=1.0"], "optim.name=lamb clips gradients itself"),
+])
+def test_build_refuses_before_building_anything(tmp_path, overrides, match):
+    from fastdeit import distributed
+    from fastdeit.build import build_trainer
+    from fastdeit.config import load_config
+    from fastdeit.errors import ConfigError
+
+    cfg = load_config(None, [f"data.root={tmp_path / 'absent'}", f"trainer.run_dir={tmp_path / 'run'}",
+                             "engine.global_batch_size=8", *overrides])
+    env = distributed.DistEnv()
+    with pytest.raises(ConfigError, match=match):
+        build_trainer(cfg, env)
+
+
+def test_bf16_stage_0_on_cuda_is_refused_before_the_loaders(tmp_path, monkeypatch):
+    import torch
+
+    from fastdeit import distributed
+    from fastdeit.build import build_trainer
+    from fastdeit.config import load_config
+    from fastdeit.errors import ConfigError
+
+    monkeypatch.setattr(distributed, "device_for", lambda env: torch.device("cuda", 0))
+    cfg = load_config(None, [f"data.root={tmp_path / 'absent'}", f"trainer.run_dir={tmp_path / 'run'}",
+                             "engine.zero_stage=0", "engine.precision=bf16"])
+    env = distributed.DistEnv()
+    with pytest.raises(ConfigError, match="engine.zero_stage=0 with bf16 on CUDA"):
+        build_trainer(cfg, env)

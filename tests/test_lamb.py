@@ -12,6 +12,7 @@ from torch import nn
 from fastdeit.lamb import Lamb
 
 STEPS = 3
+SCALE = 100.0      # the loss scaled so that the gradients' global norm is far above LAMB's clip at 1
 
 
 def model():
@@ -49,7 +50,7 @@ def test_matches_timm_lamb(scale):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-7)
 
 
-def _worker(rank, port, stage, which, precision, clip, out):
+def _worker(rank, port, stage, which, precision, clip, out, scale=SCALE):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -76,7 +77,7 @@ def _worker(rank, port, stage, which, precision, clip, out):
             result["covered"] = counts[:-1].tolist()
         x, y = batch()                      # the same batch on both ranks: the mean gradient is the
         for _ in range(STEPS):              # single-process gradient
-            engine.backward(nn.functional.cross_entropy(engine(x), y))
+            engine.backward(nn.functional.cross_entropy(engine(x), y) * scale)
             engine.step()
         result["state"] = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
         if rank == 0:
@@ -85,7 +86,7 @@ def _worker(rank, port, stage, which, precision, clip, out):
         distributed.teardown()
 
 
-def _spawn(tmp_path, stage, which, precision="fp32", clip=1.0):
+def _spawn(tmp_path, stage, which, precision="fp32", clip=0.0):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -97,9 +98,10 @@ def _spawn(tmp_path, stage, which, precision="fp32", clip=1.0):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_partitions_keep_layerwise_trust_ratios(stage, tmp_path):
-    """ZeRO-1/2 over 2 ranks, fp32: ours equals single-process timm Lamb (DeepSpeed doing the
-    global-norm clip); timm's Lamb under ZeRO does not (trust ratios over flat partitions)."""
-    ref = train(m := model(), TimmLamb(groups(m), lr=3e-3, eps=1e-8))
+    """ZeRO-1/2 over 2 ranks, fp32, clipping active: ours equals single-process timm Lamb (its
+    global-norm clip over both groups and ranks done in the deferred last-group call); timm's
+    Lamb under ZeRO does not (trust ratios over flat partitions)."""
+    ref = train(m := model(), TimmLamb(groups(m), lr=3e-3, eps=1e-8), scale=SCALE)
     ours = _spawn(tmp_path, stage, "ours")
     assert ours["covered"] == [p.numel() for g in groups(model()) for p in g["params"]]
     for k in ref:
@@ -110,11 +112,56 @@ def test_zero_partitions_keep_layerwise_trust_ratios(stage, tmp_path):
         assert worst > 1e-4, worst
 
 
-@pytest.mark.slow
-def test_zero_without_engine_clipping_is_refused(tmp_path):
-    """ZeRO-1 steps one group at a time: no optimizer sees the global gradient norm, so
-    DeepSpeed must clip (engine.gradient_clipping) or the run is refused."""
-    assert "engine.gradient_clipping=1.0" in _spawn(tmp_path, 1, "ours", clip=0.0)["error"]
+@pytest.fixture(scope="module")
+def world():
+    from fastdeit import distributed
+
+    env = distributed.init()
+    yield env
+    distributed.teardown()
+
+
+def _one_rank(stage, clip=0.0, precision="fp32"):
+    from fastdeit import engine as engine_lib
+
+    m = model()
+    opt = Lamb(groups(m), lr=3e-3, eps=1e-8)
+    ds = engine_lib.deepspeed_config(engine_lib.EngineConfig(
+        global_batch_size=16, zero_stage=stage, precision=precision, gradient_clipping=clip), world_size=1)
+    return engine_lib.initialize(m, opt, ds), opt
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_one_rank_defers_groups_and_clips_by_all_of_them(world, stage):
+    """In process, one rank: ZeRO 1/2 still flatten the groups and call step() once per group.
+    The first call only defers; the last steps both groups, clipped by the norm of both (the
+    loss scaled x100 so that the clip is active), and writes the deferred group's bf16/fp32
+    partition back: equal to timm's Lamb on the plain model."""
+    ref = train(m := model(), TimmLamb(groups(m), lr=3e-3, eps=1e-8), scale=SCALE)
+    engine, opt = _one_rank(stage)
+    assert opt._all_groups is not None and len(opt._all_groups) == 2
+    x, y = batch()
+    for _ in range(STEPS):
+        engine.backward(nn.functional.cross_entropy(engine(x), y) * SCALE)
+        engine.step()
+        assert not opt._deferred          # nothing left behind after an engine step
+    got = engine.module.state_dict()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
+    assert all(s["step"].item() == STEPS and s["step"].device == p.device for p, s in opt.state.items())
+
+
+def test_engine_clipping_with_lamb_is_refused(world):
+    """DeepSpeed clipping as well as LAMB's own would clip twice, with 4 host syncs a step:
+    refused at start (build) and, for direct users, when LAMB binds to the engine."""
+    from fastdeit.errors import ConfigError
+    from fastdeit.optim import OptimConfig, check_clipping
+
+    with pytest.raises(ConfigError, match="engine.gradient_clipping=0 \\(it is 1.0\\)"):
+        check_clipping(OptimConfig(name="lamb"), 1.0)
+    check_clipping(OptimConfig(name="adamw"), 1.0)
+    with pytest.raises(ConfigError, match="engine.gradient_clipping=0"):
+        _one_rank(1, clip=1.0)
 
 
 def test_bind_accepts_per_tensor_copies_and_refuses_unknown_flattening():

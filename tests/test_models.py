@@ -93,7 +93,9 @@ def test_compile_settings():
     assert compile_mode_for("auto", "max-autotune", cuda) == "max-autotune"
     assert compile_mode_for(True, "default", cpu) == "default"
     assert compile_mode_for(False, "default", cuda) is None
-    assert compile_kwargs("default") == {} and compile_kwargs("max-autotune") == {"mode": "max-autotune"}
+    # static graphs, one per training size (timm's PatchEmbed pins H and W: dynamic is wasted)
+    assert compile_kwargs("default") == {"dynamic": False}
+    assert compile_kwargs("max-autotune") == {"dynamic": False, "mode": "max-autotune"}
 
 
 def test_compiled_teacher_keeps_its_plain_module(tmp_path):

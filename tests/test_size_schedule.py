@@ -167,3 +167,52 @@ def test_gpu_layout_builds_each_epoch_at_its_size(synthetic_tree, monkeypatch):
     loader.set_epoch(2)
     assert next(iter(loader))[0].shape == (8, 3, 32, 32)
     loader.close()
+
+
+@pytest.mark.slow
+def test_compiled_student_gets_one_static_graph_per_size(dataset, tmp_path, monkeypatch):
+    """An 11-size schedule with the student compiled: 11 static graphs (no dynamic-shape
+    attempt, which timm's PatchEmbed would pin anyway), none falling back to eager at dynamo's
+    default limit of 8, and a 12th shape an error rather than a silent eager run from then on."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from torch._dynamo.utils import counters
+
+    from fastdeit import distributed
+    from fastdeit.build import build_trainer
+    from tests.launching import TINY
+
+    # What is counted is dynamo's capture and its guards; inductor's code generation for 11
+    # graphs would take minutes on this CPU and changes neither.
+    real = DeepSpeedEngine.compile
+    monkeypatch.setattr(DeepSpeedEngine, "compile",
+                        lambda self, backend=None, compile_kwargs={}, **kw: real(self, "eager", compile_kwargs, **kw))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
+    sizes = [32 + 8 * i for i in range(11)]
+    schedule = "[" + ",".join(f"[{e},{s}]" for e, s in enumerate(sizes)) + "]"
+    cfg = load_config(None, [*TINY, f"data.root={dataset}", f"trainer.run_dir={tmp_path}",
+                             "model.name=deit_tiny_patch16_224", "distill.type=none", "model.compile=true",
+                             "data.img_size=112", "data.size_multiple=8", f"data.size_schedule={schedule}",
+                             "trainer.epochs=11", "engine.global_batch_size=8"])
+    env = distributed.init()
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        trainer = build_trainer(cfg, env)
+        assert [trainer.sizes(e) for e in range(11)] == sizes
+        assert torch._dynamo.config.recompile_limit == 11 and torch._dynamo.config.fail_on_recompile_limit_hit
+        engine = trainer.engine
+        y = torch.arange(8) % 4
+        for size in [*sizes, sizes[0]]:              # back at the first size: its graph is reused
+            x = torch.randn(8, 3, size, size).to(trainer.dtype)
+            engine.backward(F.cross_entropy(engine(x).float(), y))
+            engine.step()
+        assert counters["stats"]["unique_graphs"] == 11, dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        with pytest.raises(Exception, match="recompile_limit|cache_size_limit|RecompileLimit"):
+            engine(torch.randn(8, 3, 120, 120).to(trainer.dtype))
+        trainer.train_loader.close()
+        trainer.val_loader.close()
+    finally:
+        torch._dynamo.reset()
+        distributed.teardown()

@@ -75,30 +75,57 @@ def box_blur_weights(radius: Tensor) -> Tensor:
     return torch.from_numpy(taps)
 
 
-def _blur_rows(x: Tensor, taps: Tensor) -> Tensor:
-    """One box pass along the last axis of int64 [k, ..., W], borders extended (Pillow clamps
-    its line indices): sum of taps x shifted copies, then Pillow's (v + 2^23) >> 24."""
+# The blur's integer arithmetic, exact in 16/32-bit integers. Pillow's pass is
+# floor((S + 2^23) / 2^24) with S = sum_k w_k x_k: taps w_k < 2^24 summing to (at most) 2^24 and
+# pixels x_k <= 255, so S needs 32 bits, which int32 does not hold (int64 did, at 8 bytes per
+# pixel in every temporary). The taps are symmetric (outer, inner, centre, inner, outer), so
+# S = w_0 x_0 + w_1 (x_-1 + x_1) + w_2 (x_-2 + x_2), the pair sums <= 510 in int16; splitting
+# each tap as w = 2^12 hi + lo (hi, lo < 2^12) gives S = 2^12 S_hi + S_lo with
+# S_hi, S_lo <= 4095 x 1275 < 2^23 in int32, and exactly (floor(floor(a / b) / c) = floor(a / bc))
+#     floor((S + 2^23) / 2^24) = (S_hi + ((S_lo + 2^23) >> 12)) >> 12.
+# S_hi and S_lo accumulate side by side in one [2, ...] int32 tensor (each input read once per
+# op); the pixels between passes are int16. Pillow's integers bit for bit, at 0.4x the bytes
+# moved of the int64 version (benchmarks/results/2026-12-03-cpu-traffic-*.md).
+_SPLIT = 12
+
+
+def _split_taps(taps: Tensor) -> Tensor:
+    """int64 [k, 5] symmetric taps (box_blur_weights) -> int32 [3, 2, k]: for the centre, +-1
+    and +-2 taps, (hi, lo) split at 2^12. Slices only: no index tensor to copy to the device."""
+    sym = taps[:, _TAPS // 2:].t()                                    # [3, k]
+    return torch.stack([sym >> _SPLIT, sym & ((1 << _SPLIT) - 1)], dim=1).to(torch.int32)
+
+
+def _blur_rows(x: Tensor, taps: Tensor, bias: Tensor) -> Tensor:
+    """One box pass along the last axis of int16 [k, ..., W] (values 0..255), borders extended
+    (Pillow clamps its line indices); returns int16 values 0..255 (Pillow's rounded uint8)."""
     half = _TAPS // 2
-    padded = torch.cat([x[..., :1].expand(*x.shape[:-1], half), x,
-                        x[..., -1:].expand(*x.shape[:-1], half)], dim=-1)
+    edge = (*x.shape[:-1], half)
+    padded = torch.cat([x[..., :1].expand(edge), x, x[..., -1:].expand(edge)], dim=-1)
     width = x.shape[-1]
-    w = taps.view(taps.shape[0], *([1] * (x.dim() - 1)), _TAPS)
-    out = padded[..., 0:width] * w[..., 0]
-    for t in range(1, _TAPS):
-        out += padded[..., t:t + width] * w[..., t]
-    return (out + (1 << 23)) >> 24
+    near = padded[..., half - 1:half - 1 + width] + padded[..., half + 1:half + 1 + width]
+    far = padded[..., 0:width] + padded[..., half + 2:half + 2 + width]
+    shape = (2, taps.shape[-1], *([1] * (x.dim() - 1)))
+    s = torch.addcmul(bias.view(2, *([1] * x.dim())), padded[..., half:half + width], taps[0].view(shape))
+    s.addcmul_(near, taps[1].view(shape))
+    s.addcmul_(far, taps[2].view(shape))
+    s_hi, s_lo = s.unbind(0)                    # s_lo already holds + 2^23 (the bias)
+    s_hi.add_(s_lo.bitwise_right_shift_(_SPLIT))
+    return torch.bitwise_right_shift(s_hi, _SPLIT, out=torch.empty_like(x))
 
 
 def gaussian_blur(x: Tensor, taps: Tensor) -> Tensor:
     """Pillow's GaussianBlur on uint8 [k, 3, H, W] with per-image taps ([k, 5] from
     box_blur_weights): three passes along the rows, then three along the columns."""
-    v = x.to(torch.int64)
-    taps = taps.to(x.device)
+    taps = _split_taps(taps.to(x.device))
+    # (0, 2^23) for (S_hi, S_lo), made on the device: no host data to copy
+    bias = torch.arange(2, dtype=torch.int32, device=x.device) << 23
+    v = x.to(torch.int16)
     for _ in range(_BLUR_PASSES):
-        v = _blur_rows(v, taps)
+        v = _blur_rows(v, taps, bias)
     v = v.transpose(-1, -2)
     for _ in range(_BLUR_PASSES):
-        v = _blur_rows(v, taps)
+        v = _blur_rows(v, taps, bias)
     return v.transpose(-1, -2).to(torch.uint8).contiguous(memory_format=torch.channels_last)
 
 
