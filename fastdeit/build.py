@@ -59,6 +59,7 @@ def resolve_precisions(cfg: Config, device: torch.device):
 
 def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     device = distributed.device_for(env)
+    cfg, precisions = resolve_precisions(cfg, device)
     dtype = engine_lib.model_dtype(cfg.engine)
     # Before anything is built: the combinations that would sync the host every step on CUDA.
     engine_lib.check_device(cfg.engine, dtype, device)
@@ -67,7 +68,6 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     distributed.apply_budget(threads)
     seed_everything(cfg.trainer.seed, env.rank)
     run_dir = Path(cfg.trainer.run_dir)
-    cfg, precisions = resolve_precisions(cfg, device)
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")      # with the precisions chosen, not 'auto'
 
