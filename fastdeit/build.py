@@ -97,7 +97,8 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
                               flops_by_size=flops_by_size)
     fingerprint = {"model": cfg.model.name, "num_classes": num_classes, "img_size": cfg.data.img_size,
                    "zero_stage": cfg.engine.zero_stage}
-    checkpointer = Checkpointer(cfg.checkpoint, str(run_dir), fingerprint, env.is_main, ema=ema)
+    checkpointer = Checkpointer(cfg.checkpoint, str(run_dir), fingerprint, env.is_main, ema=ema,
+                                class_names=train_loader.classes)
     logger.info(
         f"{cfg.model.name}: {count_params(model):,} params | {num_classes} classes | world {env.world_size} "
         f"(master {env.master_addr}:{env.master_port}) | "

@@ -89,12 +89,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, run_dir: str, fingerprint: Dict[str, Any], is_main: bool,
-                 ema=None):
+                 ema=None, class_names: Optional[list] = None):
         self.cfg = cfg
         self.dir = Path(run_dir) / "checkpoints"
         self.fingerprint = fingerprint   # what must match on resume: model, classes, resolution
         self.is_main = is_main
         self.ema = ema                   # a fastdeit.ema.ModelEma saved and restored with the engine
+        # Recorded (not compared) in trainer_state.json: the exported model folder's label_names.
+        self.class_names = list(class_names) if class_names else None
 
     def should_save(self, epoch: int, last_epoch: int) -> bool:
         return (epoch + 1) % max(self.cfg.every_epochs, 1) == 0 or epoch == last_epoch
@@ -122,7 +124,8 @@ class Checkpointer:
                 torch.save({k: v.detach().cpu().clone() for k, v in weights.items()}, partial / EMA_FILE)
         _barrier()
         if self.is_main:
-            meta = {**state, "step": engine.global_steps, "world_size": _world(), "fingerprint": self.fingerprint}
+            meta = {**state, "step": engine.global_steps, "world_size": _world(), "fingerprint": self.fingerprint,
+                    "class_names": self.class_names}
             _write_atomic(partial / STATE_FILE, json.dumps(meta, indent=2))
             shutil.rmtree(final, ignore_errors=True)         # the same step saved twice
             os.replace(partial, final)

@@ -14,11 +14,12 @@ from typing import Any, Callable, Dict, Literal, Optional
 import torch
 import torch.distributed as dist
 
-from fastdeit.checkpoint import Checkpointer, ema_state_dict, fp32_state_dict, save_state_dict
+from fastdeit.checkpoint import Checkpointer
 from fastdeit.data.mixing import BatchMixer
 from fastdeit.ema import ModelEma
 from fastdeit.errors import FastDeitError
 from fastdeit.evaluate import evaluate
+from fastdeit.export import export_checkpoint
 from fastdeit.losses import DeiTLoss
 from fastdeit.metrics import DeviceMeter, RunLogger, StepTelemetry, Throughput
 from fastdeit.models import FrozenTeacher
@@ -262,13 +263,14 @@ class Trainer:
         }
         if self.logger.is_main:
             if self.checkpointer.cfg.export:
-                # The fp32 master weights of the final checkpoint, not the bf16 working copy.
+                # The fp32 master weights of the final checkpoint, not the bf16 working copy: a
+                # model folder timm loads (local-dir:, Hub layout; fastdeit.export) and, for
+                # older tooling, the plain state_dict model.pth. With the EMA, the same for it.
                 latest = self.checkpointer.latest()
-                save_state_dict(fp32_state_dict(latest), str(run_dir / "model.pth"), self.engine.module)
-                summary["export"] = str(run_dir / "model.pth")
-                if self.ema is not None:
-                    save_state_dict(ema_state_dict(latest), str(run_dir / "model_ema.pth"), self.engine.module)
-                    summary["export_ema"] = str(run_dir / "model_ema.pth")
+                for tag, ema in (("model", False), ("model_ema", True)) if self.ema is not None else (("model", False),):
+                    export_checkpoint(latest, run_dir / tag, ema=ema, pth=run_dir / f"{tag}.pth", summary=summary)
+                    key = "export_ema" if ema else "export"
+                    summary[key], summary[f"{key}_folder"] = str(run_dir / f"{tag}.pth"), str(run_dir / tag)
             with open(run_dir / "summary.json", "w") as f:
                 json.dump(summary, f, indent=2)
         if dist.is_initialized():

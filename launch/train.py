@@ -8,6 +8,7 @@ a checkpoint (requeue and it resumes), 2 a mistake in the config, data, weights 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -15,6 +16,7 @@ from fastdeit import distributed  # noqa: E402
 from fastdeit.build import build_trainer  # noqa: E402
 from fastdeit.config import load_config  # noqa: E402
 from fastdeit.errors import reported  # noqa: E402
+from fastdeit.export import record_command  # noqa: E402
 from fastdeit.preemption import Stopped  # noqa: E402
 
 
@@ -31,6 +33,8 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config, args.overrides)
     env = distributed.init()
     try:
+        if env.is_main:      # for the model card of the exported folder (fastdeit.export)
+            record_command(Path(cfg.trainer.run_dir))
         return build_trainer(cfg, env).fit()
     except Stopped as stop:
         sys.exit(stop.exit_code)
