@@ -7,9 +7,9 @@ non-finite-loss detector accumulate in device tensors; on a logging step one sma
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Literal, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ from fastdeit.export import export_checkpoint
 from fastdeit.losses import DeiTLoss
 from fastdeit.metrics import DeviceMeter, RunLogger, StepTelemetry, Throughput
 from fastdeit.models import FrozenTeacher
-from fastdeit.preemption import SignalWatch, Stopped
+from fastdeit.preemption import DEFAULT_STOP_SIGNALS, SignalWatch, Stopped, check_signals
 
 
 class NonFiniteLossError(FastDeitError, RuntimeError):
@@ -39,6 +39,10 @@ class TrainerConfig:
     run_dir: str = "runs/deit"
     stop_after_steps: Optional[int] = None   # checkpoint and stop cleanly after this optimizer step
     best_of: Literal["model", "ema"] = "model"   # the `best` checkpoint by the live model's or the EMA's top-1
+    # Signals that stop the run with a checkpoint and exit 75 (fastdeit.preemption): SIGUSR2, not
+    # SIGUSR1, because some NCCL versions take SIGUSR1 over; keep the SLURM templates'
+    # --signal=USR2@300 in step when changing this.
+    stop_signals: List[str] = field(default_factory=lambda: list(DEFAULT_STOP_SIGNALS))
 
 
 @dataclass
@@ -72,6 +76,7 @@ class RunServices:
 
 class Trainer:
     def __init__(self, cfg: TrainerConfig, parts: StepParts, run: RunServices):
+        check_signals(cfg.stop_signals)            # before any work: a ConfigError naming the value
         self.cfg = cfg
         self.engine = parts.engine
         self.scheduler = parts.scheduler
@@ -105,7 +110,7 @@ class Trainer:
         epoch, epoch_step = self._maybe_resume()
         last = self.cfg.epochs - 1
         metrics: Dict[str, float] = {}
-        with SignalWatch() as self.signals:
+        with SignalWatch(self.cfg.stop_signals) as self.signals:
             while epoch < self.cfg.epochs:
                 train_stats = self.train_epoch(epoch, epoch_step)
                 epoch_step = 0

@@ -1,7 +1,7 @@
 """Train DeiT.  deepspeed launch/train.py --config configs/deit_b.yaml [key.sub=value ...]
 
 Also runs under torchrun, srun (one task per GPU) or plain python (one process). Exit codes:
-0 done (or stopped by trainer.stop_after_steps), 75 preempted by SIGUSR1/SIGTERM after writing
+0 done (or stopped by trainer.stop_after_steps), 75 preempted by a stop signal (trainer.stop_signals: SIGUSR2/SIGTERM) after writing
 a checkpoint (requeue and it resumes), 2 a mistake in the config, data, weights or checkpoint
 (one line `fastdeit: error: ...` on stderr, from rank 0), 1 any other error (with its traceback).
 """
