@@ -31,15 +31,22 @@ def main(argv=None) -> dict:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
     cfg = load_config(args.config, args.overrides)
-    env = distributed.init()
+    env = distributed.init(cfg=cfg.distributed)
+    failed = True
     try:
         if env.is_main:      # for the model card of the exported folder (fastdeit.export)
             record_command(Path(cfg.trainer.run_dir))
-        return build_trainer(cfg, env).fit()
+        summary = build_trainer(cfg, env).fit()
+        failed = False
+        return summary
     except Stopped as stop:
+        failed = False                      # every rank stops at the same step, checkpoint written
         sys.exit(stop.exit_code)
+    except Exception as error:
+        distributed.name_dead_peer(error)   # a dead rank: exits here naming it (status 1)
+        raise
     finally:
-        distributed.teardown()
+        distributed.teardown(failed=failed)
 
 
 if __name__ == "__main__":
