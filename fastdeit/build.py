@@ -13,7 +13,7 @@ import torch
 
 from fastdeit import distributed, ema as ema_lib, engine as engine_lib, flops as flops_lib
 from fastdeit.checkpoint import Checkpointer
-from fastdeit.config import Config, save_config
+from fastdeit.config import Config, save_config, to_dict
 from fastdeit.data import build_loader
 from fastdeit.data.loader import resolve_placement
 from fastdeit.data.mixing import BatchMixer
@@ -91,7 +91,7 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     ema = ema_lib.ModelEma(cfg.ema, engine, ema_module) if ema_module is not None else None
     scheduler = build_scheduler(cfg.schedule, engine.optimizer, len(train_loader) // accum, cfg.trainer.epochs)
 
-    logger = RunLogger(cfg.logging, str(run_dir), env.is_main)
+    logger = RunLogger(cfg.logging, str(run_dir), env.is_main, config=to_dict(cfg))
     peak, peak_source = flops_lib.peak_flops(device, cfg.logging.peak_tflops)
     telemetry = StepTelemetry(flops_per_image, peak, cfg.logging.data_wait_warn, warn=logger.info,
                               flops_by_size=flops_by_size)

@@ -107,6 +107,18 @@ class Trainer:
     # ------------------------------------------------------------------ fit
 
     def fit(self) -> Dict[str, Any]:
+        try:
+            summary = self._fit()
+        except Stopped:
+            self.logger.close()                 # preempted: the resumed run continues the tracker run
+            raise
+        except BaseException:
+            self.logger.close(failed=True)
+            raise
+        self.logger.close()
+        return summary
+
+    def _fit(self) -> Dict[str, Any]:
         epoch, epoch_step = self._maybe_resume()
         last = self.cfg.epochs - 1
         metrics: Dict[str, float] = {}
@@ -276,6 +288,7 @@ class Trainer:
                     export_checkpoint(latest, run_dir / tag, ema=ema, pth=run_dir / f"{tag}.pth", summary=summary)
                     key = "export_ema" if ema else "export"
                     summary[key], summary[f"{key}_folder"] = str(run_dir / f"{tag}.pth"), str(run_dir / tag)
+                    self.logger.artifact(run_dir / tag)
             with open(run_dir / "summary.json", "w") as f:
                 json.dump(summary, f, indent=2)
         if dist.is_initialized():

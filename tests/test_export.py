@@ -3,7 +3,8 @@ gets the run's own logits; timm's data config read back from it reproduces the r
 preprocessing; launch/export.py writes the same; teacher.weights and model.init_weights take it.
 
 One in-process run on one CPU rank (a tiny distilled DeiT, hard distillation from the shared
-resnet10t teacher, EMA on), shared by the tests.
+resnet10t teacher, EMA on), shared by the tests; it also logs to W&B (offline) and MLflow (a
+file store), whose records are checked against log.jsonl (fastdeit/trackers.py).
 """
 import json
 import os
@@ -30,10 +31,17 @@ KWARGS = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
 def trained(dataset, teacher, tmp_path_factory):
     """(run dir, the trainer after fit) of one epoch in this process."""
     run = tmp_path_factory.mktemp("export-run")
+    mlruns = tmp_path_factory.mktemp("mlruns")
     cfg = load_config(None, [*TINY, f"data.root={dataset}", f"trainer.run_dir={run}", "trainer.epochs=1",
                              "model.name=deit_tiny_distilled_patch16_224", "distill.type=hard",
                              "teacher.name=resnet10t", f"teacher.weights={teacher}", "ema.decay=0.9",
-                             "model.compile=false", "teacher.compile=false"])
+                             "model.compile=false", "teacher.compile=false",
+                             "logging.wandb.enabled=true", "logging.wandb.project=ship-test",
+                             "logging.mlflow.enabled=true", f"logging.mlflow.uri=file://{mlruns}",
+                             "logging.mlflow.project=ship-test", "logging.mlflow.tags=[tiny, test]"])
+    # MLflow 3 keeps its file store behind this switch (it prefers a database); offline either way.
+    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_SILENT", "MLFLOW_ALLOW_FILE_STORE")}
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", MLFLOW_ALLOW_FILE_STORE="true")
     env = distributed.init()
     try:
         trainer = build_trainer(cfg, env)
@@ -41,6 +49,8 @@ def trained(dataset, teacher, tmp_path_factory):
         yield run, trainer
     finally:
         distributed.teardown()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def loaded(folder, dtype=torch.bfloat16):
@@ -137,3 +147,58 @@ def test_export_cli_and_weights_from_a_folder(trained, tmp_path):
     with pytest.raises(WeightsError, match=str(tmp_path)):
         build_student(ModelConfig(name="deit_tiny_distilled_patch16_224", kwargs=KWARGS,
                                   init_weights=str(tmp_path)), 32, 4)
+
+
+def test_trackers_get_the_log_records_config_and_model_folder(trained):
+    from mlflow.tracking import MlflowClient
+
+    run, trainer = trained
+    ids = json.loads((run / "trackers.json").read_text())
+    cfg = trainer.logger.cfg
+    client = MlflowClient(tracking_uri=cfg.mlflow.uri)
+    mlrun = client.get_run(ids["mlflow"])
+    assert mlrun.info.status == "FINISHED" and mlrun.info.run_name == run.name
+    assert {"tiny", "test"} <= set(mlrun.data.tags)
+    assert mlrun.data.params["model.name"] == "deit_tiny_distilled_patch16_224"
+    steps = records(run, "step")
+    history = sorted(client.get_metric_history(ids["mlflow"], "step/loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["loss"])) for r in steps]
+    last = records(run, "epoch")[-1]
+    top1 = client.get_metric_history(ids["mlflow"], "epoch/val/ema_avg_top1")
+    assert [m.value for m in top1] == [last["val/ema_avg_top1"]]
+    artifacts = {a.path for a in client.list_artifacts(ids["mlflow"])}
+    assert {"config.yaml", "model", "model_ema"} <= artifacts
+    assert {a.path for a in client.list_artifacts(ids["mlflow"], "model")} >= {
+        "model/model.safetensors", "model/config.json", "model/README.md"}
+    # W&B offline: the run folder under the run dir carries the id kept for resuming
+    assert list((run / "wandb").glob(f"offline-run-*-{ids['wandb']}"))
+
+
+def test_a_resumed_run_continues_the_tracker_run_and_a_failing_tracker_only_warns(trained, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from fastdeit.metrics import LoggingConfig, RunLogger
+    from fastdeit.trackers import TrackerConfig
+
+    run, trainer = trained
+    uri = trainer.logger.cfg.mlflow.uri
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    before = json.loads((run / "trackers.json").read_text())
+    cfg = LoggingConfig(mlflow=TrackerConfig(enabled=True, uri=uri, project="ship-test"))
+    warnings = []
+    logger = RunLogger(cfg, str(run), True)
+    logger.info = warnings.append
+    logger.trackers[0].warn = warnings.append
+    assert json.loads((run / "trackers.json").read_text())["mlflow"] == before["mlflow"]   # the same run
+    assert MlflowClient(tracking_uri=uri).get_run(before["mlflow"]).info.status == "RUNNING"
+
+    def down(*args, **kwargs):
+        raise ConnectionError("network is unreachable")
+
+    logger.trackers[0].client.log_batch = down
+    lines = len((run / "log.jsonl").read_text().splitlines())
+    for step in (100, 101):
+        logger.record("step", step, {"loss": 1.0})
+    assert len((run / "log.jsonl").read_text().splitlines()) == lines + 2      # log.jsonl goes on
+    assert len(warnings) == 1 and "mlflow failed in log" in warnings[0] and "training goes on" in warnings[0]
+    logger.close()          # the tracker is off: no further calls, no error
