@@ -6,7 +6,8 @@ it is an extra rather than a hard requirement: pick exactly one.
     pip install -e ".[cuda12]"        # nvidia-dali-cuda120: any driver from R525 (make install's default)
     pip install -e ".[cuda13]"        # nvidia-dali-cuda130: R580+ drivers, one CUDA generation with
                                       # the index's CUDA 13 torch (make install CUDA=13)
-    pip install -e ".[cuda12,dev]"    # plus tests, plots, TensorBoard
+    pip install -e ".[cuda12,dev]"    # plus tests, plots, TensorBoard, the trackers' packages
+    pip install -e ".[trackers]"      # Weights & Biases and MLflow (logging.wandb, logging.mlflow)
 
 `make install [CUDA=12]` picks the matching torch and DALI builds and checks them against the
 driver (python -m fastdeit.doctor); either build runs DALI's CPU graphs on hosts without a GPU.
@@ -38,6 +39,9 @@ setup(
     extras_require={
         "cuda12": ["nvidia-dali-cuda120>=1.40"],
         "cuda13": ["nvidia-dali-cuda130>=1.40"],
-        "dev": ["pytest", "matplotlib", "tensorboard"],
+        # Experiment trackers (logging.wandb, logging.mlflow): mlflow-skinny has the client and
+        # the file store, without the server's UI and its dependencies.
+        "trackers": ["wandb", "mlflow-skinny"],
+        "dev": ["pytest", "matplotlib", "tensorboard", "wandb", "mlflow-skinny"],
     },
 )

@@ -14,7 +14,7 @@ import torch
 
 from fastdeit import distributed, ema as ema_lib, engine as engine_lib, flops as flops_lib, precision as precision_lib
 from fastdeit.checkpoint import Checkpointer
-from fastdeit.config import Config, save_config
+from fastdeit.config import Config, save_config, to_dict
 from fastdeit.data import build_loader
 from fastdeit.data.loader import resolve_placement
 from fastdeit.data.mixing import BatchMixer
@@ -122,14 +122,15 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     ema = ema_lib.ModelEma(cfg.ema, engine, ema_module) if ema_module is not None else None
     scheduler = build_scheduler(cfg.schedule, engine.optimizer, len(train_loader) // accum, cfg.trainer.epochs)
 
-    logger = RunLogger(cfg.logging, str(run_dir), env.is_main)
+    logger = RunLogger(cfg.logging, str(run_dir), env.is_main, config=to_dict(cfg))
     peak, peak_source = flops_lib.peak_flops(device, cfg.logging.peak_tflops, dtype)
     telemetry = StepTelemetry(flops_per_image, peak, cfg.logging.data_wait_warn, warn=logger.info,
                               flops_by_size=flops_by_size)
     fingerprint = {"model": cfg.model.name, "num_classes": num_classes, "img_size": cfg.data.img_size,
                    "zero_stage": cfg.engine.zero_stage}
     checkpointer = Checkpointer(cfg.checkpoint, str(run_dir), fingerprint, env.is_main, ema=ema,
-                                precision={k.split(".")[0]: p.name for k, p in precisions.items()})
+                                precision={k.split(".")[0]: p.name for k, p in precisions.items()},
+                                class_names=train_loader.classes)
     logger.info(
         f"{cfg.model.name}: {count_params(model):,} params | {num_classes} classes | world {env.world_size} "
         f"(master {env.master_addr}:{env.master_port}) | "

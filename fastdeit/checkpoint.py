@@ -89,7 +89,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, run_dir: str, fingerprint: Dict[str, Any], is_main: bool,
-                 ema=None, precision: Optional[Dict[str, str]] = None):
+                 ema=None, precision: Optional[Dict[str, str]] = None, class_names: Optional[list] = None):
         self.cfg = cfg
         self.dir = Path(run_dir) / "checkpoints"
         self.fingerprint = fingerprint   # what must match on resume: model, classes, resolution
@@ -98,6 +98,8 @@ class Checkpointer:
         # {'engine': 'bf16'|'fp32', 'teacher': ...}: what the run computes in, recorded in every
         # checkpoint so that engine.precision=auto resumes as it started (fastdeit.precision.for_run).
         self.precision = dict(precision or {})
+        # Recorded (not compared) in trainer_state.json: the exported model folder's label_names.
+        self.class_names = list(class_names) if class_names else None
 
     def should_save(self, epoch: int, last_epoch: int) -> bool:
         return (epoch + 1) % max(self.cfg.every_epochs, 1) == 0 or epoch == last_epoch
@@ -126,7 +128,7 @@ class Checkpointer:
         _barrier()
         if self.is_main:
             meta = {**state, "step": engine.global_steps, "world_size": _world(), "fingerprint": self.fingerprint,
-                    "precision": self.precision}
+                    "precision": self.precision, "class_names": self.class_names}
             _write_atomic(partial / STATE_FILE, json.dumps(meta, indent=2))
             shutil.rmtree(final, ignore_errors=True)         # the same step saved twice
             os.replace(partial, final)

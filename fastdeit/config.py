@@ -24,7 +24,7 @@ import yaml
 from fastdeit.checkpoint import CheckpointConfig
 from fastdeit.data.config import DataConfig
 from fastdeit.data.mixing import MixingConfig
-from fastdeit.distributed import RuntimeConfig
+from fastdeit.distributed import DistributedConfig, RuntimeConfig
 from fastdeit.ema import EmaConfig
 from fastdeit.engine import EngineConfig
 from fastdeit.errors import ConfigError  # noqa: F401  (also imported from here)
@@ -53,6 +53,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # --------------------------------------------------------------------------- type checking

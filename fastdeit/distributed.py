@@ -117,6 +117,138 @@ def device_for(env: DistEnv, accelerator: Optional[str] = None,
         f"{count} ranks per node, or give each task its own GPU (srun --gpus-per-task=1)", every_rank=False)
 
 
+# ---------------------------------------------------------------- collectives: timeout, dead ranks
+
+@dataclass
+class DistributedConfig:
+    """The `distributed` section: how long a collective may wait, and how a dead rank is noticed.
+
+    timeout_minutes bounds every collective (the process group's timeout, NCCL and gloo alike).
+    It must cover the longest legitimate wait of one rank for the others: a checkpoint save on
+    a slow shared filesystem (ranks meet in a barrier after it) and the first torch.compile of
+    the student and teacher (minutes on a cold cache, longer on a busy node); 30 minutes covers
+    both with room, and torch's own NCCL default (10) does not. A rank that *dies* (OOM killer,
+    a node failure, SIGKILL) is noticed much sooner by the heartbeat: every rank bumps a
+    counter in the rendezvous store every heartbeat_seconds from a thread; rank 0 watches them,
+    and a rank silent for 3 beats is named to every survivor, which exits (status 1) with that
+    message instead of waiting in a collective for the timeout, or for ever.
+    """
+    timeout_minutes: float = 30.0
+    heartbeat_seconds: float = 10.0      # 0: no heartbeat (dead ranks then surface at the timeout)
+
+
+DEAD_RANK_EXIT_CODE = 1
+_MISSED_BEATS = 3
+
+
+def check_config(cfg: DistributedConfig) -> None:
+    from fastdeit.errors import ConfigError
+
+    if not cfg.timeout_minutes > 0:
+        raise ConfigError(f"distributed.timeout_minutes must be > 0, got {cfg.timeout_minutes}")
+    if cfg.heartbeat_seconds < 0 or (cfg.heartbeat_seconds and cfg.heartbeat_seconds * _MISSED_BEATS >=
+                                     cfg.timeout_minutes * 60):
+        raise ConfigError(f"distributed.heartbeat_seconds={cfg.heartbeat_seconds}: must be >= 0 (0 disables it) "
+                          f"and {_MISSED_BEATS} beats shorter than distributed.timeout_minutes")
+
+
+class PeerWatch:
+    """The heartbeat thread (see DistributedConfig). Its own TCPStore client on the rendezvous
+    store (not the process group's connection, which collectives use), off the training thread:
+    nothing in the hot loop waits for it."""
+
+    PREFIX = "fastdeit/peerwatch/"
+
+    def __init__(self, env: DistEnv, every: float, timeout: float):
+        import threading
+
+        self.env, self.every = env, every
+        self.stop_event = threading.Event()
+        self.store = torch.distributed.TCPStore(env.master_addr, env.master_port, env.world_size,
+                                                is_master=False, timeout=__import__("datetime").timedelta(seconds=timeout))
+        self.thread = threading.Thread(target=self._run, name="fastdeit-peerwatch", daemon=True)
+        self.thread.start()
+
+    def _key(self, what: str, rank: int) -> str:
+        return f"{self.PREFIX}{what}/{rank}"
+
+    def _die(self, message: str) -> None:
+        import sys
+
+        if self.stop_event.is_set():       # this rank is leaving anyway: nothing to report
+            return
+        print(f"fastdeit: error: rank {self.env.rank}: {message}; exiting rather than wait in a collective",
+              file=sys.stderr, flush=True)
+        os._exit(DEAD_RANK_EXIT_CODE)
+
+    def _run(self) -> None:
+        import time
+
+        ranks = range(self.env.world_size)
+        last: Dict[int, tuple] = {}
+        while not self.stop_event.is_set():
+            try:
+                self.store.add(self._key("beat", self.env.rank), 1)
+                if self.env.rank == 0:
+                    self._watch(ranks, last, time.monotonic())
+                elif self.store.check([self.PREFIX + "dead"]):
+                    self._die(self.store.get(self.PREFIX + "dead").decode())
+            except Exception as e:           # the store lives in rank 0's process
+                # A rank leaving normally closes its store too: wait a beat for our own teardown.
+                if not self.stop_event.wait(self.every):
+                    self._die(f"rank 0 ({self.env.master_addr}, which hosts the rendezvous store) is gone "
+                              f"({type(e).__name__})")
+                return
+            self.stop_event.wait(self.every)
+
+    def _watch(self, ranks, last: Dict[int, tuple], now: float) -> None:
+        # One small request per rank per beat, on rank 0's own store: negligible next to a step.
+        for r in ranks:
+            if r == self.env.rank or self.store.check([self._key("left", r)]):
+                continue
+            if self.store.check([self._key("failed", r)]):
+                message = f"rank {r} left with an error (its own message says which)"
+                self.store.set(self.PREFIX + "dead", message)
+                self._die(message)
+            beat = int(self.store.get(self._key("beat", r))) if self.store.check([self._key("beat", r)]) else 0
+            seen, since = last.get(r, (None, now))
+            if beat != seen:
+                last[r] = (beat, now)
+            elif now - since > _MISSED_BEATS * self.every:
+                message = (f"rank {r} stopped responding (no heartbeat for {now - since:.0f} s: killed, out of "
+                           "memory, or its node failed)")
+                self.store.set(self.PREFIX + "dead", message)
+                self._die(message)
+
+    def close(self, failed: bool = False) -> None:
+        """Stop beating; a rank leaving cleanly says so (else it would be reported dead)."""
+        self.stop_event.set()
+        try:
+            self.store.set(self._key("failed" if failed else "left", self.env.rank), "1")
+        except Exception:
+            pass
+        self.thread.join(timeout=self.every + 1)
+
+
+_WATCH: Optional[PeerWatch] = None
+
+
+def name_dead_peer(error: BaseException) -> None:
+    """A collective just failed with ``error`` (gloo says "Connection reset by peer" with an
+    address, not a rank): give the heartbeat up to a few beats to name the dead rank, which
+    exits this process with that message. Returns when no rank is found dead (the error then
+    stands as it is); at once for fastdeit's own errors, which name their cause already."""
+    import time
+
+    from fastdeit.errors import FastDeitError
+
+    if _WATCH is None or isinstance(error, FastDeitError) or not isinstance(error, RuntimeError):
+        return
+    deadline = time.monotonic() + (_MISSED_BEATS + 2) * _WATCH.every
+    while time.monotonic() < deadline and _WATCH.thread.is_alive():
+        time.sleep(0.1)
+
+
 # ---------------------------------------------------------------- threads: a budget per rank
 
 @dataclass
@@ -255,9 +387,16 @@ def apply_budget(budget: ThreadBudget) -> None:
 _ENV_BEFORE: Dict[str, Optional[str]] = {}   # what init() overwrote in os.environ
 
 
-def init(env: Optional[DistEnv] = None) -> DistEnv:
-    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU)."""
+def init(env: Optional[DistEnv] = None, cfg: Optional[DistributedConfig] = None) -> DistEnv:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU) with the
+    collective timeout of ``cfg`` and, on more than one rank, its heartbeat (PeerWatch)."""
+    import datetime
+
     import deepspeed
+
+    global _WATCH
+    cfg = cfg or DistributedConfig()
+    check_config(cfg)
 
     env = env or env_from(os.environ)
     if env.world_size == 1 and "MASTER_PORT" not in os.environ:
@@ -280,7 +419,16 @@ def init(env: Optional[DistEnv] = None) -> DistEnv:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+    watch = env.world_size > 1 and cfg.heartbeat_seconds > 0
+    if env.is_main:
+        print(f"process group: {backend}, world {env.world_size}, collective timeout {cfg.timeout_minutes:g} min "
+              "(distributed.timeout_minutes)" + (f", heartbeat every {cfg.heartbeat_seconds:g} s (a rank silent for "
+                                                 f"{_MISSED_BEATS * cfg.heartbeat_seconds:g} s is reported dead)"
+                                                 if watch else ""), flush=True)
+    if watch:
+        _WATCH = PeerWatch(env, cfg.heartbeat_seconds, timeout=60 * cfg.timeout_minutes)
     return env
 
 
@@ -312,7 +460,13 @@ def _forget_deepspeed_groups() -> None:
             setattr(groups, name, {})
 
 
-def teardown(env: Optional[DistEnv] = None) -> None:
+def teardown(env: Optional[DistEnv] = None, failed: bool = False) -> None:
+    """Leave the process group. ``failed``: this rank leaves on an error (the others may be
+    waiting for it in a collective): the heartbeat stops without a goodbye, so rank 0 names it."""
+    global _WATCH
+    if _WATCH is not None:
+        _WATCH.close(failed)
+        _WATCH = None
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     env = env or env_from(os.environ)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, Literal, Optional
 
 import torch
+
+from fastdeit.trackers import TrackerConfig, start_trackers
 
 
 @dataclass
@@ -27,6 +29,10 @@ class LoggingConfig:
     # measured at start-up on the rank's threads (fastdeit.flops.peak_flops).
     peak_tflops: Optional[float] = None
     data_wait_warn: float = 0.10                 # warn (once per epoch) above this data-wait share
+    # Experiment trackers (fastdeit.trackers), rank 0 only, the log.jsonl records: enabled,
+    # project, name, tags (and MLflow's uri). Optional packages: pip install -e .[trackers].
+    wandb: TrackerConfig = field(default_factory=TrackerConfig)
+    mlflow: TrackerConfig = field(default_factory=TrackerConfig)
 
 
 class DeviceMeter:
@@ -181,18 +187,21 @@ class TimedLoader:
 class RunLogger:
     """Rank-0 sink for records: ``log.jsonl`` in the run dir, TensorBoard, and the console."""
 
-    def __init__(self, cfg: LoggingConfig, run_dir: str, is_main: bool):
+    def __init__(self, cfg: LoggingConfig, run_dir: str, is_main: bool, config: Optional[Dict[str, Any]] = None):
         self.cfg = cfg
         self.is_main = is_main
         self.path = Path(run_dir) / "log.jsonl"
         self.bar = None
         self.tb = None
+        self.trackers: list = []
         if is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if cfg.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            # W&B / MLflow: the same records as log.jsonl, the resolved config, the model folder.
+            self.trackers = start_trackers(cfg.wandb, cfg.mlflow, Path(run_dir), config or {}, self.info)
 
     @property
     def use_bar(self) -> bool:
@@ -210,6 +219,13 @@ class RunLogger:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
+        for tracker in self.trackers:
+            tracker.record(kind, step, values)
+
+    def artifact(self, folder: Path) -> None:
+        """The exported model folder, to every tracker (rank 0)."""
+        for tracker in self.trackers:
+            tracker.artifact(Path(folder))
 
     # -- console
 
@@ -242,7 +258,11 @@ class RunLogger:
             (self.bar.write if self.bar is not None else print)(message)
             sys.stdout.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.end_epoch()
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+        for tracker in self.trackers:
+            tracker.close(failed)
+        self.trackers = []

@@ -35,7 +35,7 @@ class ModelConfig:
     # block at drop_path (the DeiT III reference's vit_models, dpr = [drop_path] * depth)
     drop_path_mode: Literal["linear", "uniform"] = "linear"
     drop: float = 0.0                                # DeiT uses no dropout
-    init_weights: Optional[str] = None               # start from these weights (file, URL, hf-hub:...)
+    init_weights: Optional[str] = None               # start from these weights (file, URL, hf-hub:..., model folder)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra create_model args (tiny debug models)
     # torch.compile the student (once, in fastdeit.engine). auto: on CUDA (default to be
     # confirmed by the H200 record), off on CPU, where benchmarks/results measured no gain.
@@ -46,8 +46,10 @@ class ModelConfig:
 @dataclass
 class TeacherConfig:
     name: str = "regnety_160"                        # any timm registry name
-    # Where the weights come from: a local file, an http(s) URL, 'hf-hub:org/repo', or 'timm'
-    # (timm's default pretrained tag for `name`). Required whenever distillation is on.
+    # Where the weights come from: a local file (.pth, or .safetensors), a model folder as
+    # launch/export.py writes it (timm's local-dir layout; 'local-dir:FOLDER' too), an http(s)
+    # URL, 'hf-hub:org/repo', or 'timm' (timm's default pretrained tag for `name`). Required
+    # whenever distillation is on.
     weights: Optional[str] = None
     # Which entry of a training checkpoint holds the weights: null takes the non-EMA ones
     # ('model' of DeiT's main.py, 'state_dict' of timm's train.py, 'module' of DeepSpeed, or a
@@ -193,8 +195,37 @@ SAFE_GLOBALS = (argparse.Namespace,)
 WEIGHTS_KEYS = ("model", "state_dict", "module")
 
 
+def _safetensors_file(source: str) -> Optional[str]:
+    """The .safetensors file ``source`` names: the file itself, or a model folder's (timm's
+    local-dir layout, which launch/export.py writes), also spelled ``local-dir:FOLDER``."""
+    path = source[len("local-dir:"):] if source.startswith("local-dir:") else source
+    if os.path.isdir(path):
+        from fastdeit.export import WEIGHTS_FILE
+
+        file = os.path.join(path, WEIGHTS_FILE)
+        if not os.path.isfile(file):
+            raise WeightsError(f"{path} is a folder without {WEIGHTS_FILE}; expected a model folder "
+                               "(launch/export.py, timm's local-dir layout) or a weights file")
+        return file
+    if path.endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise WeightsError(f"weights file {path} does not exist")
+        return path
+    return None
+
+
 def _load(source: str) -> Any:
-    """torch.load of a file or URL with weights_only=True and exactly SAFE_GLOBALS allowed."""
+    """torch.load of a file or URL with weights_only=True and exactly SAFE_GLOBALS allowed;
+    safetensors files and model folders through safetensors (no pickle at all)."""
+    safe = _safetensors_file(source)
+    if safe is not None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(safe, device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"{safe}: not a readable safetensors file ({one_line(e)})") from e
     url = source.startswith(("http://", "https://"))
     if not url and not os.path.isfile(source):
         raise WeightsError(f"weights file {source} does not exist")

@@ -1,6 +1,14 @@
-"""Preemption: turn SIGUSR1/SIGTERM into a request the trainer honours at its next logging step.
+"""Preemption: turn stop signals into a request the trainer honours at its next logging step.
 
-SLURM sends SIGUSR1 ahead of the time limit (``--signal=USR1@300``) and SIGTERM on preemption,
+Which signals: ``trainer.stop_signals``, default SIGUSR2 and SIGTERM. SLURM sends the
+templates' ``--signal=USR2@300`` ahead of the time limit and SIGTERM on preemption. Not SIGUSR1
+by default: some NCCL versions install their own SIGUSR1 handler in every process that
+initialises a communicator (NVIDIA/nccl #704), replacing ours after start-up, so the warning
+would be lost and the job killed at the limit without a checkpoint; submitit moved its
+default to USR2 for the same reason. A cluster whose tooling sends USR1 sets
+``trainer.stop_signals=[SIGUSR1,SIGTERM]`` and the templates' ``--signal=USR1@300`` together.
+
+SLURM sends the signal
 to every task at about the same time; ranks may still see it on different steps, so the
 trainer all-reduces the request on a logging step (where it syncs anyway) and every rank stops
 after the same optimizer step, writes the checkpoint, and exits with ``PREEMPTED_EXIT_CODE``.
@@ -10,7 +18,9 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
+
+from fastdeit.errors import ConfigError
 
 PREEMPTED_EXIT_CODE = 75   # EX_TEMPFAIL (sysexits.h): a temporary failure, worth retrying
 
@@ -27,12 +37,28 @@ class Stopped(Exception):
         return PREEMPTED_EXIT_CODE if self.preempted else 0
 
 
+DEFAULT_STOP_SIGNALS = ("SIGUSR2", "SIGTERM")
+# Signals that must keep their default action (or cannot be caught): a stop request is a polite
+# request, never these.
+_REFUSED = {"SIGKILL", "SIGSTOP", "SIGINT", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGCHLD"}
+
+
+def check_signals(names: Sequence[str], key: str = "trainer.stop_signals") -> None:
+    """ConfigError naming the value unless every name is a catchable signal ('SIGUSR2', 'SIGTERM')."""
+    if not names:
+        raise ConfigError(f"{key} is empty: give at least one signal (default {list(DEFAULT_STOP_SIGNALS)})")
+    for name in names:
+        if not isinstance(getattr(signal, str(name), None), signal.Signals) or name in _REFUSED:
+            raise ConfigError(f"{key}: {name!r} is not a signal a stop can be requested with; use names such "
+                              f"as SIGUSR2, SIGUSR1, SIGTERM (default {list(DEFAULT_STOP_SIGNALS)})")
+
+
 class SignalWatch:
     """Records that a stop signal arrived; installs its handlers only on the main thread."""
 
-    SIGNALS = ("SIGUSR1", "SIGTERM")
-
-    def __init__(self):
+    def __init__(self, signals: Sequence[str] = DEFAULT_STOP_SIGNALS):
+        check_signals(signals)
+        self.signals = tuple(signals)
         self.received: Optional[str] = None
         self._previous: Dict[int, object] = {}
 
@@ -41,7 +67,7 @@ class SignalWatch:
 
     def __enter__(self) -> "SignalWatch":
         if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
+            for name in self.signals:
                 sig = getattr(signal, name)
                 self._previous[sig] = signal.signal(sig, self._handler)
         return self

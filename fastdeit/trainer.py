@@ -7,22 +7,23 @@ non-finite-loss detector accumulate in device tensors; on a logging step one sma
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Literal, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional
 
 import torch
 import torch.distributed as dist
 
-from fastdeit.checkpoint import Checkpointer, ema_state_dict, fp32_state_dict, save_state_dict
+from fastdeit.checkpoint import Checkpointer
 from fastdeit.data.mixing import BatchMixer
 from fastdeit.ema import ModelEma
 from fastdeit.errors import FastDeitError
 from fastdeit.evaluate import evaluate
+from fastdeit.export import export_checkpoint
 from fastdeit.losses import DeiTLoss
 from fastdeit.metrics import DeviceMeter, RunLogger, StepTelemetry, Throughput
 from fastdeit.models import FrozenTeacher
-from fastdeit.preemption import SignalWatch, Stopped
+from fastdeit.preemption import DEFAULT_STOP_SIGNALS, SignalWatch, Stopped, check_signals
 
 
 class NonFiniteLossError(FastDeitError, RuntimeError):
@@ -38,6 +39,10 @@ class TrainerConfig:
     run_dir: str = "runs/deit"
     stop_after_steps: Optional[int] = None   # checkpoint and stop cleanly after this optimizer step
     best_of: Literal["model", "ema"] = "model"   # the `best` checkpoint by the live model's or the EMA's top-1
+    # Signals that stop the run with a checkpoint and exit 75 (fastdeit.preemption): SIGUSR2, not
+    # SIGUSR1, because some NCCL versions take SIGUSR1 over; keep the SLURM templates'
+    # --signal=USR2@300 in step when changing this.
+    stop_signals: List[str] = field(default_factory=lambda: list(DEFAULT_STOP_SIGNALS))
 
 
 @dataclass
@@ -71,6 +76,7 @@ class RunServices:
 
 class Trainer:
     def __init__(self, cfg: TrainerConfig, parts: StepParts, run: RunServices):
+        check_signals(cfg.stop_signals)            # before any work: a ConfigError naming the value
         self.cfg = cfg
         self.engine = parts.engine
         self.scheduler = parts.scheduler
@@ -101,10 +107,22 @@ class Trainer:
     # ------------------------------------------------------------------ fit
 
     def fit(self) -> Dict[str, Any]:
+        try:
+            summary = self._fit()
+        except Stopped:
+            self.logger.close()                 # preempted: the resumed run continues the tracker run
+            raise
+        except BaseException:
+            self.logger.close(failed=True)
+            raise
+        self.logger.close()
+        return summary
+
+    def _fit(self) -> Dict[str, Any]:
         epoch, epoch_step = self._maybe_resume()
         last = self.cfg.epochs - 1
         metrics: Dict[str, float] = {}
-        with SignalWatch() as self.signals:
+        with SignalWatch(self.cfg.stop_signals) as self.signals:
             while epoch < self.cfg.epochs:
                 train_stats = self.train_epoch(epoch, epoch_step)
                 epoch_step = 0
@@ -269,13 +287,15 @@ class Trainer:
         }
         if self.logger.is_main:
             if self.checkpointer.cfg.export:
-                # The fp32 master weights of the final checkpoint, not the bf16 working copy.
+                # The fp32 master weights of the final checkpoint, not the bf16 working copy: a
+                # model folder timm loads (local-dir:, Hub layout; fastdeit.export) and, for
+                # older tooling, the plain state_dict model.pth. With the EMA, the same for it.
                 latest = self.checkpointer.latest()
-                save_state_dict(fp32_state_dict(latest), str(run_dir / "model.pth"), self.engine.module)
-                summary["export"] = str(run_dir / "model.pth")
-                if self.ema is not None:
-                    save_state_dict(ema_state_dict(latest), str(run_dir / "model_ema.pth"), self.engine.module)
-                    summary["export_ema"] = str(run_dir / "model_ema.pth")
+                for tag, ema in (("model", False), ("model_ema", True)) if self.ema is not None else (("model", False),):
+                    export_checkpoint(latest, run_dir / tag, ema=ema, pth=run_dir / f"{tag}.pth", summary=summary)
+                    key = "export_ema" if ema else "export"
+                    summary[key], summary[f"{key}_folder"] = str(run_dir / f"{tag}.pth"), str(run_dir / tag)
+                    self.logger.artifact(run_dir / tag)
             with open(run_dir / "summary.json", "w") as f:
                 json.dump(summary, f, indent=2)
         if dist.is_initialized():

@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
     out = args.out or (args.run_dir / f"eval{'_ema' if args.ema else ''}.json" if args.run_dir else Path("eval.json"))
 
     cfg = load_config(config, args.overrides)
-    env = distributed.init()
+    env = distributed.init(cfg=cfg.distributed)
     try:
         device = distributed.device_for(env)
         loader = build_loader(cfg.data, "val", args.batch, rank=env.rank, world_size=env.world_size,
@@ -68,8 +68,11 @@ def main(argv=None) -> dict:
             print(json.dumps(result, indent=2))
         loader.close()
         return result
+    except Exception as error:
+        distributed.name_dead_peer(error)
+        raise
     finally:
-        distributed.teardown()
+        distributed.teardown(failed=sys.exc_info()[0] is not None)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Train DeiT.  deepspeed launch/train.py --config configs/deit_b.yaml [key.sub=value ...]
 
 Also runs under torchrun, srun (one task per GPU) or plain python (one process). Exit codes:
-0 done (or stopped by trainer.stop_after_steps), 75 preempted by SIGUSR1/SIGTERM after writing
+0 done (or stopped by trainer.stop_after_steps), 75 preempted by a stop signal (trainer.stop_signals: SIGUSR2/SIGTERM) after writing
 a checkpoint (requeue and it resumes), 2 a mistake in the config, data, weights or checkpoint
 (one line `fastdeit: error: ...` on stderr, from rank 0), 1 any other error (with its traceback).
 """
 import argparse
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -15,6 +16,7 @@ from fastdeit import distributed  # noqa: E402
 from fastdeit.build import build_trainer  # noqa: E402
 from fastdeit.config import load_config  # noqa: E402
 from fastdeit.errors import reported  # noqa: E402
+from fastdeit.export import record_command  # noqa: E402
 from fastdeit.preemption import Stopped  # noqa: E402
 
 
@@ -29,13 +31,22 @@ def main(argv=None) -> dict:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
     cfg = load_config(args.config, args.overrides)
-    env = distributed.init()
+    env = distributed.init(cfg=cfg.distributed)
+    failed = True
     try:
-        return build_trainer(cfg, env).fit()
+        if env.is_main:      # for the model card of the exported folder (fastdeit.export)
+            record_command(Path(cfg.trainer.run_dir))
+        summary = build_trainer(cfg, env).fit()
+        failed = False
+        return summary
     except Stopped as stop:
+        failed = False                      # every rank stops at the same step, checkpoint written
         sys.exit(stop.exit_code)
+    except Exception as error:
+        distributed.name_dead_peer(error)   # a dead rank: exits here naming it (status 1)
+        raise
     finally:
-        distributed.teardown()
+        distributed.teardown(failed=failed)
 
 
 if __name__ == "__main__":

@@ -209,3 +209,52 @@ def test_deepspeed_initializes_again_after_teardown(monkeypatch):
             assert engine.global_steps == 1
         finally:
             distributed.teardown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_rank_is_named_and_the_others_exit(dataset, tmp_path, victim):
+    """Two ranks started as srun starts them, with no launcher to kill the survivor: SIGKILL
+    one mid-training (what the OOM killer does); the other must exit within the heartbeat's
+    3 beats (plus start-up) naming the dead rank, never sit in a collective until the timeout.
+    The start-up line prints the collective timeout."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.launching import ROOT, TINY, env as launch_env, free_port, records
+
+    run = tmp_path / "run"
+    port = free_port()
+    args = [*TINY, f"data.root={dataset}", f"trainer.run_dir={run}", "model.name=deit_tiny_patch16_224",
+            "distill.type=none", "trainer.epochs=50", "logging.log_every=1",
+            "distributed.timeout_minutes=5", "distributed.heartbeat_seconds=1"]
+    procs = []
+    for rank in range(2):
+        env = dict(launch_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), *args], cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not ((run / "log.jsonl").is_file() and records(run, "step")):
+            assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
+            time.sleep(0.5)
+        procs[victim].send_signal(signal.SIGKILL)
+        killed = time.time()
+        survivor = procs[1 - victim]
+        out, _ = survivor.communicate(timeout=120)
+        waited = time.time() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        from fastdeit.distributed import shm_buffers
+        for path in shm_buffers("127.0.0.1", port):
+            os.unlink(path)
+    assert survivor.returncode != 0
+    assert f"rank {victim}" in out and "exiting rather than wait in a collective" in out, out[-3000:]
+    assert waited < 60, waited                                  # 3 beats of 1 s, not the 5 min timeout
+    if victim == 1:
+        assert "collective timeout 5 min (distributed.timeout_minutes)" in out

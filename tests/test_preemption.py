@@ -1,38 +1,74 @@
-"""SignalWatch: SIGUSR1/SIGTERM recorded while training; ignored once a preempted rank leaves."""
+"""SignalWatch: the configured stop signals (trainer.stop_signals, default SIGUSR2/SIGTERM)
+recorded while training; others left alone; ignored once a preempted rank leaves."""
 import os
 import signal
 
 import pytest
 
-from fastdeit.preemption import PREEMPTED_EXIT_CODE, SignalWatch, Stopped
+from fastdeit.config import load_config
+from fastdeit.errors import ConfigError
+from fastdeit.preemption import DEFAULT_STOP_SIGNALS, PREEMPTED_EXIT_CODE, SignalWatch, Stopped, check_signals
+
+WATCHED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
 @pytest.fixture
 def restore_signals():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    saved = {s: signal.getsignal(s) for s in WATCHED}
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
 
 
-def test_records_the_signal_and_restores_handlers(restore_signals):
-    before = signal.getsignal(signal.SIGTERM)
+def test_default_is_usr2_not_usr1_and_the_templates_agree():
+    # NCCL may take SIGUSR1 over (NVIDIA/nccl #704): the default must not rely on it, and the
+    # sbatch templates must ask SLURM for the signal the trainer listens to.
+    assert DEFAULT_STOP_SIGNALS == ("SIGUSR2", "SIGTERM")
+    assert load_config(None).trainer.stop_signals == ["SIGUSR2", "SIGTERM"]
+    root = os.path.join(os.path.dirname(__file__), "..", "launch", "slurm")
+    for template in ("single_node.sbatch", "multi_node.sbatch"):
+        with open(os.path.join(root, template)) as f:
+            assert "#SBATCH --signal=USR2@300\n" in f.read(), template
+
+
+def test_records_the_default_signal_and_restores_handlers(restore_signals):
+    before = {s: signal.getsignal(s) for s in WATCHED}
     with SignalWatch() as watch:
+        assert signal.getsignal(signal.SIGUSR1) is before[signal.SIGUSR1]    # not ours by default
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert watch.received == "SIGUSR2"
+    assert all(signal.getsignal(s) is before[s] for s in WATCHED)
+
+
+def test_configured_signals_only(restore_signals):
+    hits = []
+    signal.signal(signal.SIGUSR2, lambda *a: hits.append("USR2"))
+    with SignalWatch(["SIGUSR1", "SIGTERM"]) as watch:
+        os.kill(os.getpid(), signal.SIGUSR2)          # someone else's: its own handler runs
+        assert watch.received is None and hits == ["USR2"]
         os.kill(os.getpid(), signal.SIGUSR1)
         assert watch.received == "SIGUSR1"
-    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("bad", [["SIGFOO"], ["USR2"], ["SIGKILL"], []])
+def test_bad_signal_names_are_one_line_config_errors(bad):
+    with pytest.raises(ConfigError, match="trainer.stop_signals"):
+        check_signals(bad)
+    with pytest.raises(ConfigError, match="stop_signals"):
+        SignalWatch(bad)
 
 
 @pytest.mark.parametrize("preempted", [True, False])
 def test_a_preempted_rank_ignores_the_kill_of_its_peers_exit(restore_signals, preempted):
     # srun --kill-on-bad-exit sends SIGTERM to the remaining ranks when the first exits 75:
     # they have written the checkpoint too and must keep their own exit status 75.
-    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    before = {s: signal.getsignal(s) for s in WATCHED}
     with pytest.raises(Stopped) as stop:
         with SignalWatch():
-            raise Stopped("signal SIGUSR1", 12, "ckpt", preempted=preempted)
+            raise Stopped("signal SIGUSR2", 12, "ckpt", preempted=preempted)
     assert stop.value.exit_code == (PREEMPTED_EXIT_CODE if preempted else 0)
-    for s, handler in before.items():
-        assert signal.getsignal(s) is (signal.SIG_IGN if preempted else handler)
+    for s in DEFAULT_STOP_SIGNALS:
+        s = getattr(signal, s)
+        assert signal.getsignal(s) is (signal.SIG_IGN if preempted else before[s])
     if preempted:
         os.kill(os.getpid(), signal.SIGTERM)        # would end this process if not ignored

@@ -86,13 +86,13 @@ def test_preemption_by_signal_then_auto_resume(dataset, tmp_path):
         ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
                  if "--local_rank" in " ".join(p.cmdline())]
         assert len(ranks) == 2
-        ranks[-1].send_signal(signal.SIGUSR1)                 # one rank only: the others must agree
+        ranks[-1].send_signal(signal.SIGUSR2)                 # one rank only: the others must agree
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == PREEMPTED_EXIT_CODE, out[-3000:]
-    assert "SIGUSR1" in out or "signal on another rank" in out
+    assert "SIGUSR2" in out or "signal on another rank" in out
     ckpt = Checkpointer(None, str(run), {}, True).latest()
     state = Checkpointer.read_state(ckpt)
     stopped_at = state["step"]

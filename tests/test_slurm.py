@@ -78,7 +78,7 @@ def assert_completed(slurm, checkout, job, info):  # noqa: F811
 
 def test_single_node_template_trains_through_usr1_requeue_to_completion(slurm, checkout, dataset,  # noqa: F811
                                                                          tmp_path):
-    """From a fresh clone: scancel --signal=USR1 (what --signal=USR1@300 does before the time
+    """From a fresh clone: scancel --signal=USR2 (what the templates' --signal=USR2@300 does before the time
     limit) -> every rank stops at the next logging step with a checkpoint and exits 75 -> the
     template requeues the job -> the requeued job resumes from the run dir and trains to
     completion, appending to the same log. (One job for both stories: each start costs
@@ -91,7 +91,7 @@ def test_single_node_template_trains_through_usr1_requeue_to_completion(slurm, c
     log_file = run / "log.jsonl"
     slurm.wait_for(job, lambda j: log_file.is_file() and '"kind": "step"' in log_file.read_text(),
                    timeout=240, what="the first logged training step")
-    slurm.run(["scancel", "--signal=USR1", str(job)])
+    slurm.run(["scancel", "--signal=USR2", str(job)])
 
     # The body requeues on exit 75; SLURM then holds the job for ~2 minutes (BeginTime) unless
     # released, which a test needn't wait for.
@@ -104,7 +104,7 @@ def test_single_node_template_trains_through_usr1_requeue_to_completion(slurm, c
     # The output landed in the submit folder, named by the template (a fresh clone has no logs/).
     assert f"world 2 (master {slurm.node}:{20000 + job % 20000})" in log, log
 
-    stopped = re.search(r"stopping after optimizer step (\d+) \(signal SIGUSR1\); checkpoint written to (\S+)", log)
+    stopped = re.search(r"stopping after optimizer step (\d+) \(signal SIGUSR2\); checkpoint written to (\S+)", log)
     assert stopped, log
     step = int(stopped.group(1))
     assert 0 < step < epochs * STEPS_PER_EPOCH and step % 2 == 0     # on a logging step (log_every 2)

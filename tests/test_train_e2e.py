@@ -45,6 +45,9 @@ def test_train_eval_checkpoint_resume(dataset, tmp_path):
     assert epochs[-1]["step"] == 4 * steps_per_epoch
     summary = json.loads((run / "summary.json").read_text())
     assert summary["optimizer_steps"] == 4 * steps_per_epoch
+    # The model card quotes both launches' command lines (rank 0 only: one line each).
+    card = (run / "model" / "README.md").read_text()
+    assert card.count("launch/train.py") == 2 and "trainer.epochs=4" in card
 
     # The export is a plain timm state_dict.
     model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,

@@ -3,8 +3,8 @@
 #
 # Rank, world size and local rank come from srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID);
 # fastdeit.distributed takes the master address from the first node of the allocation.
-# Preemption and time limits: SLURM sends SIGUSR1 to every task before the limit (the
-# templates' --signal) and SIGTERM on preemption; each rank finishes its step, the run
+# Preemption and time limits: SLURM sends SIGUSR2 to every task before the limit (the
+# templates' --signal, matching trainer.stop_signals) and SIGTERM on preemption; each rank finishes its step, the run
 # checkpoints into trainer.run_dir and exits 75, and this script requeues the job. The
 # requeued job resumes from the run dir automatically: keep it on a shared filesystem.
 # --kill-on-bad-exit ends every task when one fails, so no rank waits forever in a collective;
