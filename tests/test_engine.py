@@ -167,7 +167,11 @@ def test_bf16_stage_0_on_cuda_is_refused_before_the_loaders(tmp_path, monkeypatc
     from fastdeit.config import load_config
     from fastdeit.errors import ConfigError
 
+    from fastdeit import precision
+
     monkeypatch.setattr(distributed, "device_for", lambda env: torch.device("cuda", 0))
+    # The teacher's dtype (auto) asks the fake GPU whether it computes bf16: an Ampere+ answer.
+    monkeypatch.setattr(precision, "cuda_bf16", lambda device: precision.Bf16Support(True, "(fake) computes bf16"))
     cfg = load_config(None, [f"data.root={tmp_path / 'absent'}", f"trainer.run_dir={tmp_path / 'run'}",
                              "engine.zero_stage=0", "engine.precision=bf16"])
     env = distributed.DistEnv()
