@@ -44,7 +44,6 @@ stay on the device.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch

@@ -4,7 +4,6 @@ Structure and positivity only: the numbers of a 32-pixel model on a shared CPU s
 The benchmarks run as subprocesses, exactly as documented (python -m benchmarks.<name>).
 """
 import json
-import os
 import socket
 import subprocess
 import sys

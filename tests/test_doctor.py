@@ -100,7 +100,7 @@ def test_this_host():
     assert f"engine.precision=auto trains in {'bf16' if native else 'fp32'} on the CPU" in proc.stdout
     # An AMD EPYC without avx512_bf16, imitated: oneDNN capped at AVX2.
     proc = subprocess.run([sys.executable, "-m", "fastdeit.doctor"], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT), ONEDNN_MAX_CPU_ISA="AVX2"), timeout=300)
+                          env=child_env(None, ONEDNN_MAX_CPU_ISA="AVX2"), timeout=300)
     assert "CPU: no native bf16" in proc.stdout and "trains in fp32 on the CPU" in proc.stdout
 
 

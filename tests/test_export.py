@@ -9,7 +9,6 @@ file store), whose records are checked against log.jsonl (fastdeit/trackers.py).
 import json
 import os
 
-import numpy as np
 import pytest
 import timm
 import torch

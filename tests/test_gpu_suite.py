@@ -3,7 +3,6 @@ is found before the few minutes on the GPU host; its plan (caps + install + arch
 600 s device call), its table, what it returns when a stage is stopped, and the interpreter it
 picks are checked too."""
 import json
-import os
 import re
 import shutil
 import signal

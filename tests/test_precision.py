@@ -4,7 +4,6 @@ The decision is checked three ways: against CPU flag sets of the machine kinds t
 runs on, against what oneDNN really does on this host when its ISA is capped (a subprocess per
 cap, with the bf16 and fp32 matmul rates measured there), and through the resume rules.
 """
-import os
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import torch
 from fastdeit import flops, precision
 from fastdeit.errors import CheckpointMismatchError
 from fastdeit.precision import Bf16Support, cpu_bf16, for_run, resolve
+from tests.childenv import child_env
 
 # /proc/cpuinfo flags, abridged, of the CPUs named.
 EPYC_ROME = {"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"}                  # AMD Zen 2: no bf16
@@ -67,7 +67,7 @@ def test_detection_matches_what_onednn_does_here(cap):
     than fp32; where it says native, it is not."""
     import json
 
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = child_env(None)
     for key in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
         env.pop(key, None)
     if cap:
