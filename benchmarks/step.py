@@ -702,6 +702,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     device, record = common.start_run("step", args, argv)   # commit and time as the run starts
+    for stage in args.zero_stage:                            # what the trainer refuses, refused here too
+        engine_lib.check_device(engine_lib.EngineConfig(zero_stage=stage, precision="bf16"), torch.bfloat16, device)
     started = common.ensure_distributed()
     s = Setup(args, device)
     try:
