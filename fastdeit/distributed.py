@@ -309,8 +309,9 @@ def cores_per_rank(environ: Mapping[str, str] = os.environ, affinity: Optional[i
 # measured per thread (fastdeit/data/README.md, "Data-path throughput"): DALI's decode of the
 # crop window 1.1 ms; the resize to the train size 0.4 ms and RandAugment + normalisation
 # 0.8 ms, both in the host pool (the feeder thread takes a share of the resizes); mixing
-# 0.3 ms in the consumer's thread. The same within ~10% on an AMD EPYC (AVX2) and a Xeon
-# with AVX-512/AMX, so the split below follows the shares, not one machine.
+# 0.3 ms in the consumer's thread (benchmarks/data_profile.py on a 2-core Xeon with AVX-512/AMX;
+# absolute costs differ by machine, about 2x on the AVX2-only EPYC, so the split below follows
+# the shares, not one machine's times: re-run data_profile.py where the shares may differ).
 _DECODE_MS, _RESIZE_MS, _FINISH_MS = 1.1, 0.4, 0.8
 
 
