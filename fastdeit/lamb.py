@@ -71,9 +71,11 @@ class Lamb(torch.optim.Optimizer):
         # Unbound: each tensor's one segment, made on its device once (no per-step copies)
         self._own: Dict[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._group = None       # the data-parallel process group of the partitions
-        # ZeRO 1/2 (one group per step() call): every group, the calls deferred so far, and
-        # each stepped tensor's bf16 partition (the module's weights) to refresh after them.
-        self._all_groups: Optional[list] = None
+        # ZeRO 1/2 (one group per step() call): every group's partition tensor, the calls
+        # deferred so far, and each stepped tensor's bf16 partition (the module's weights) to
+        # refresh after them. Tensors, not the group dicts: loading a checkpoint replaces the
+        # dicts (torch's Optimizer.load_state_dict), never the partitions they hold.
+        self._all_params: Optional[list] = None
         self._deferred: list = []
         self._seen: set = set()
         self._bf16: Dict[torch.Tensor, torch.Tensor] = {}
@@ -147,7 +149,7 @@ class Lamb(torch.optim.Optimizer):
             self._group = group
         self._num_params = first_id
         if found == "bit16_groups":            # DeepSpeedZeroOptimizer: one group per step() call
-            self._all_groups = list(self.param_groups)
+            self._all_params = [p for g in self.param_groups for p in g["params"]]
         for p in mine:       # DeepSpeed links each partition's state after the first call
             self._init_state(p)
         self._layout = {
@@ -191,17 +193,17 @@ class Lamb(torch.optim.Optimizer):
         """The (group, tensor, lengths, ids, grad) to step now, and the tensors whose bf16
         partition DeepSpeed copied before they were stepped; None while groups are missing."""
         tensors = [(*s, s[1].grad) for s in self._segments() if s[1].grad is not None]
-        if self._all_groups is None:
+        if self._all_params is None:
             return tensors, []
         # ZeRO 1/2: DeepSpeed has just set this group's gradient partition and frees it after
         # this call; the reference keeps it alive until the last group's call.
         self._deferred += tensors
-        self._seen.update(id(g) for g in self.param_groups)
-        if any(id(g) not in self._seen for g in self._all_groups):
+        current = {id(p) for g in self.param_groups for p in g["params"]}
+        self._seen |= current
+        if any(id(p) not in self._seen for p in self._all_params):
             return None
         tensors, self._deferred, self._seen = self._deferred, [], set()
-        current = {id(g) for g in self.param_groups}
-        return tensors, [p for g, p, *_ in tensors if id(g) not in current]
+        return tensors, [p for _, p, *_ in tensors if id(p) not in current]
 
     @torch.no_grad()
     def step(self, closure=None):

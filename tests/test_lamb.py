@@ -139,7 +139,7 @@ def test_zero_one_rank_defers_groups_and_clips_by_all_of_them(world, stage):
     partition back: equal to timm's Lamb on the plain model."""
     ref = train(m := model(), TimmLamb(groups(m), lr=3e-3, eps=1e-8), scale=SCALE)
     engine, opt = _one_rank(stage)
-    assert opt._all_groups is not None and len(opt._all_groups) == 2
+    assert opt._all_params is not None and len(opt._all_params) == 2
     x, y = batch()
     for _ in range(STEPS):
         engine.backward(nn.functional.cross_entropy(engine(x), y) * SCALE)
