@@ -76,7 +76,7 @@ def assert_completed(slurm, checkout, job, info):  # noqa: F811
     return log
 
 
-def test_single_node_template_trains_through_usr1_requeue_to_completion(slurm, checkout, dataset,  # noqa: F811
+def test_single_node_template_trains_through_usr2_requeue_to_completion(slurm, checkout, dataset,  # noqa: F811
                                                                          tmp_path):
     """From a fresh clone: scancel --signal=USR2 (what the templates' --signal=USR2@300 does before the time
     limit) -> every rank stops at the next logging step with a checkpoint and exits 75 -> the
