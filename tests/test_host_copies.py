@@ -140,36 +140,51 @@ class _Schedule:
         pass
 
 
-def test_trainer_step_copies_nothing_blocking(flat_tree, tmp_path):
-    """The per-step code of Trainer.train_epoch (loader, mixer, teacher, loss, meters, the
-    non-finite detector) with a distilled student and a teacher, all on meta. The logging step
-    (allowed to sync) is replaced: on meta its host reads could not run."""
-    from fastdeit.losses import DeiTLoss, DistillConfig
-    from fastdeit.metrics import LoggingConfig, RunLogger, StepTelemetry
+def _meta_models():
+    """A distilled student and a frozen channels-last teacher on meta, at 32 px, 4 classes."""
     from fastdeit.models import FrozenTeacher, ModelConfig, build_student
-    from fastdeit.trainer import RunServices, StepParts, Trainer, TrainerConfig
 
-    torch.manual_seed(0)
-    np.random.seed(0)
-    loader = build_loader(_cfg(flat_tree[0]), "train", 4, 0, 1, 0, META)
     student = build_student(ModelConfig("deit_tiny_distilled_patch16_224", kwargs=dict(
         patch_size=8, embed_dim=32, depth=1, num_heads=2)), 32, 4).to(META)
     teacher = FrozenTeacher(timm.create_model("resnet10t", num_classes=4).to(META),
                             torch.float32, channels_last=True)
-    per_step, logged = [], []
+    return student, teacher
+
+
+def _meta_epoch(tmp_path, loader, engine, mixing, teacher, ema=None):
+    """One Trainer.train_epoch over ``loader`` on meta with hard distillation; the logging step
+    (allowed to sync, and unable to read values on meta) is replaced by a record of the meters
+    it would have read. Returns that record."""
+    from fastdeit.losses import DeiTLoss, DistillConfig
+    from fastdeit.metrics import LoggingConfig, RunLogger, StepTelemetry
+    from fastdeit.trainer import RunServices, StepParts, Trainer, TrainerConfig
+
+    logged = []
+    parts = StepParts(engine=engine, scheduler=_Schedule(), mixer=BatchMixer(mixing, 4, META, torch.float32),
+                      criterion=DeiTLoss(DistillConfig("hard")), teacher=teacher, ema=ema, dtype=torch.float32)
+    run = RunServices(train_loader=loader, val_loader=None,
+                      logger=RunLogger(LoggingConfig(progress="lines"), str(tmp_path), is_main=False),
+                      checkpointer=None, telemetry=StepTelemetry(warn=lambda m: None), device=META,
+                      world_size=1, log_every=10**6)
+    trainer = Trainer(TrainerConfig(epochs=1, run_dir=str(tmp_path)), parts, run)
+    trainer._log_step = lambda meter, clock, first_bad: logged.append(set(meter.sums)) or \
+        {"loss": 0.0, "lr": 0.0, "img_per_sec": 0.0}
+    trainer.train_epoch(0)
+    loader.close()
+    return logged
+
+
+def test_trainer_step_copies_nothing_blocking(flat_tree, tmp_path):
+    """The per-step code of Trainer.train_epoch (loader, mixer, teacher, loss, meters, the
+    non-finite detector) with a distilled student and a teacher, all on meta. The logging step
+    (allowed to sync) is replaced: on meta its host reads could not run."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    loader = build_loader(_cfg(flat_tree[0]), "train", 4, 0, 1, 0, META)
+    student, teacher = _meta_models()
+    per_step = []
     with CopySpy() as spy:
-        parts = StepParts(engine=_FakeEngine(student, spy, per_step), scheduler=_Schedule(),
-                          mixer=BatchMixer(MixingConfig(), 4, META, torch.float32),
-                          criterion=DeiTLoss(DistillConfig("hard")), teacher=teacher, ema=None, dtype=torch.float32)
-        run = RunServices(train_loader=loader, val_loader=None,
-                          logger=RunLogger(LoggingConfig(progress="lines"), str(tmp_path), is_main=False),
-                          checkpointer=None, telemetry=StepTelemetry(warn=lambda m: None), device=META,
-                          world_size=1, log_every=10**6)
-        trainer = Trainer(TrainerConfig(epochs=1, run_dir=str(tmp_path)), parts, run)
-        trainer._log_step = lambda meter, clock, first_bad: logged.append(set(meter.sums)) or \
-            {"loss": 0.0, "lr": 0.0, "img_per_sec": 0.0}
-        trainer.train_epoch(0)
-        loader.close()
+        logged = _meta_epoch(tmp_path, loader, _FakeEngine(student, spy, per_step), MixingConfig(), teacher)
     assert len(per_step) == 6 and logged == [{"loss", "loss_cls", "loss_dist"}]
     assert _after_first(per_step) == [[]] * 5
 
@@ -197,38 +212,21 @@ def test_full_step_with_every_feature_copies_nothing_blocking(flat_tree, tmp_pat
     raise on meta)."""
     from fastdeit.ema import EmaConfig, ModelEma, eval_copy
     from fastdeit.lamb import Lamb
-    from fastdeit.losses import DeiTLoss, DistillConfig
-    from fastdeit.metrics import LoggingConfig, RunLogger, StepTelemetry
-    from fastdeit.models import FrozenTeacher, ModelConfig, build_student
     from fastdeit.optim import param_groups
-    from fastdeit.trainer import RunServices, StepParts, Trainer, TrainerConfig
 
     torch.manual_seed(0)
     np.random.seed(0)
     data = (dict(rand_augment=None, three_augment=True, color_jitter=0.3) if augment == "three_augment"
             else dict(rand_augment="rand-m9-mstd0.5-inc1"))
     loader = build_loader(_cfg(flat_tree[0], **data), "train", 4, 0, 1, 0, META)
-    student = build_student(ModelConfig("deit_tiny_distilled_patch16_224", kwargs=dict(
-        patch_size=8, embed_dim=32, depth=1, num_heads=2)), 32, 4).to(META)
-    teacher = FrozenTeacher(timm.create_model("resnet10t", num_classes=4).to(META),
-                            torch.float32, channels_last=True)
+    student, teacher = _meta_models()
     mixing = MixingConfig(erase_prob=0.0 if augment == "three_augment" else 0.5, erase_count=2)
-    per_step, logged = [], []
+    per_step = []
     with CopySpy() as spy:
         optimizer = Lamb(param_groups(student, 0.05), lr=1e-3, max_grad_norm=1.0)
         engine = _SteppingEngine(student, spy, per_step, optimizer)
         ema = ModelEma(EmaConfig(decay=0.9), engine, eval_copy(student, torch.float32))
-        parts = StepParts(engine=engine, scheduler=_Schedule(), mixer=BatchMixer(mixing, 4, META, torch.float32),
-                          criterion=DeiTLoss(DistillConfig("hard")), teacher=teacher, ema=ema, dtype=torch.float32)
-        run = RunServices(train_loader=loader, val_loader=None,
-                          logger=RunLogger(LoggingConfig(progress="lines"), str(tmp_path), is_main=False),
-                          checkpointer=None, telemetry=StepTelemetry(warn=lambda m: None), device=META,
-                          world_size=1, log_every=10**6)
-        trainer = Trainer(TrainerConfig(epochs=1, run_dir=str(tmp_path)), parts, run)
-        trainer._log_step = lambda meter, clock, first_bad: logged.append(set(meter.sums)) or \
-            {"loss": 0.0, "lr": 0.0, "img_per_sec": 0.0}
-        trainer.train_epoch(0)
-        loader.close()
+        logged = _meta_epoch(tmp_path, loader, engine, mixing, teacher, ema)
     assert len(per_step) == 6 and logged == [{"loss", "loss_cls", "loss_dist"}]
     assert all(state["step"].device == META for state in optimizer.state.values())
     assert _after_first(per_step) == [[]] * 5
