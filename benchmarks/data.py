@@ -201,14 +201,32 @@ def count_opens(args, root, epochs=2):
                "--batch", str(args.batch), "--img-size", str(args.img_size), "--device", "cpu"]
         subprocess.run(cmd, check=True, capture_output=True)
         lines = open(log.name, errors="replace").read().splitlines()
-    root = os.path.realpath(root)
-    counts, epoch = [0] * epochs, -1
+    return count_successful_opens(lines, os.path.realpath(root), epochs)
+
+
+def count_successful_opens(lines, root, epochs):
+    """Successful opens of files under `root` in each epoch, from `strace -f` lines ("PID call").
+    Under -f a call that another thread interrupts is printed in two pieces: the path on
+    `PID openat(..., "path", ... <unfinished ...>` and the result on a later
+    `PID <... openat resumed>) = FD`; the pieces are joined per PID, and a call counts for the
+    epoch it began in."""
+    counts, epoch, pending = [0] * epochs, -1, {}
+    under_root = re.compile(rf'"{re.escape(root)}/[^"]*"')
     for line in lines:
-        marker = re.search(r'"/nonexistent/fastdeit-epoch-(\d+)"', line)
+        pid, _, call = line.partition(" ")
+        marker = re.search(r'"/nonexistent/fastdeit-epoch-(\d+)"', call)
         if marker:
             epoch = int(marker.group(1))
-        elif epoch >= 0 and re.search(rf'"{re.escape(root)}/[^"]*", [^)]*\) = \d+', line):
-            counts[epoch] += 1
+            continue
+        if call.rstrip().endswith("<unfinished ...>"):
+            pending[pid] = (call, epoch)
+            continue
+        began = epoch
+        if "resumed>" in call and pid in pending:
+            start, began = pending.pop(pid)
+            call = start + call
+        if began >= 0 and under_root.search(call) and re.search(r"\) = \d+", call):
+            counts[began] += 1
     return counts
 
 

@@ -65,3 +65,18 @@ def test_file_opens_per_epoch(synthetic_tree, packed):
     shards = json.load(open(os.path.join(packed, "manifest.json")))["splits"]["train"]["shards"]
     assert bench.count_opens(args, packed) == [shards, 0]
     assert min(bench.count_opens(args, synthetic_tree)) >= 96
+
+
+def test_strace_opens_joined_across_interrupted_calls():
+    """A call that another thread interrupts comes in two pieces under `strace -f`; it still
+    counts once, for the epoch it began in, and failed opens do not count."""
+    lines = [
+        '10 openat(AT_FDCWD, "/nonexistent/fastdeit-epoch-0", O_RDONLY) = -1 ENOENT (No such file)',
+        '11 openat(AT_FDCWD, "/d/a.shard", O_RDONLY <unfinished ...>',
+        '12 openat(AT_FDCWD, "/d/b.shard", O_RDONLY) = 7',
+        '10 openat(AT_FDCWD, "/nonexistent/fastdeit-epoch-1", O_RDONLY) = -1 ENOENT (No such file)',
+        '11 <... openat resumed>) = 6',
+        '12 openat(AT_FDCWD, "/d/c.shard", O_RDONLY) = -1 ENOENT (No such file)',
+        '12 openat(AT_FDCWD, "/elsewhere/x", O_RDONLY) = 8',
+    ]
+    assert _bench().count_successful_opens(lines, "/d", 2) == [2, 0]
