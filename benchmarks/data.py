@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import pick_device  # noqa: E402
 from fastdeit import distributed  # noqa: E402
 from fastdeit.data import DataConfig, build_loader  # noqa: E402
-from fastdeit.data.mixing import BatchMixer, MixingConfig  # noqa: E402
+from fastdeit.data.augment.mixing import BatchMixer, MixingConfig  # noqa: E402
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
@@ -149,7 +149,7 @@ def run_dali_ra(args, device):
     from nvidia.dali.auto_aug import rand_augment
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    from fastdeit.data.folder import scan_image_folder
+    from fastdeit.data.loading.folder import scan_image_folder
 
     files, labels, _ = scan_image_folder(os.path.join(args.folder, "train"))
     gpu = device.type == "cuda"

@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastdeit.data import DataConfig, build_loader  # noqa: E402
-from fastdeit.data import loader as loader_module  # noqa: E402
-from fastdeit.data.mixing import BatchMixer, MixingConfig  # noqa: E402
+from fastdeit.data.loading import loader as loader_module  # noqa: E402
+from fastdeit.data.augment.mixing import BatchMixer, MixingConfig  # noqa: E402
 
 
 def _dali_cpu_ns() -> dict:

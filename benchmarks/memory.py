@@ -9,7 +9,7 @@ one, the rank's thread budget, RandAugment + normalisation on the device), three
 memory in use (cudaMemGetInfo: DALI's pools, nvJPEG's buffers, CUDA contexts and torch's cache
 together), what torch's allocator holds of it, and the process's resident set (pinned host
 buffers are resident). The first epoch shows the cost of a pipeline against the
-preallocation predicted by fastdeit.data.pipeline.preallocated_bytes; later epochs should add
+preallocation predicted by fastdeit.data.loading.pipeline.preallocated_bytes; later epochs should add
 nothing (DALI's pools hand the freed buffers to the next epoch's pipeline).
 
 ``step``: the trainer's step (benchmarks.step.FastdeitStep: distilled student, frozen
@@ -67,7 +67,7 @@ def diff(after: Dict[str, Optional[float]], before: Dict[str, Optional[float]], 
 
 def measure_pipeline(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     from fastdeit.data import DataConfig, build_loader
-    from fastdeit.data.pipeline import preallocated_bytes
+    from fastdeit.data.loading.pipeline import preallocated_bytes
 
     if device.type == "cuda":
         torch.zeros(1, device=device)              # the CUDA context belongs to the baseline

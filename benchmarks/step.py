@@ -64,7 +64,7 @@ from torch import nn
 
 from benchmarks import common
 from fastdeit import ema as ema_lib, engine as engine_lib, flops as flops_lib
-from fastdeit.data.mixing import BatchMixer, MixingConfig
+from fastdeit.data.augment.mixing import BatchMixer, MixingConfig
 from fastdeit.losses import DeiTLoss, DistillConfig
 from fastdeit.metrics import DeviceMeter
 from fastdeit.models import ModelConfig, TeacherConfig, build_student, build_teacher, compile_kwargs

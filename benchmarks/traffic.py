@@ -77,8 +77,8 @@ def count(fn: Callable[[], Any]) -> ByteCounter:
 def augment_traffic(kind: str, batch: int, size: int, seed: int = 0) -> ByteCounter:
     """Bytes moved by `Loader._augment` for one uint8 batch [batch, 3, size, size] on meta."""
     from fastdeit.data import DataConfig
-    from fastdeit.data.imageops import Normalize
-    from fastdeit.data.loader import Loader
+    from fastdeit.data.augment.imageops import Normalize
+    from fastdeit.data.loading.loader import Loader
 
     cfg = DataConfig(root="unused", img_size=size, three_augment=kind == "3-augment",
                      color_jitter=0.3 if kind == "3-augment" else 0.0,
@@ -87,8 +87,8 @@ def augment_traffic(kind: str, batch: int, size: int, seed: int = 0) -> ByteCoun
     loader = Loader.__new__(Loader)
     loader.seed, loader._epoch, loader.rank = seed, 0, 0
     loader._normalize = Normalize(cfg.mean, cfg.std)
-    from fastdeit.data.randaug import BatchRandAugment, parse_rand_augment
-    from fastdeit.data.threeaug import ThreeAugment
+    from fastdeit.data.augment.randaug import BatchRandAugment, parse_rand_augment
+    from fastdeit.data.augment.threeaug import ThreeAugment
 
     loader.randaug = ThreeAugment.from_config(cfg) or BatchRandAugment(
         parse_rand_augment(cfg.rand_augment), [min(255, round(255 * m)) for m in cfg.mean])

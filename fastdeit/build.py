@@ -16,9 +16,9 @@ from fastdeit import distributed, ema as ema_lib, engine as engine_lib, flops as
 from fastdeit.checkpoint import Checkpointer
 from fastdeit.config import Config, save_config, to_dict
 from fastdeit.data import build_loader
-from fastdeit.data.loader import resolve_placement
-from fastdeit.data.mixing import BatchMixer
-from fastdeit.data.schedule import size_schedule
+from fastdeit.data.loading.loader import resolve_placement
+from fastdeit.data.augment.mixing import BatchMixer
+from fastdeit.data.loading.schedule import size_schedule
 from fastdeit.errors import CheckpointMismatchError, ConfigError, DataError
 from fastdeit.losses import DeiTLoss, check_loss_targets
 from fastdeit.metrics import RunLogger, StepTelemetry

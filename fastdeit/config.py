@@ -23,7 +23,7 @@ import yaml
 
 from fastdeit.checkpoint import CheckpointConfig
 from fastdeit.data.config import DataConfig
-from fastdeit.data.mixing import MixingConfig
+from fastdeit.data.augment.mixing import MixingConfig
 from fastdeit.distributed import DistributedConfig, RuntimeConfig
 from fastdeit.ema import EmaConfig
 from fastdeit.engine import EngineConfig

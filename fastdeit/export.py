@@ -47,7 +47,7 @@ def record_command(run_dir: Path, argv: Optional[List[str]] = None) -> None:
 
 
 def eval_data_config(data_cfg) -> Dict[str, Any]:
-    """The run's eval transform in timm's data-config terms (fastdeit.data.pipeline's val graph:
+    """The run's eval transform in timm's data-config terms (fastdeit.data.loading.pipeline's val graph:
     bicubic resize of the shorter side to int(img_size / eval_crop_pct), centre crop, mean/std)."""
     size = int(data_cfg.img_size)
     return {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": float(data_cfg.eval_crop_pct),

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from fastdeit.checkpoint import Checkpointer
-from fastdeit.data.mixing import BatchMixer
+from fastdeit.data.augment.mixing import BatchMixer
 from fastdeit.ema import ModelEma
 from fastdeit.errors import FastDeitError
 from fastdeit.evaluate import evaluate
@@ -70,7 +70,7 @@ class RunServices:
     device: torch.device
     world_size: int
     log_every: int
-    # Training side per epoch (fastdeit.data.schedule, data.size_schedule); None: data.img_size.
+    # Training side per epoch (fastdeit.data.loading.schedule, data.size_schedule); None: data.img_size.
     sizes: Optional[Callable[[int], int]] = None
 
 

@@ -23,8 +23,8 @@ from nvidia.dali import pipeline_def
 from tests.conftest import FLAT_CLASSES, FLAT_PER_CLASS
 from tests.test_data_loader import CPU, cfg_for, epoch, identify, pixels
 from fastdeit.data import DataConfig, build_loader
-from fastdeit.data import loader as loader_module
-from fastdeit.data.pipeline import (Placement, define_train_pipeline, define_val_pipeline,
+from fastdeit.data.loading import loader as loader_module
+from fastdeit.data.loading.pipeline import (Placement, define_train_pipeline, define_val_pipeline,
                                     resize_flip)
 
 GPU_GRAPH = Placement(0)                                # the placement a GPU run gets

@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.conftest import FLAT_CLASSES, FLAT_PER_CLASS, flat_colour
 from fastdeit.data import DataConfig, Loader, build_loader
-from fastdeit.data.loader import resolve_placement
+from fastdeit.data.loading.loader import resolve_placement
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(DataConfig.mean).view(1, 3, 1, 1)
@@ -259,7 +259,7 @@ def test_random_resized_crop_statistics_match_torchvision(tmp_path):
     """DALI's fused decode+crop draws windows like torchvision's RandomResizedCrop: area
     fraction and log aspect ratio agree in mean and spread (4096 draws each)."""
     import torchvision.transforms as T
-    from fastdeit.data.pipeline import Placement, build_train_pipeline
+    from fastdeit.data.loading.pipeline import Placement, build_train_pipeline
 
     path = str(tmp_path / "x.jpg")
     Image.new("RGB", (320, 240), (10, 20, 30)).save(path)

@@ -3,7 +3,7 @@ import pytest
 
 from fastdeit.config import ConfigError, from_dict
 from fastdeit.data.config import DataConfig
-from fastdeit.data.pipeline import Placement, _decoder_kwargs, nvjpeg_preallocation, preallocated_bytes
+from fastdeit.data.loading.pipeline import Placement, _decoder_kwargs, nvjpeg_preallocation, preallocated_bytes
 
 GPU, CPU = Placement(0), Placement(None)
 MIB = 2**20
@@ -75,7 +75,7 @@ def test_each_pipeline_is_released_before_the_next_is_built(synthetic_tree, monk
     import torch
 
     from fastdeit.data import build_loader
-    from fastdeit.data import loader as loader_mod
+    from fastdeit.data.loading import loader as loader_mod
 
     previous = []
 

@@ -12,8 +12,8 @@ import torch
 
 from fastdeit.data import DataConfig, build_loader
 from fastdeit.data import pack as packmod
-from fastdeit.data.folder import scan_image_folder
-from fastdeit.data.shards import ShardError, open_split
+from fastdeit.data.loading.folder import scan_image_folder
+from fastdeit.data.loading.shards import ShardError, open_split
 
 CPU = torch.device("cpu")
 SHARD = "24KB"  # the synthetic tree (132 images of 2-5 KB) spreads over several shards
@@ -186,8 +186,8 @@ def test_gpu_branch_on_cpu_operators_from_shards_equals_the_folder(synthetic_tre
     """The loader's GPU branch (DALI's iterator reading the feed to StopIteration, the train
     skip, val's partial batch) run on CPU operators (Placement.gpu_layout_on_cpu): the same
     batches bit for bit from the shards as from the folder, also resumed mid-epoch."""
-    from fastdeit.data import loader as loader_module
-    from fastdeit.data.pipeline import Placement
+    from fastdeit.data.loading import loader as loader_module
+    from fastdeit.data.loading.pipeline import Placement
 
     monkeypatch.setattr(loader_module, "resolve_placement",
                         lambda cfg, device: Placement(None, gpu_layout_on_cpu=True))

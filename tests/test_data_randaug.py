@@ -8,8 +8,8 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from timm.data import auto_augment as timm_aa
 
-from fastdeit.data import imageops
-from fastdeit.data.randaug import (RAND_INCREASING_TRANSFORMS, BatchRandAugment,
+from fastdeit.data.augment import imageops
+from fastdeit.data.augment.randaug import (RAND_INCREASING_TRANSFORMS, BatchRandAugment,
                                    RandAugmentSpec, parse_rand_augment)
 
 FILL = (124, 116, 104)  # timm/DeiT: round(255 * IMAGENET_MEAN)
@@ -104,7 +104,7 @@ def test_rotation_close_to_pil():
     kernel (a = -0.75 vs PIL's -1). Bilinear would match PIL exactly (same coordinates), so
     the residual is the kernel alone: ~0.5 grey levels on average on these noisy images."""
     degrees = np.random.default_rng(3).uniform(-30, 30, 12)
-    from fastdeit.data.randaug import _rotation
+    from fastdeit.data.augment.randaug import _rotation
     ours = imageops.affine(X, _rotation(torch.tensor(degrees), 43, 57), torch.tensor(FILL))
     d = diff(ours, _geometric_refs("Rotate", degrees, pil(X)))
     assert d.float().mean() < 1.0 and (d > 16).float().mean() < 1e-3

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from fastdeit.data.sampler import (effective_repeats, epoch_permutation, train_indices,
+from fastdeit.data.loading.sampler import (effective_repeats, epoch_permutation, train_indices,
                                    train_samples_per_rank, val_indices)
 
 

@@ -15,7 +15,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
 from fastdeit.data import DataConfig, build_loader
-from fastdeit.data.threeaug import CHOICES, ThreeAugment, box_blur_weights, gaussian_blur
+from fastdeit.data.augment.threeaug import CHOICES, ThreeAugment, box_blur_weights, gaussian_blur
 
 CPU = torch.device("cpu")
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from fastdeit.data import DataConfig, build_loader
 from fastdeit.data.imagecheck import check_image_file
-from fastdeit.data.folder import EXCLUDE_FILE, read_exclusions
+from fastdeit.data.loading.folder import EXCLUDE_FILE, read_exclusions
 from fastdeit.errors import BadImageError, DataError
 from tests.conftest import write_flat_tree
 from tests.childenv import child_env

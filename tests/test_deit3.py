@@ -6,7 +6,7 @@ import torch
 
 from fastdeit.checkpoint import Checkpointer, fp32_state_dict
 from fastdeit.config import load_config
-from fastdeit.data.schedule import size_schedule
+from fastdeit.data.loading.schedule import size_schedule
 from fastdeit.models import build_student, count_params, size_multiple
 from fastdeit.optim import scaled_lr
 

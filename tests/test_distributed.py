@@ -109,7 +109,7 @@ def test_benchmarks_follow_the_same_rule(fresh_accelerator, monkeypatch):
 
 def test_the_data_placement_follows_the_device(fresh_accelerator):
     from fastdeit.data import DataConfig
-    from fastdeit.data.loader import resolve_placement
+    from fastdeit.data.loading.loader import resolve_placement
 
     fresh_accelerator("cpu", cuda_gpus=1)
     device = device_for(DistEnv())

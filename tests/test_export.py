@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from fastdeit import distributed
 from fastdeit.build import build_trainer
 from fastdeit.config import load_config
-from fastdeit.data.folder import scan_image_folder
+from fastdeit.data.loading.folder import scan_image_folder
 from fastdeit.errors import WeightsError
 from fastdeit.models import ModelConfig, TeacherConfig, build_student, build_teacher, eval_heads
 from tests.launching import ROOT, TINY, records

@@ -20,7 +20,7 @@ import torch
 from tests.childenv import child_env
 from tests.copyspy import CopySpy
 from fastdeit.data import DataConfig, build_loader
-from fastdeit.data.mixing import BatchMixer, MixingConfig
+from fastdeit.data.augment.mixing import BatchMixer, MixingConfig
 
 META = torch.device("meta")
 ROOT = Path(__file__).resolve().parents[1]

@@ -112,7 +112,7 @@ HOST_VALUES = {
     # Random erasing draws its boxes on the host and sizes one scatter by their pixel count;
     # the boxes then travel from pinned memory. tests/test_host_copies.py runs the mixer on
     # meta, where a read of a device value would raise.
-    ("int", "fastdeit/data/mixing.py:__call__"),
+    ("int", "fastdeit/data/augment/mixing.py:__call__"),
 }
 
 SUPPORTED = {

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdeit.data.mixing import BatchMixer, MixingConfig
+from fastdeit.data.augment.mixing import BatchMixer, MixingConfig
 
 
 def test_no_mixing_gives_smoothed_one_hot():
@@ -110,7 +110,7 @@ def test_batched_erasing_matches_timm_statistics():
     probability, box size/aspect distribution, position, and N(0, 1) pixel noise."""
     import random
     from timm.data.random_erasing import RandomErasing
-    from fastdeit.data.mixing import BatchRandomErasing
+    from fastdeit.data.augment.mixing import BatchRandomErasing
 
     n, h, w = 3000, 24, 32
     torch.manual_seed(0)
@@ -132,7 +132,7 @@ def test_batched_erasing_matches_timm_statistics():
 
 
 def test_erasing_modes_and_layouts():
-    from fastdeit.data.mixing import BatchRandomErasing
+    from fastdeit.data.augment.mixing import BatchRandomErasing
 
     torch.manual_seed(1)
     x = torch.zeros(64, 3, 16, 16)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from fastdeit import flops
 from fastdeit.config import ConfigError, load_config
 from fastdeit.data import DataConfig, build_loader
-from fastdeit.data.schedule import SizeSchedule, size_schedule
+from fastdeit.data.loading.schedule import SizeSchedule, size_schedule
 from fastdeit.models import ModelConfig, build_student, size_multiple
 
 CPU = torch.device("cpu")
@@ -153,8 +153,8 @@ def test_gpu_layout_builds_each_epoch_at_its_size(synthetic_tree, monkeypatch):
     """The loader's GPU branch (resize and flip inside the DALI graph) on CPU operators
     (Placement.gpu_layout_on_cpu): each epoch's graph resizes to that epoch's side, and a
     mid-epoch resume at that side replays the same batches."""
-    from fastdeit.data import loader as loader_module
-    from fastdeit.data.pipeline import Placement
+    from fastdeit.data.loading import loader as loader_module
+    from fastdeit.data.loading.pipeline import Placement
 
     monkeypatch.setattr(loader_module, "resolve_placement", lambda cfg, device: Placement(None, gpu_layout_on_cpu=True))
     cfg = DataConfig(root=synthetic_tree, img_size=32, num_threads=2, device="cpu", repeated_aug=1, rand_augment=None)

@@ -3,7 +3,7 @@
 Mixup/CutMix and random erasing are not here: they run on the device after the loader.
 """
 from .config import DataConfig
-from .folder import scan_image_folder
-from .loader import Loader, build_loader
+from .loading.folder import scan_image_folder
+from .loading.loader import Loader, build_loader
 
 __all__ = ["DataConfig", "Loader", "build_loader", "scan_image_folder"]

@@ -38,9 +38,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .folder import scan_image_folder
+from .loading.folder import scan_image_folder
 from .imagecheck import check_image_bytes
-from .shards import FORMAT, HEADER, INDEX, MANIFEST, VERSION, member_name
+from .loading.shards import FORMAT, HEADER, INDEX, MANIFEST, VERSION, member_name
 
 PLACEMENT_SEED = 0
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,

@@ -3,7 +3,7 @@
     python -m fastdeit.data.verify /data/imagenet            # train/ and val/, all cores
     python -m fastdeit.data.verify /data/imagenet --workers 16 --out /tmp/excluded.txt
 
-Every file the loader would read (the class-folder scan of each split, fastdeit.data.folder) is
+Every file the loader would read (the class-folder scan of each split, fastdeit.data.loading.folder) is
 fully decoded by the one check the loader and the shard packer use (imagecheck.py), in
 parallel over the cores, with a progress bar. The bad ones are printed with the reason and
 written to an exclusion list, by default ``ROOT/verify_excluded.txt``: the loader leaves its
@@ -23,7 +23,7 @@ import sys
 from typing import Iterable, List, Optional, Tuple
 
 from ..errors import DataError
-from .folder import EXCLUDE_FILE, scan_image_folder
+from .loading.folder import EXCLUDE_FILE, scan_image_folder
 from .imagecheck import check_image_file
 
 

@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from fastdeit.errors import ConfigError
 
-from .config import DataConfig
+from ..config import DataConfig
 
 DEFAULT_MULTIPLE = 32   # convnets' usual total stride; ViTs: 2 x patch (models.size_multiple)
 

@@ -34,9 +34,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from . import imageops
-from .transfer import to_device
+from ..transfer import to_device
 
 # timm expresses magnitudes on a 0..10 scale (_LEVEL_DENOM).
 TIMM_MAX_MAGNITUDE = 10

@@ -25,8 +25,8 @@ import torch
 from timm.data import Mixup
 from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
 
-from ..errors import ConfigError
-from .transfer import to_device
+from ...errors import ConfigError
+from ..transfer import to_device
 
 CHANNELS_LAST = torch.channels_last
 

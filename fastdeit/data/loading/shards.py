@@ -36,8 +36,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import DataError
-from .imagecheck import check_image_bytes
+from ...errors import DataError
+from ..imagecheck import check_image_bytes
 
 FORMAT = "fastdeit-shards"
 VERSION = 1

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:

@@ -32,7 +32,7 @@ import torch
 from fastdeit.errors import ConfigError
 
 from . import imageops
-from .config import DataConfig
+from ..config import DataConfig
 
 Tensor = torch.Tensor
 

@@ -13,8 +13,8 @@ from typing import List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
-from ..errors import DataError
-from .imagecheck import check_image_file
+from ...errors import DataError
+from ..imagecheck import check_image_file
 
 # Extensions we hand to the DALI decoders; compared case-insensitively (ImageNet uses .JPEG).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png")

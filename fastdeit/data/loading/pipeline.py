@@ -31,7 +31,7 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.pipeline import Pipeline
 
-from .config import IMAGENET_LARGEST_IMAGE, DataConfig
+from ..config import IMAGENET_LARGEST_IMAGE, DataConfig
 
 READER_NAME = "reader"  # the iterator asks this reader for the epoch size
 

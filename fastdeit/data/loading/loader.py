@@ -36,16 +36,16 @@ import torch
 from fastdeit import distributed
 from fastdeit.errors import BadImageError, ConfigError, DataError
 
-from . import imageops
-from .config import DataConfig
+from ..augment import imageops
+from ..config import DataConfig
 from . import shards
 from .folder import FolderSource, exclusion_list, find_classes, read_exclusions, read_file_list, scan_image_folder
 from .host import BackgroundBatches, resize_crops
 from .pipeline import READER_NAME, Placement, build_train_pipeline, build_val_pipeline
-from .randaug import BatchRandAugment, parse_rand_augment
+from ..augment.randaug import BatchRandAugment, parse_rand_augment
 from .sampler import effective_repeats, train_indices, val_indices
-from .threeaug import ThreeAugment
-from .transfer import pins_for, to_device
+from ..augment.threeaug import ThreeAugment
+from ..transfer import pins_for, to_device
 
 SPLITS = ("train", "val")
 

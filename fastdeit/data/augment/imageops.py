@@ -25,7 +25,7 @@ from typing import Dict, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .transfer import to_device
+from ..transfer import to_device
 
 Tensor = torch.Tensor
 
