@@ -51,7 +51,11 @@ class HostReadSpy(TorchFunctionMode):
             return
         stack = [f for f in traceback.extract_stack()[:-2] if not os.path.abspath(f.filename).startswith(_TORCH)]
         frame = stack[-1]
-        self.reads.append((kind, f"{'/'.join(frame.filename.split(os.sep)[-3:])}:{frame.name}"))
+        # Our files by their path in the package (fastdeit/data/augment/mixing.py), others by
+        # their last three parts.
+        parts = frame.filename.split(os.sep)
+        first = len(parts) - 1 - parts[::-1].index("fastdeit") if "fastdeit" in parts else len(parts) - 3
+        self.reads.append((kind, f"{'/'.join(parts[first:])}:{frame.name}"))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
