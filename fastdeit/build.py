@@ -94,6 +94,7 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     model = build_student(cfg.model, cfg.data.img_size, num_classes,
                           dynamic_img_size=cfg.data.size_schedule is not None).to(device)
     sizes = size_schedule(cfg.data, size_multiple(model))
+    train_loader.sizes = sizes      # rounded to the student's patch size, known only now
     if is_distilled(model) != criterion.needs_teacher:
         raise ConfigError(
             f"model.name={cfg.model.name} {'has' if is_distilled(model) else 'has no'} distillation "
@@ -158,5 +159,5 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
                       ema=ema, dtype=dtype)
     run = RunServices(train_loader=train_loader, val_loader=val_loader, logger=logger, checkpointer=checkpointer,
                       telemetry=telemetry, device=device, world_size=env.world_size,
-                      log_every=cfg.logging.log_every, sizes=sizes)
+                      log_every=cfg.logging.log_every)
     return Trainer(cfg.trainer, parts, run)

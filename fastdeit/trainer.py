@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -70,8 +70,6 @@ class RunServices:
     device: torch.device
     world_size: int
     log_every: int
-    # Training side per epoch (fastdeit.data.loading.schedule, data.size_schedule); None: data.img_size.
-    sizes: Optional[Callable[[int], int]] = None
 
 
 class Trainer:
@@ -87,9 +85,6 @@ class Trainer:
         self.dtype = parts.dtype
         # MFU and data-wait share next to img/s (metrics.StepTelemetry): next() is timed.
         self.telemetry = run.telemetry
-        # Training side per epoch (data.size_schedule, a pure function of the epoch); None: the
-        # loader's fixed data.img_size. Evaluation always runs at data.img_size.
-        self.sizes = run.sizes
         self.train_loader = run.telemetry.timed(run.train_loader)
         self.val_loader = run.val_loader
         self.logger = run.logger
@@ -171,8 +166,9 @@ class Trainer:
         engine = self.engine
         engine.train()
         skip = start_step * self.accum
-        size = self.sizes(epoch) if self.sizes is not None else None
-        self.train_loader.set_epoch(epoch, skip_batches=skip, img_size=size)
+        # The side of this epoch comes from the loader's schedule (data.size_schedule, a pure
+        # function of the epoch); evaluation always runs at data.img_size.
+        self.train_loader.set_epoch(epoch, skip_batches=skip)
         size = self.train_loader.img_size
         self.telemetry.set_img_size(size)                    # MFU from this size's FLOPs
         meter = DeviceMeter(self.device)
@@ -268,7 +264,7 @@ class Trainer:
     def _epoch_line(self, epoch: int, train: Dict[str, float], metrics: Dict[str, float]) -> str:
         parts = [f"epoch {epoch + 1}/{self.cfg.epochs}", f"loss {train.get('train/loss', float('nan')):.4f}",
                  f"img/s {train.get('train/img_per_sec', 0):.0f}"]
-        if self.sizes is not None and not getattr(self.sizes, "fixed", False):
+        if not self.train_loader.sizes.fixed:
             parts.insert(1, f"{train.get('img_size')} px")
         parts += [f"{k[4:]} {v:.2f}" for k, v in metrics.items() if k.endswith("top1")]
         return " | ".join(parts)

@@ -126,7 +126,7 @@ def _producer(ops, port):
 def _graph(kind, placement, cfg, device_id=None):
     files, labels = ["/nonexistent/a.jpg", "/nonexistent/b.jpg"], [0, 1]
     if kind == "train":
-        pipe = define_train_pipeline(files, labels, cfg, 2, 7, placement, device_id=device_id)
+        pipe = define_train_pipeline(files, labels, cfg, 2, 7, placement, cfg.img_size, device_id=device_id)
     else:
         pipe = define_val_pipeline(files, labels, cfg, 2, placement, device_id=device_id)
     return read_graph(pipe.serialize())

@@ -264,7 +264,7 @@ def test_random_resized_crop_statistics_match_torchvision(tmp_path):
     path = str(tmp_path / "x.jpg")
     Image.new("RGB", (320, 240), (10, 20, 30)).save(path)
     cfg = cfg_for(str(tmp_path), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
-    pipe = build_train_pipeline([path] * 64, [0] * 64, cfg, 64, 1, Placement(None))
+    pipe = build_train_pipeline([path] * 64, [0] * 64, cfg, 64, 1, Placement(None), cfg.img_size)
     shapes = np.concatenate([[t.shape() for t in pipe.run()[0]] for _ in range(32)])
     ours = shapes[:, 0] * shapes[:, 1] / (320 * 240), np.log(shapes[:, 1] / shapes[:, 0])
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
 from fastdeit.data import DataConfig, build_loader
+from fastdeit.data.loading.schedule import SizeSchedule
 from fastdeit.data.augment.threeaug import CHOICES, ThreeAugment, box_blur_weights, gaussian_blur
 
 CPU = torch.device("cpu")
@@ -120,7 +121,8 @@ def test_loader_three_augment_and_config_errors(synthetic_tree):
     a, b = list(plain), list(three)
     assert all(torch.equal(ya, yb) for (_, ya), (_, yb) in zip(a, b))     # same images, labels
     assert not any(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(a, b))   # augmented
-    three.set_epoch(0, skip_batches=5, img_size=48)                        # any size, resumable
+    three.sizes = SizeSchedule([[1, 48]], 32, 16)                          # any size, resumable
+    three.set_epoch(1, skip_batches=5)
     assert next(iter(three))[0].shape == (8, 3, 48, 48)
     plain.close(), three.close()
     with pytest.raises(ValueError, match="rand_augment: null"):

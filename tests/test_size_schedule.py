@@ -121,15 +121,16 @@ def test_flops_per_size_match_static_models():
 
 
 def test_loader_builds_each_epoch_at_its_size(synthetic_tree):
-    """set_epoch(e, img_size=s): s x s batches with RandAugment on, the default size without;
+    """set_epoch(e): batches at the side data.size_schedule gives epoch e, with RandAugment on;
     resuming mid-epoch at a size gives the same batches as the uninterrupted epoch."""
     cfg = DataConfig(root=synthetic_tree, img_size=32, num_threads=2, device="cpu", repeated_aug=1,
-                     rand_augment="rand-m9-mstd0.5-inc1")
+                     rand_augment="rand-m9-mstd0.5-inc1", size_schedule=[[1, 48], [2, 32]], size_multiple=16)
     loader = build_loader(cfg, "train", 8, 0, 1, 0, CPU)
-    loader.set_epoch(1, img_size=48)
+    assert [loader.sizes(e) for e in range(4)] == [48, 48, 32, 32]
+    loader.set_epoch(1)
     full = list(loader)
     assert loader.img_size == 48 and all(x.shape == (8, 3, 48, 48) for x, _ in full)
-    loader.set_epoch(1, skip_batches=3, img_size=48)
+    loader.set_epoch(1, skip_batches=3)
     rest = list(loader)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(rest, full[3:])) and len(rest) == len(full) - 3
     loader.set_epoch(2)
@@ -143,7 +144,8 @@ def test_gpu_loader_builds_each_epoch_at_its_size(synthetic_tree):
     cfg = DataConfig(root=synthetic_tree, img_size=32, num_threads=2, device="gpu", repeated_aug=1,
                      rand_augment="rand-m9-mstd0.5-inc1")
     loader = build_loader(cfg, "train", 8, 0, 1, 0, torch.device("cuda"))
-    loader.set_epoch(0, img_size=48)
+    loader.sizes = SizeSchedule([[0, 48]], 32, 16)
+    loader.set_epoch(0)
     x, _ = next(iter(loader))
     assert x.shape == (8, 3, 48, 48) and x.is_cuda
     loader.close()
@@ -159,10 +161,11 @@ def test_gpu_layout_builds_each_epoch_at_its_size(synthetic_tree, monkeypatch):
     monkeypatch.setattr(loader_module, "resolve_placement", lambda cfg, device: Placement(None, gpu_layout_on_cpu=True))
     cfg = DataConfig(root=synthetic_tree, img_size=32, num_threads=2, device="cpu", repeated_aug=1, rand_augment=None)
     loader = build_loader(cfg, "train", 8, 0, 1, 0, CPU)
-    loader.set_epoch(1, img_size=48)
+    loader.sizes = SizeSchedule([[1, 48], [2, 32]], 32, 16)
+    loader.set_epoch(1)
     full = list(loader)
     assert all(x.shape == (8, 3, 48, 48) for x, _ in full)
-    loader.set_epoch(1, skip_batches=4, img_size=48)
+    loader.set_epoch(1, skip_batches=4)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(list(loader), full[4:]))
     loader.set_epoch(2)
     assert next(iter(loader))[0].shape == (8, 3, 32, 32)
@@ -199,7 +202,7 @@ def test_compiled_student_gets_one_static_graph_per_size(dataset, tmp_path, monk
         torch._dynamo.reset()
         counters.clear()
         trainer = build_trainer(cfg, env)
-        assert [trainer.sizes(e) for e in range(11)] == sizes
+        assert [trainer.train_loader.sizes(e) for e in range(11)] == sizes
         assert torch._dynamo.config.recompile_limit == 11 and torch._dynamo.config.fail_on_recompile_limit_hit
         engine = trainer.engine
         y = torch.arange(8) % 4

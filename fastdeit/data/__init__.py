@@ -4,6 +4,6 @@ Mixup/CutMix and random erasing are not here: they run on the device after the l
 """
 from .config import DataConfig
 from .loading.folder import scan_image_folder
-from .loading.loader import Loader, build_loader
+from .loading.loader import Loader, TrainLoader, ValLoader, build_loader
 
-__all__ = ["DataConfig", "Loader", "build_loader", "scan_image_folder"]
+__all__ = ["DataConfig", "Loader", "TrainLoader", "ValLoader", "build_loader", "scan_image_folder"]

@@ -16,8 +16,9 @@ pipeline (about k/len of an epoch's data-loading time, with no RandAugment, norm
 training step) and iteration yields batches k, k+1, ... bit-identical to those of an
 uninterrupted epoch. The old pipeline is released before the new one is built.
 
-Val is unshuffled and seedless: one pipeline is kept across evaluations and rebuilt only if an
-evaluation was abandoned part way (DALI cannot rewind a reader mid-epoch).
+Train and val differ in order, graph and what follows DALI (TrainLoader, ValLoader, over the
+shared Loader). Val is unshuffled and seedless: one pipeline is kept across evaluations and
+rebuilt only if an evaluation was abandoned part way (DALI cannot rewind a reader mid-epoch).
 
 Sources: `cfg.root` is a class-folder tree (folder.FolderSource: DALI's file reader) or, when it
 holds a manifest, a packed one (shards.ShardSource: positioned reads from tar shards); both give
@@ -28,12 +29,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 
-from fastdeit import distributed
+from fastdeit.distributed import RuntimeConfig, ThreadBudget, rank_budget
 from fastdeit.errors import BadImageError, ConfigError, DataError
 
 from ..augment import imageops
@@ -44,6 +45,7 @@ from .host import BackgroundBatches, resize_crops
 from .pipeline import READER_NAME, Placement, build_train_pipeline, build_val_pipeline
 from ..augment.randaug import BatchRandAugment, parse_rand_augment
 from .sampler import effective_repeats, train_indices, val_indices
+from .schedule import SizeSchedule, size_schedule
 from ..augment.threeaug import ThreeAugment
 from ..transfer import pins_for, to_device
 
@@ -52,13 +54,15 @@ SPLITS = ("train", "val")
 
 def build_loader(cfg: DataConfig, split: str, batch_size: int, rank: int, world_size: int,
                  seed: int, device: torch.device,
-                 threads: Optional[distributed.ThreadBudget] = None) -> "Loader":
-    """Scan `cfg.root/<split folder>` (or open it, packed) and return this rank's loader.
+                 threads: Optional[ThreadBudget] = None) -> "Loader":
+    """Scan `cfg.root/<split folder>` (or open it, packed) and return this rank's loader: a
+    TrainLoader for "train", a ValLoader for "val".
 
     batch_size is the per-rank micro batch. `device` is where batches are delivered; DALI runs
     on that GPU when cfg.device is "gpu", or "auto" with CUDA available and a CUDA `device`.
     cfg.num_threads / cfg.host_threads left at None come from `threads`, the rank's budget
-    (distributed.thread_budget; derived here from the environment when not given).
+    (fastdeit.threads.thread_budget; derived here from the environment when not given). `seed`
+    is the train order's and augmentation's; val has no randomness and ignores it.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -86,11 +90,12 @@ def build_loader(cfg: DataConfig, split: str, batch_size: int, rank: int, world_
         raise DataError(f"class folders of {folder} differ from those of {train_folder}")
     placement = resolve_placement(cfg, device)
     if cfg.num_threads is None or cfg.host_threads is None:
-        threads = threads or distributed.rank_budget(distributed.RuntimeConfig(), placement.gpu,
-                                                     device.type)
+        threads = threads or rank_budget(RuntimeConfig(), placement.gpu, device.type)
         cfg = dataclasses.replace(cfg, num_threads=cfg.num_threads or threads.dali,
                                   host_threads=cfg.host_threads or threads.host)
-    loader = Loader(cfg, split, source, batch_size, rank, world_size, seed, device, placement)
+    shard = Shard(rank, world_size)
+    loader = (TrainLoader(cfg, source, batch_size, shard, device, placement, seed) if split == "train"
+              else ValLoader(cfg, source, batch_size, shard, device, placement))
     loader.excluded = excluded      # for the run's log: (files left out, the list) or None
     return loader
 
@@ -135,123 +140,48 @@ def augment_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
     return int(state[0]) << 32 | int(state[1])
 
 
-class Loader:
-    """Yields (images float32 [B,3,S,S] channels-last, labels int64 [B]) on `device`, one rank.
+class Shard(NamedTuple):
+    """Which part of the data this process reads: rank `rank` of `world_size`."""
+    rank: int = 0
+    world_size: int = 1
 
-    Train: call set_epoch(e[, skip_batches]) before each epoch; every rank has the same len()
-    (the batches of a full epoch; after skip_batches=k, iteration yields len() - k of them);
-    the last partial batch is dropped. Val: set_epoch is optional (no randomness); each sample
-    is seen exactly once over all ranks; the last batch may be partial.
+
+class Loader:
+    """What the train and val loaders share: the source, the DALI pipeline and its iterator,
+    the copy to the training device, closing, and the error that names a bad file.
+
+    Yields (images float32 [B,3,S,S] channels-last, labels int64 [B]) on `device`, one rank.
+    Subclasses say how an epoch's order and graph are made (`_open`) and what happens to a
+    batch on the training device (`_finish`).
     """
 
-    def __init__(self, cfg: DataConfig, split: str, source, batch_size: int, rank: int,
-                 world_size: int, seed: int, device: torch.device, placement: Placement):
-        self.cfg, self.split, self.batch_size = cfg, split, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+    split = ""          # "train" / "val": for messages and the run's log
+    _last_batch = ""    # DALI's LastBatchPolicy member for the iterator
+
+    def __init__(self, cfg: DataConfig, source, batch_size: int, shard: Shard, device: torch.device,
+                 placement: Placement):
+        self.cfg, self.batch_size, self.shard = cfg, batch_size, shard
+        self.rank, self.world_size = shard
         self.device, self.placement = device, placement
         self.classes = list(source.classes)
         self.num_classes = len(self.classes)
         self._source = source   # folder.FolderSource or shards.ShardSource
         self._pipe = None
-        self._it = None                 # DALIGenericIterator (GPU train, val)
-        self._background: Optional[BackgroundBatches] = None   # CPU train
+        self._it = None                 # DALIGenericIterator (GPU layout, val)
         self._order: Optional[np.ndarray] = None  # indices the current pipeline reads
-        self._ready = False   # train: set_epoch built a pipeline not yet iterated
-        self._clean = False   # val: the kept pipeline sits at an epoch start
-        self._epoch = 0
         self._skip = 0
-        self.img_size = cfg.img_size    # train: the current epoch's side (set_epoch)
-        self._normalize = imageops.Normalize(cfg.mean, cfg.std)  # constants kept on the device
-        # CPU placement feeding a device: host batches are made in pinned memory (transfer.py)
-        self._pin = pins_for(device)
-        self.randaug = None   # BatchRandAugment or ThreeAugment (train)
-        if split == "train":
-            self.repeats = effective_repeats(cfg.repeated_aug, world_size,
-                                             cfg.repeated_aug_single_process)
-            # The batched augmentation (same sample/apply interface): 3-Augment or RandAugment.
-            self.randaug = ThreeAugment.from_config(cfg)
-            if self.randaug is None and cfg.rand_augment:
-                # timm/DeiT fill the warps with the mean pixel: round(255 * mean)
-                fill = [min(255, round(255 * m)) for m in cfg.mean]
-                self.randaug = BatchRandAugment(parse_rand_augment(cfg.rand_augment), fill)
-            # Same count on every rank (sampler.py), so the same number of batches.
-            per_rank = len(train_indices(len(source), rank, world_size, seed, 0, self.repeats))
-            self._num_batches = per_rank // batch_size
-            if self._num_batches == 0:
-                raise DataError(
-                    f"train split has {len(source)} images: {per_rank} per rank, fewer than "
-                    f"batch_size {batch_size}, so an epoch would have no batches")
-            self.num_samples = self._num_batches * batch_size
-        else:
-            self.repeats = 1
-            self.num_samples = len(val_indices(len(source), rank, world_size))
-            self._num_batches = math.ceil(self.num_samples / batch_size)
+        self._num_batches = 0
+        self.num_samples = 0
+        self.excluded = None
 
     def __len__(self) -> int:
-        """Batches in a full epoch (also after set_epoch(e, skip_batches=k), which yields
-        len() - k of them)."""
+        """Batches in a full epoch."""
         return self._num_batches
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0, img_size: Optional[int] = None) -> None:
-        """Prepare train epoch `epoch`; iteration then yields its batches skip_batches,
-        skip_batches + 1, ..., len() - 1, identical to those of an uninterrupted epoch.
-
-        Skipped batches are decoded and discarded by DALI (its random crop and flip state
-        only advances by running), at the cost of that much data loading. `img_size`: this
-        epoch's training side (data.size_schedule, asked by the trainer); default cfg.img_size.
-        The DALI graph is built per epoch anyway, so a new size costs nothing extra.
-        """
-        if self.split != "train":
-            if skip_batches:
-                raise ValueError("skip_batches applies to the train loader only")
-            return  # val order and transforms do not depend on the epoch
-        if not 0 <= skip_batches <= self._num_batches:
-            raise ValueError(f"skip_batches must be in [0, {self._num_batches}], got {skip_batches}")
-        self.close()
-        order = train_indices(len(self._source), self.rank, self.world_size, self.seed, epoch,
-                              self.repeats)[: self.num_samples]
-        self.img_size = img_size or self.cfg.img_size
-        pipe_args = (*self._inputs(order), self.cfg, self.batch_size,
-                     dali_seed(self.seed, epoch, self.rank), self.placement, self.img_size)
-        self._start(order, build_train_pipeline, pipe_args)
-        self._epoch, self._skip = epoch, skip_batches
-        for step in range(skip_batches):  # decode and discard: see the module docstring
-            try:
-                self._run_dali(step)
-            except RuntimeError as e:
-                self._fail(step, e)
-        if self._it is None:  # CPU: produce the coming batches in the background (host.py)
-            self._background = BackgroundBatches(
-                self._read_host, self._finish_host, skip_batches, self._num_batches,
-                depth=self.cfg.prefetch, workers=self.cfg.host_threads)
-        self._ready = True
-
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        if self.split == "train":
-            if not self._ready:
-                # Iterating twice would silently replay (or skip) an epoch's data order.
-                raise RuntimeError("Loader.set_epoch(epoch) must be called before each epoch")
-            self._ready = False
-        else:
-            if self.num_samples == 0:
-                return iter(())
-            if not self._clean:
-                self.close()
-                order = val_indices(len(self._source), self.rank, self.world_size)
-                self._start(order, build_val_pipeline,
-                            (*self._inputs(order), self.cfg, self.batch_size, self.placement))
-            self._clean = False
-        return self._batches()
 
     def _batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         for step in range(self._skip, self._num_batches):
             try:
-                if self._background is not None:
-                    images, labels = self._background.get()
-                else:
-                    images, labels = self._run_dali(step)
-                    # DALI's HWC batch viewed as NCHW: channels-last memory, no copy.
-                    images = images.permute(0, 3, 1, 2)
+                images, labels = self._next(step)
             except RuntimeError as e:
                 self._fail(step, e)
             if images.device != self.device:
@@ -259,43 +189,15 @@ class Loader:
                 # GPU pipeline feeding a CPU run: a blocking copy (never read before it lands)
                 images = to_device(images, self.device)
                 labels = to_device(labels, self.device)
-            if self.split == "train" and images.dtype == torch.uint8:
-                images = self._augment(images, step)
-            yield images, labels
-        if self.split == "val":
-            try:  # run the iterator to its end so it auto-resets for the next evaluation
-                next(self._it)
-            except StopIteration:
-                self._clean = True
+            yield self._finish(images, step), labels
 
-    def _augment(self, images: torch.Tensor, step: int) -> torch.Tensor:
-        """uint8 [B, 3, S, S] -> RandAugment -> normalised float32, on the images' device."""
-        if self.randaug is not None:
-            gen = torch.Generator().manual_seed(
-                augment_seed(self.seed, self._epoch, self.rank, step))
-            b, _, h, w = images.shape
-            plan = self.randaug.sample(b, h, w, gen).to(images.device)
-            images = self.randaug.apply(images, plan)
-        return self._normalize(images)
+    def _next(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Batch `step` as (images NCHW in channels-last memory, labels)."""
+        images, labels = self._run_dali(step)
+        return images.permute(0, 3, 1, 2), labels   # DALI's HWC batch viewed as NCHW, no copy
 
-    def _read_host(self, step: int, run_all) -> Tuple[torch.Tensor, torch.Tensor]:
-        """CPU placement, feeder thread: DALI's crops, resized and flipped (uint8 NCHW in
-        channels-last memory) before DALI's next run reuses their buffers; the resizes are
-        shared out over this thread and the host pool (host_threads slices), so that no single
-        thread carries them as a serial stage while DALI decodes the next batches."""
-        crops, labels, flips = self._run_dali(step)
-        images = resize_crops(crops, flips.as_array(), self.img_size, pin=self._pin,
-                              slices=self.cfg.host_threads, run_all=run_all)
-        labels = torch.from_numpy(labels.as_array().reshape(-1))
-        return images.permute(0, 3, 1, 2), (labels.pin_memory() if self._pin else labels)
-
-    def _finish_host(self, step: int, batch):
-        """CPU placement, pool thread: RandAugment + normalisation when the batches are for the
-        CPU (for a GPU they are augmented there, in the training thread)."""
-        images, labels = batch
-        if self.device.type == "cpu":
-            images = self._augment(images, step)
-        return images, labels
+    def _finish(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        return images
 
     def _run_dali(self, step: int):
         """One DALI batch: (images [B, H, W, 3], labels [B]) from the iterator, or the raw
@@ -313,15 +215,10 @@ class Loader:
 
     def close(self) -> None:
         """Release the DALI pipeline (and its threads and buffers)."""
-        if self._background is not None:
-            self._background.close()
-            self._background = None
         self._it = None
         self._pipe = None
         self._source.close()  # a packed source's read-ahead threads
         self._order = None
-        self._ready = False
-        self._clean = False
 
     def __del__(self):
         try:
@@ -336,24 +233,26 @@ class Loader:
         return self._source.pipeline_input(order, self.batch_size, self.cfg.num_threads,
                                            self.cfg.prefetch)
 
-    def _start(self, order: np.ndarray, build, args) -> None:
+    def _start(self, order: np.ndarray, build, *args, iterate: bool = True) -> None:
+        """Build the graph `build(files, labels, *args)` over `order`; `iterate`: read it through
+        DALI's iterator (else the caller runs the pipeline itself)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self._order = order
         try:
-            self._pipe = build(*args)
-            if self.split == "train" and not self.placement.gpu_layout:
-                return  # ragged crops (pipeline.py): set_epoch runs the pipeline directly
+            inputs = self._inputs(order)
+            self._pipe = build(*inputs, *args)
+            if not iterate:
+                return
             # The iterator runs the first batches right away (prefetch), overlapping them with
             # whatever the trainer does between set_epoch and the first step.
             # A packed feed (files not a list) sizes its own epoch: the iterator reads it to
             # StopIteration, its last val batch already partial.
             self._it = DALIGenericIterator(
                 [self._pipe], ["images", "labels"],
-                reader_name=READER_NAME if isinstance(args[0], list) else None,
-                last_batch_policy=(LastBatchPolicy.DROP if self.split == "train"
-                                   else LastBatchPolicy.PARTIAL),
-                auto_reset=self.split == "val")
+                reader_name=READER_NAME if isinstance(inputs[0], list) else None,
+                last_batch_policy=getattr(LastBatchPolicy, self._last_batch),
+                auto_reset=self._last_batch == "PARTIAL")
         except RuntimeError as e:
             self._fail(0, e)
 
@@ -386,3 +285,185 @@ class Loader:
             f"DALI {self.split} pipeline failed at batch {step}; the images it was reading "
             f"({len(candidates)} files from "
             f"{[self._source.describe(i) for i in candidates[:1]]}) decode fine with PIL") from error
+
+
+class TrainLoader(Loader):
+    """The train split: call set_epoch(e[, skip_batches]) before each epoch. Every rank has the
+    same len() (the batches of a full epoch; after skip_batches=k, iteration yields len() - k
+    of them); the last partial batch is dropped. Batches leave augmented (RandAugment or
+    3-Augment) and normalised, at the side `sizes(epoch)` gives.
+    """
+
+    split = "train"
+    _last_batch = "DROP"
+
+    def __init__(self, cfg: DataConfig, source, batch_size: int, shard: Shard, device: torch.device,
+                 placement: Placement, seed: int):
+        super().__init__(cfg, source, batch_size, shard, device, placement)
+        self.seed = seed
+        self._sizes: Optional[SizeSchedule] = None   # see `sizes`
+        self.img_size = cfg.img_size    # the current epoch's side (set_epoch)
+        self._background: Optional[BackgroundBatches] = None   # CPU layout
+        self._ready = False   # set_epoch built a pipeline not yet iterated
+        self._epoch = 0
+        self._normalize = imageops.Normalize(cfg.mean, cfg.std)  # constants kept on the device
+        # CPU placement feeding a device: host batches are made in pinned memory (transfer.py)
+        self._pin = pins_for(device)
+        self.repeats = effective_repeats(cfg.repeated_aug, self.world_size,
+                                         cfg.repeated_aug_single_process)
+        # The batched augmentation (same sample/apply interface): 3-Augment or RandAugment.
+        self.randaug = ThreeAugment.from_config(cfg)
+        if self.randaug is None and cfg.rand_augment:
+            # timm/DeiT fill the warps with the mean pixel: round(255 * mean)
+            fill = [min(255, round(255 * m)) for m in cfg.mean]
+            self.randaug = BatchRandAugment(parse_rand_augment(cfg.rand_augment), fill)
+        # Same count on every rank (sampler.py), so the same number of batches.
+        per_rank = len(train_indices(len(source), self.rank, self.world_size, seed, 0, self.repeats))
+        self._num_batches = per_rank // batch_size
+        if self._num_batches == 0:
+            raise DataError(
+                f"train split has {len(source)} images: {per_rank} per rank, fewer than "
+                f"batch_size {batch_size}, so an epoch would have no batches")
+        self.num_samples = self._num_batches * batch_size
+
+    @property
+    def sizes(self) -> SizeSchedule:
+        """The side per epoch (schedule.py), an int for every epoch. The composition root sets
+        the one rounded to the student's patch size (built after the loader, which tells it the
+        class count); until then, and for a loader used on its own, data.size_schedule rounded
+        to data.size_multiple or 32."""
+        if self._sizes is None:
+            self._sizes = size_schedule(self.cfg)
+        return self._sizes
+
+    @sizes.setter
+    def sizes(self, schedule: SizeSchedule) -> None:
+        self._sizes = schedule
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Prepare epoch `epoch` at side `sizes(epoch)`; iteration then yields its batches
+        skip_batches, skip_batches + 1, ..., len() - 1, identical to those of an uninterrupted
+        epoch.
+
+        Skipped batches are decoded and discarded by DALI (its random crop and flip state
+        only advances by running), at the cost of that much data loading. The DALI graph is
+        built per epoch anyway, so a new size costs nothing extra.
+        """
+        if not 0 <= skip_batches <= self._num_batches:
+            raise ValueError(f"skip_batches must be in [0, {self._num_batches}], got {skip_batches}")
+        self.close()
+        order = train_indices(len(self._source), self.rank, self.world_size, self.seed, epoch,
+                              self.repeats)[: self.num_samples]
+        self.img_size = self.sizes(epoch)
+        # Ragged crops on the CPU layout (pipeline.py): the pipeline is run directly.
+        self._start(order, build_train_pipeline, self.cfg, self.batch_size,
+                    dali_seed(self.seed, epoch, self.rank), self.placement, self.img_size,
+                    iterate=self.placement.gpu_layout)
+        self._epoch, self._skip = epoch, skip_batches
+        for step in range(skip_batches):  # decode and discard: see the module docstring
+            try:
+                self._run_dali(step)
+            except RuntimeError as e:
+                self._fail(step, e)
+        if self._it is None:  # CPU: produce the coming batches in the background (host.py)
+            self._background = BackgroundBatches(
+                self._read_host, self._finish_host, skip_batches, self._num_batches,
+                depth=self.cfg.prefetch, workers=self.cfg.host_threads)
+        self._ready = True
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if not self._ready:
+            # Iterating twice would silently replay (or skip) an epoch's data order.
+            raise RuntimeError("TrainLoader.set_epoch(epoch) must be called before each epoch")
+        self._ready = False
+        return self._batches()
+
+    def _next(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._background is not None:
+            return self._background.get()
+        return super()._next(step)
+
+    def _finish(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        # Still uint8: not yet augmented (the CPU layout augments CPU batches in its pool).
+        return self._augment(images, step) if images.dtype == torch.uint8 else images
+
+    def _augment(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """uint8 [B, 3, S, S] -> RandAugment -> normalised float32, on the images' device."""
+        if self.randaug is not None:
+            gen = torch.Generator().manual_seed(
+                augment_seed(self.seed, self._epoch, self.rank, step))
+            b, _, h, w = images.shape
+            plan = self.randaug.sample(b, h, w, gen).to(images.device)
+            images = self.randaug.apply(images, plan)
+        return self._normalize(images)
+
+    def _read_host(self, step: int, run_all) -> Tuple[torch.Tensor, torch.Tensor]:
+        """CPU placement, feeder thread: DALI's crops, resized and flipped (uint8 NCHW in
+        channels-last memory) before DALI's next run reuses their buffers; the resizes are
+        shared out over this thread and the host pool (host_threads slices), so that no single
+        thread carries them as a serial stage while DALI decodes the next batches."""
+        crops, labels, flips = self._run_dali(step)
+        images = resize_crops(crops, flips.as_array(), self.img_size, pin=self._pin,
+                              slices=self.cfg.host_threads, run_all=run_all)
+        labels = torch.from_numpy(labels.as_array().reshape(-1))
+        return images.permute(0, 3, 1, 2), (labels.pin_memory() if self._pin else labels)
+
+    def _finish_host(self, step: int, batch):
+        """CPU placement, pool thread: RandAugment + normalisation when the batches are for the
+        CPU (for a GPU they are augmented there, in the training thread)."""
+        images, labels = batch
+        if self.device.type == "cpu":
+            images = self._augment(images, step)
+        return images, labels
+
+    def close(self) -> None:
+        if self._background is not None:
+            self._background.close()
+            self._background = None
+        super().close()
+        self._ready = False
+
+
+class ValLoader(Loader):
+    """The val split: unshuffled and seedless, at data.img_size; each sample is seen exactly
+    once over all ranks; the last batch may be partial. One pipeline is kept across
+    evaluations and rebuilt only if an evaluation was abandoned part way (DALI cannot rewind a
+    reader mid-epoch). set_epoch is accepted and does nothing (no randomness)."""
+
+    split = "val"
+    _last_batch = "PARTIAL"
+
+    def __init__(self, cfg: DataConfig, source, batch_size: int, shard: Shard, device: torch.device,
+                 placement: Placement):
+        super().__init__(cfg, source, batch_size, shard, device, placement)
+        self.repeats = 1
+        self.num_samples = len(val_indices(len(source), self.rank, self.world_size))
+        self._num_batches = math.ceil(self.num_samples / batch_size)
+        self._clean = False   # the kept pipeline sits at an epoch start
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Nothing to do: val order and transforms do not depend on the epoch (the signature is
+        the train loader's, so that code walking both needs no branch)."""
+        if skip_batches:
+            raise ValueError("skip_batches applies to the train loader only")
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if self.num_samples == 0:
+            return iter(())
+        if not self._clean:
+            self.close()
+            order = val_indices(len(self._source), self.rank, self.world_size)
+            self._start(order, build_val_pipeline, self.cfg, self.batch_size, self.placement)
+        self._clean = False
+        return self._epoch_to_end()
+
+    def _epoch_to_end(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        yield from self._batches()
+        try:  # run the iterator to its end so it auto-resets for the next evaluation
+            next(self._it)
+        except StopIteration:
+            self._clean = True
+
+    def close(self) -> None:
+        super().close()
+        self._clean = False

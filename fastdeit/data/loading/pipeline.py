@@ -138,9 +138,9 @@ def _normalize(images, cfg: DataConfig):
 
 
 def build_train_pipeline(files: List[str], labels: List[int], cfg: DataConfig, batch_size: int,
-                         seed: int, placement: Placement, size: Optional[int] = None) -> Pipeline:
+                         seed: int, placement: Placement, size: int) -> Pipeline:
     """The train graph (define_train_pipeline), built; `size`: this epoch's side."""
-    return _build(define_train_pipeline(files, labels, cfg, batch_size, seed, placement, size=size))
+    return _build(define_train_pipeline(files, labels, cfg, batch_size, seed, placement, size))
 
 
 def build_val_pipeline(files: List[str], labels: List[int], cfg: DataConfig, batch_size: int,
@@ -153,8 +153,8 @@ _PLACEMENT = object()   # define_*_pipeline's device_id default: the placement's
 
 
 def define_train_pipeline(files: List[str], labels: List[int], cfg: DataConfig, batch_size: int,
-                          seed: int, placement: Placement, device_id=_PLACEMENT,
-                          size: Optional[int] = None) -> Pipeline:
+                          seed: int, placement: Placement, size: int,
+                          device_id=_PLACEMENT) -> Pipeline:
     """Train graph, not built: decode fused with RandomResizedCrop, then the bicubic resize and
     hflip.
 
@@ -169,8 +169,7 @@ def define_train_pipeline(files: List[str], labels: List[int], cfg: DataConfig, 
     device_id: the pipeline's device, the placement's by default; None lets a GPU graph be
     serialised (pipe.serialize()) without a GPU: DALI looks for CUDA only when it creates the
     backend pipeline, at build or serialisation time. `size`: this epoch's output side
-    (data.size_schedule); default cfg.img_size."""
-    size = size or cfg.img_size
+    (the loader's schedule, data.size_schedule)."""
 
     @pipeline_def
     def graph():
