@@ -4,22 +4,16 @@ A ``FastDeitError`` is a failure we anticipated, whose message already says what
 where (the config key, the file, the folder): a configuration mistake, a data folder or file
 list that doesn't fit, weights that can't be read or don't fit, a checkpoint that is missing or
 belongs to another run, a launch that doesn't fit the machine. The entry points under ``launch/`` print it as one line,
-``fastdeit: error: <message>``, and exit with status 2; under a launcher only rank 0 prints
-(every rank meets the same mistake), except for errors only one rank can meet (an image file
-of its shard that doesn't decode). Anything else is a bug or an environment failure and keeps
+``fastdeit: error: <message>``, and exit with status 2 (fastdeit.cli.reported); under a launcher
+only rank 0 prints (every rank meets the same mistake), except for errors only one rank can meet
+(an image file of its shard that doesn't decode). This module imports nothing of the library, so
+every module may raise these. Anything else is a bug or an environment failure and keeps
 its full traceback.
 
 Each type also derives from the built-in exception the code raised before (ValueError,
 RuntimeError, ...), so callers catching those keep working.
 """
 from __future__ import annotations
-
-import os
-import sys
-from contextlib import contextmanager
-from typing import Iterator
-
-EXIT_STATUS = 2          # as argparse uses for usage errors
 
 
 class FastDeitError(Exception):
@@ -70,21 +64,3 @@ class RunExistsError(CheckpointError, FileExistsError):
 def one_line(error: BaseException) -> str:
     """The message on one line (some wrap a library's multi-line message)."""
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-
-
-def _rank() -> int:
-    from fastdeit.distributed import env_from
-
-    return env_from(os.environ).rank
-
-
-@contextmanager
-def reported(prog: str = "fastdeit") -> Iterator[None]:
-    """Around an entry point's ``main()``: a FastDeitError becomes one line on stderr and exit
-    status 2; every other exception propagates with its traceback."""
-    try:
-        yield
-    except FastDeitError as e:
-        if not e.every_rank or _rank() == 0:
-            print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_STATUS)

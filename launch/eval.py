@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastdeit import distributed  # noqa: E402
 from fastdeit.config import load_config  # noqa: E402
 from fastdeit.data import build_loader  # noqa: E402
-from fastdeit.errors import reported  # noqa: E402
+from fastdeit.cli import reported  # noqa: E402
 from fastdeit.evaluate import evaluate  # noqa: E402
 from fastdeit.models import build_student, load_weights  # noqa: E402
 

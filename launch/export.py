@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastdeit.checkpoint import Checkpointer  # noqa: E402
 from fastdeit.config import load_config  # noqa: E402
-from fastdeit.errors import CheckpointError, reported  # noqa: E402
+from fastdeit.cli import reported  # noqa: E402
+from fastdeit.errors import CheckpointError  # noqa: E402
 from fastdeit.export import export_checkpoint  # noqa: E402
 
 

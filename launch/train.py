@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastdeit import distributed  # noqa: E402
 from fastdeit.build import build_trainer  # noqa: E402
 from fastdeit.config import load_config  # noqa: E402
-from fastdeit.errors import reported  # noqa: E402
+from fastdeit.cli import reported  # noqa: E402
 from fastdeit.export import record_command  # noqa: E402
 from fastdeit.preemption import Stopped  # noqa: E402
 

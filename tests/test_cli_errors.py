@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from fastdeit.errors import BadImageError, ConfigError, reported
+from fastdeit.cli import reported
+from fastdeit.errors import BadImageError, ConfigError
 from tests.launching import ROOT, TINY, command, env, release_shm
 
 
