@@ -54,7 +54,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import pick_device  # noqa: E402
-from fastdeit import distributed  # noqa: E402
+from fastdeit import threads  # noqa: E402
 from fastdeit.data import DataConfig, build_loader  # noqa: E402
 from fastdeit.data.augment.mixing import BatchMixer, MixingConfig  # noqa: E402
 
@@ -63,7 +63,7 @@ RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
 def run_ours(args, device, root=None, three_augment=False):
     # Thread counts: --dali-threads / --host-threads, else this process's budget for a data
-    # path with no training step (fastdeit.distributed.thread_budget).
+    # path with no training step (fastdeit.threads.thread_budget).
     augment = dict(rand_augment=None, three_augment=True, color_jitter=0.3) if three_augment else \
         dict(rand_augment=RAND_AUGMENT)
     cfg = DataConfig(root=root or args.folder, img_size=args.img_size, num_threads=args.dali_threads,
@@ -352,9 +352,9 @@ def main(argv=None):
         args.folder = args.data
     device = pick_device(args.device)
     data_on_gpu = device.type == "cuda"
-    args.budget = distributed.rank_budget(distributed.RuntimeConfig(cores_per_rank=args.cores,
-                                                                    torch_threads=args.torch_threads),
-                                          data_on_gpu, None, args.dali_threads, args.host_threads)
+    args.budget = threads.rank_budget(threads.RuntimeConfig(cores_per_rank=args.cores,
+                                                            torch_threads=args.torch_threads),
+                                      data_on_gpu, None, args.dali_threads, args.host_threads)
     torch.set_num_threads(args.budget.torch)
     print(args.budget.describe(), flush=True)
     args.context_switches, args.shard_switches = [], []

@@ -1,5 +1,5 @@
 """Where the CPU data path's time goes, per image and per thread: the figures behind the thread
-budget's split (fastdeit/distributed.py, _DECODE_MS / _RESIZE_MS / _FINISH_MS).
+budget's split (fastdeit/threads.py, _DECODE_MS / _RESIZE_MS / _FINISH_MS).
 
     python benchmarks/data_profile.py --data /tmp/inet [--batch 32 --epochs 4]
 

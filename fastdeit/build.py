@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdeit import distributed, ema as ema_lib, engine as engine_lib, flops as flops_lib, precision as precision_lib
+from fastdeit import distributed, ema as ema_lib, threads as threads_lib, engine as engine_lib, flops as flops_lib, precision as precision_lib
 from fastdeit.checkpoint import Checkpointer
 from fastdeit.config import Config, save_config, to_dict
 from fastdeit.data import build_loader
@@ -63,9 +63,9 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     dtype = engine_lib.model_dtype(cfg.engine)
     # Before anything is built: the combinations that would sync the host every step on CUDA.
     engine_lib.check_device(cfg.engine, dtype, device)
-    threads = distributed.rank_budget(cfg.runtime, resolve_placement(cfg.data, device).gpu, device.type,
+    threads = threads_lib.rank_budget(cfg.runtime, resolve_placement(cfg.data, device).gpu, device.type,
                                       cfg.data.num_threads, cfg.data.host_threads)
-    distributed.apply_budget(threads)
+    threads_lib.apply_budget(threads)
     seed_everything(cfg.trainer.seed, env.rank)
     run_dir = Path(cfg.trainer.run_dir)
     if env.is_main:

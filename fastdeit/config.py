@@ -24,7 +24,8 @@ import yaml
 from fastdeit.checkpoint import CheckpointConfig
 from fastdeit.data.config import DataConfig
 from fastdeit.data.augment.mixing import MixingConfig
-from fastdeit.distributed import DistributedConfig, RuntimeConfig
+from fastdeit.distributed import DistributedConfig
+from fastdeit.threads import RuntimeConfig
 from fastdeit.ema import EmaConfig
 from fastdeit.engine import EngineConfig
 from fastdeit.errors import ConfigError  # noqa: F401  (also imported from here)

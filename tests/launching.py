@@ -1,11 +1,11 @@
 """Helpers for tests that run the real entry points as subprocesses (2 CPU ranks over gloo)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from fastdeit.distributed import free_port
 from tests.childenv import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,12 +20,6 @@ TINY = [
     "engine.global_batch_size=32", "trainer.eval_every=1", "logging.log_every=2",
     "logging.progress=lines", "checkpoint.keep_last=2",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:

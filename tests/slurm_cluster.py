@@ -33,6 +33,8 @@ from typing import Dict, Iterable, Optional
 
 import pytest
 
+from fastdeit.distributed import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "squeue")
 APT_PACKAGES = ("slurm-wlm", "munge")
 
@@ -62,10 +64,6 @@ def ensure_installed() -> Optional[str]:
     return None if not _missing() else f"after installing {APT_PACKAGES}: {_missing()} still missing"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node_line() -> str:
@@ -131,7 +129,7 @@ class SlurmCluster:
         lines = [
             "ClusterName=fastdeit-test",
             f"SlurmctldHost={self.node}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
             "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/munge", "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_socket}",
@@ -148,8 +146,8 @@ class SlurmCluster:
             "SlurmdParameters=config_overrides", "KillWait=5", "InactiveLimit=0",
             f"FirstJobId={first_job}",
             # Two node daemons on one host: the same address, their own ports.
-            f"NodeName={self.node} NodeAddr=127.0.0.1 Port={_free_port()} {self.spec} State=UNKNOWN",
-            f"NodeName={self.second} NodeHostname={self.node} NodeAddr=127.0.0.1 Port={_free_port()} "
+            f"NodeName={self.node} NodeAddr=127.0.0.1 Port={free_port()} {self.spec} State=UNKNOWN",
+            f"NodeName={self.second} NodeHostname={self.node} NodeAddr=127.0.0.1 Port={free_port()} "
             f"{self.spec} State=UNKNOWN",
             f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
             f"PartitionName=pair Nodes={self.node},{self.second} MaxTime=INFINITE State=UP",

@@ -33,7 +33,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fastdeit import distributed  # noqa: E402
-from fastdeit.distributed import DistEnv, device_for, thread_budget  # noqa: E402
+from fastdeit import threads  # noqa: E402
+from fastdeit.distributed import DistEnv, device_for  # noqa: E402
+from fastdeit.threads import thread_budget  # noqa: E402
 
 
 @pytest.fixture
@@ -119,16 +121,16 @@ def test_the_data_placement_follows_the_device(fresh_accelerator):
 # ------------------------------------------------------------------ thread budget per rank
 
 def test_cores_per_rank_from_affinity_launchers_and_slurm():
-    assert distributed.cores_per_rank({}, affinity=16) == (16, "16 usable cores / 1 local rank")
-    assert distributed.cores_per_rank({"LOCAL_SIZE": "8"}, affinity=128)[0] == 16        # deepspeed
-    assert distributed.cores_per_rank({"LOCAL_WORLD_SIZE": "4"}, affinity=16)[0] == 4     # torchrun
-    assert distributed.cores_per_rank({"LOCAL_SIZE": "8"}, affinity=4)[0] == 1            # never 0
+    assert threads.cores_per_rank({}, affinity=16) == (16, "16 usable cores / 1 local rank")
+    assert threads.cores_per_rank({"LOCAL_SIZE": "8"}, affinity=128)[0] == 16        # deepspeed
+    assert threads.cores_per_rank({"LOCAL_WORLD_SIZE": "4"}, affinity=16)[0] == 4     # torchrun
+    assert threads.cores_per_rank({"LOCAL_SIZE": "8"}, affinity=4)[0] == 1            # never 0
     srun = {"SLURM_PROCID": "9", "SLURM_CPUS_PER_TASK": "12", "SLURM_STEP_TASKS_PER_NODE": "8(x2)"}
-    assert distributed.cores_per_rank(srun, affinity=12) == (12, "SLURM_CPUS_PER_TASK")
+    assert threads.cores_per_rank(srun, affinity=12) == (12, "SLURM_CPUS_PER_TASK")
     # srun without --cpus-per-task: the node's cores shared by its tasks (node 2 runs 3)
     srun = {"SLURM_PROCID": "17", "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "8(x2),3"}
-    assert distributed.local_world_size(srun) == 3
-    assert distributed.cores_per_rank(srun, affinity=96)[0] == 32
+    assert threads.local_world_size(srun) == 3
+    assert threads.cores_per_rank(srun, affinity=96)[0] == 32
 
 
 def test_thread_budget_splits_and_never_oversubscribes_the_data_path():
@@ -155,11 +157,11 @@ def test_thread_budget_splits_and_never_oversubscribes_the_data_path():
 
 
 def test_rank_budget_honours_config_and_omp_num_threads():
-    cfg = distributed.RuntimeConfig()
+    cfg = threads.RuntimeConfig()
     env = {"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "3"}
-    b = distributed.rank_budget(cfg, False, "cpu", environ=env)
+    b = threads.rank_budget(cfg, False, "cpu", environ=env)
     assert b.torch == 3 and "local ranks" in b.source
-    b = distributed.rank_budget(distributed.RuntimeConfig(cores_per_rank=6, torch_threads=5), False,
+    b = threads.rank_budget(threads.RuntimeConfig(cores_per_rank=6, torch_threads=5), False,
                                 "cpu", dali=4, environ=env)
     assert (b.cores, b.dali, b.torch, b.source) == (6, 4, 5, "runtime.cores_per_rank")
     assert "DALI 4, host 1, torch 5" in b.describe()

@@ -145,7 +145,7 @@ def test_summary_never_prints_an_mfu_above_100_percent():
 def test_a_stopped_benchmark_keeps_what_it_measured(tmp_path):
     """The step benchmark killed after its first round (as a stage cap kills it) leaves a
     partial record; the summary shows its figures and says the rest is missing and why."""
-    from tests.test_benchmarks import free_port
+    from fastdeit.distributed import free_port
 
     rec = tmp_path / "records"
     cmd = [sys.executable, "-m", "benchmarks.step", "--model", "ti", "--model-kwargs", TINY_VIT, "--img-size", "32",

@@ -1,7 +1,6 @@
 """fastdeit.lamb.Lamb: timm's Lamb maths, and the same result under DeepSpeed ZeRO 1/2 on 2 ranks
 (where a per-tensor LAMB would compute its trust ratios over flat partitions instead)."""
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.multiprocessing as mp
 from timm.optim import Lamb as TimmLamb
 from torch import nn
 
+from fastdeit import distributed
 from fastdeit.lamb import Lamb
 
 STEPS = 3
@@ -87,9 +87,7 @@ def _worker(rank, port, stage, which, precision, clip, out, scale=SCALE):
 
 
 def _spawn(tmp_path, stage, which, precision="fp32", clip=0.0):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = distributed.free_port()
     out = tmp_path / f"{which}-{stage}-{precision}-{clip}.pt"
     mp.spawn(_worker, args=(port, stage, which, precision, clip, str(out)), nprocs=2, join=True)
     return torch.load(out)

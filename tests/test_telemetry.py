@@ -81,7 +81,6 @@ def test_training_run_logs_telemetry_and_draws_its_report(tmp_path):
     """A real (one-process) training run: every step record carries img/s, MFU and data
     wait, the progress lines show them, and python -m fastdeit.report draws the run."""
     import json
-    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -94,9 +93,9 @@ def test_training_run_logs_telemetry_and_draws_its_report(tmp_path):
     data = tmp_path / "data"
     generate(str(data), classes=4, train_per_class=24, val_per_class=4, min_size=36, max_size=48, seed=0, quality=90)
     run = tmp_path / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from fastdeit.distributed import free_port
+
+    port = free_port()
     env = child_env("cpu", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)

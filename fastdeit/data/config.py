@@ -57,7 +57,7 @@ class DataConfig:
     std: Tuple[float, float, float] = IMAGENET_STD
     device: str = "auto"               # auto | gpu | cpu: where DALI decodes (augmentation runs
                                        # on the training device either way)
-    # Thread counts per rank; None: this rank's share of its cores (distributed.thread_budget,
+    # Thread counts per rank; None: this rank's share of its cores (fastdeit.threads.thread_budget,
     # logged at start), which keeps DALI, the host threads and torch from oversubscribing.
     num_threads: Optional[int] = None  # DALI CPU threads
     host_threads: Optional[int] = None # CPU placement: threads that RandAugment + normalise

@@ -34,7 +34,7 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from fastdeit.distributed import RuntimeConfig, ThreadBudget, rank_budget
+from fastdeit.threads import RuntimeConfig, ThreadBudget, rank_budget
 from fastdeit.errors import BadImageError, ConfigError, DataError
 
 from ..augment import imageops
