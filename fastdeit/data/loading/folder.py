@@ -9,7 +9,7 @@ the loader's view of such a tree; shards.ShardSource, beside it, is the same for
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Set, Tuple
+from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -64,6 +64,23 @@ def find_classes(root: str) -> List[str]:
     return classes
 
 
+def list_entries(list_path: str, root: str) -> Iterator[Tuple[str, List[str]]]:
+    """The entries of a list file (a file list, an exclusion list): one path per line relative
+    to ``root``; blank lines and lines starting with '#' skipped. Yields (where, parts): where
+    is "<list>:<line>: '<entry>'" for messages, parts the normalised path's components. A path
+    that is absolute or leaves ``root`` is a DataError naming the list and line."""
+    with open(os.path.expanduser(list_path)) as f:
+        for number, line in enumerate(f, start=1):
+            rel = line.strip()
+            if not rel or rel.startswith("#"):
+                continue
+            where = f"{list_path}:{number}: {rel!r}"
+            parts = os.path.normpath(rel).split(os.sep)
+            if os.path.isabs(rel) or parts[0] == os.pardir:
+                raise DataError(f"{where}: need a path relative to {root}")
+            yield where, parts
+
+
 def read_file_list(list_path: str, root: str) -> Tuple[List[str], List[int], List[str]]:
     """(files, labels, classes) for the images named in a text file, relative to `root`.
 
@@ -79,23 +96,16 @@ def read_file_list(list_path: str, root: str) -> Tuple[List[str], List[int], Lis
     index = {name: i for i, name in enumerate(classes)}
     files: List[str] = []
     labels: List[int] = []
-    with open(os.path.expanduser(list_path)) as f:
-        for number, line in enumerate(f, start=1):
-            rel = line.strip()
-            if not rel or rel.startswith("#"):
-                continue
-            where = f"{list_path}:{number}: {rel!r}"
-            norm = os.path.normpath(rel)
-            parts = norm.split(os.sep)
-            if os.path.isabs(rel) or parts[0] == os.pardir or len(parts) < 2:
-                raise DataError(f"{where}: need a path relative to {root}, inside a class folder")
-            if parts[0] not in index:
-                raise DataError(f"{where}: {parts[0]!r} is not a class folder of {root}")
-            path = os.path.join(root, norm)
-            if not os.path.isfile(path):
-                raise DataError(f"{where}: no such file {path}")
-            files.append(path)
-            labels.append(index[parts[0]])
+    for where, parts in list_entries(list_path, root):
+        if len(parts) < 2:
+            raise DataError(f"{where}: need a path inside a class folder of {root}")
+        if parts[0] not in index:
+            raise DataError(f"{where}: {parts[0]!r} is not a class folder of {root}")
+        path = os.path.join(root, *parts)
+        if not os.path.isfile(path):
+            raise DataError(f"{where}: no such file {path}")
+        files.append(path)
+        labels.append(index[parts[0]])
     if not files:
         raise DataError(f"file list {list_path} names no images")
     return files, labels, classes
@@ -147,14 +157,4 @@ def read_exclusions(list_path: str, root: str) -> Set[str]:
     """Absolute paths of the files a list names (relative to ``root``); a line that is absolute
     or leaves ``root`` is a DataError naming the list and the line."""
     root = os.path.abspath(os.path.expanduser(root))
-    out: Set[str] = set()
-    with open(list_path) as f:
-        for number, line in enumerate(f, start=1):
-            rel = line.strip()
-            if not rel or rel.startswith("#"):
-                continue
-            norm = os.path.normpath(rel)
-            if os.path.isabs(rel) or norm.split(os.sep)[0] == os.pardir:
-                raise DataError(f"{list_path}:{number}: {rel!r}: need a path relative to {root}")
-            out.add(os.path.join(root, norm))
-    return out
+    return {os.path.join(root, *parts) for _, parts in list_entries(list_path, root)}

@@ -38,6 +38,7 @@ import numpy as np
 
 from ...errors import DataError
 from ..imagecheck import check_image_bytes
+from .folder import list_entries
 
 FORMAT = "fastdeit-shards"
 VERSION = 1
@@ -277,18 +278,13 @@ def open_split(root: str, split: str, file_list: Optional[str] = None) -> ShardS
         return ShardSource(packed)
     where_of = {p: i for i, p in enumerate(packed.paths)}
     keys = []
-    with open(os.path.expanduser(file_list)) as f:
-        for number, line in enumerate(f, start=1):
-            rel = line.strip()
-            if not rel or rel.startswith("#"):
-                continue
-            key = where_of.get(os.path.normpath(rel).replace(os.sep, "/"))
-            if key is None:
-                raise ValueError(f"{file_list}:{number}: {rel!r} is not an image of the packed "
-                                 f"split {packed.folder}")
-            keys.append(key)
+    for where, parts in list_entries(file_list, packed.folder):
+        key = where_of.get("/".join(parts))       # the index holds the paths with '/'
+        if key is None:
+            raise DataError(f"{where} is not an image of the packed split {packed.folder}")
+        keys.append(key)
     if not keys:
-        raise ValueError(f"file list {file_list} names no images")
+        raise DataError(f"file list {file_list} names no images")
     return ShardSource(packed, np.asarray(keys))
 
 
