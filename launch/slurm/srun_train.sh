@@ -16,7 +16,7 @@ shift
 
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 # Threads: each rank splits its SLURM_CPUS_PER_TASK between DALI, its host threads and torch
-# (fastdeit.distributed.thread_budget; logged at start). Setting OMP_NUM_THREADS here would
+# (fastdeit.threads.thread_budget; logged at start). Setting OMP_NUM_THREADS here would
 # override torch's share: with the data on the GPU one intra-op thread is enough.
 PYTHON=${PYTHON:-.venv/bin/python}
 
