@@ -75,7 +75,7 @@ def test_preemption_by_signal_then_auto_resume(dataset, tmp_path):
     run = tmp_path / "run"
     args = [*TINY, f"data.root={dataset}", f"trainer.run_dir={run}", "model.name=deit_tiny_patch16_224",
             "distill.type=none", "logging.log_every=1", "trainer.epochs=40"]
-    proc = subprocess.Popen(command("train.py", *args), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(command("train.py", *args, launcher="deepspeed"), cwd=ROOT, env=env(2), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
@@ -176,10 +176,10 @@ def test_resume_on_fewer_ranks_keeps_optimizer_state(dataset, tmp_path):
                                    rtol=1e-6, atol=1e-7)
 
 
-def test_export_eval_and_finetune(dataset, teacher, tmp_path):
-    run = tmp_path / "run"
-    launch(*base(dataset, run), f"teacher.weights={teacher}", "trainer.epochs=1", "logging.log_every=2",
-           "ema.decay=0.9")
+def test_export_eval_and_finetune(dataset, teacher, uninterrupted, tmp_path):
+    # The exact-resume tests' reference run (distilled, with an EMA, evaluated at its end): read
+    # here, never written to except eval.py's eval_ema.json beside it.
+    run = uninterrupted
     out = tmp_path / "exported.pth"
     launch(str(run), "--out", str(out), script="export.py", tiny=False, ranks=1)
     recipe = json.loads(out.with_name("exported.pth.json").read_text())

@@ -1,7 +1,8 @@
-"""The real entry point under the deepspeed launcher: 2 CPU ranks over gloo.
+"""The real entry point on 2 CPU ranks over gloo.
 
-One module-scoped dataset and teacher; each test launches `deepspeed --num_gpus 2
-launch/train.py` exactly as a user would (about 15 s of start-up per launch).
+One module-scoped dataset and teacher. The first test launches `deepspeed --num_gpus 2
+launch/train.py` exactly as a user would (about 15 s of start-up per launch); the others start
+their ranks under torchrun (tests/launching.py), and a config mistake needs one rank only.
 """
 import json
 
@@ -19,7 +20,7 @@ def test_train_eval_checkpoint_resume(dataset, tmp_path):
     run = tmp_path / "run"
     common = [f"data.root={dataset}", f"trainer.run_dir={run}", "model.name=deit_tiny_patch16_224",
               "distill.type=none"]
-    first = launch(*common, "trainer.epochs=3")
+    first = launch(*common, "trainer.epochs=3", launcher="deepspeed")
     epochs = records(run, "epoch")
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
     steps_per_epoch = 192 // 32
@@ -38,7 +39,7 @@ def test_train_eval_checkpoint_resume(dataset, tmp_path):
     assert "epoch 3/3 step" in first.stdout                              # plain progress lines
 
     # Resume: the same run dir with more epochs picks up after epoch 3, steps continue.
-    second = launch(*common, "trainer.epochs=4")
+    second = launch(*common, "trainer.epochs=4", launcher="deepspeed")
     assert "resumed from" in second.stdout
     epochs = records(run, "epoch")
     assert [r["epoch"] for r in epochs] == [0, 1, 2, 3]
@@ -87,6 +88,6 @@ def test_hard_distillation_from_a_teacher_file(dataset, tmp_path):
 
 
 def test_bad_config_fails_before_training(dataset, tmp_path):
-    proc = launch(f"data.root={dataset}", f"trainer.run_dir={tmp_path}", "optim.lrr=1", check=False)
+    proc = launch(f"data.root={dataset}", f"trainer.run_dir={tmp_path}", "optim.lrr=1", check=False, ranks=1)
     assert proc.returncode != 0
     assert "unknown key 'optim.lrr'" in proc.stdout + proc.stderr
