@@ -33,12 +33,16 @@ class DataConfig:
     # training crop side when size_schedule is null.
     img_size: int = 224
     # Training resolution per epoch (schedule.py): [[epoch, size], ...] milestones, 0-based
-    # epochs, linear in between, rounded down to size_multiple; before the first milestone its
-    # size, after the last the last size. E.g. [[10, 160], [250, 224]] (FFCV-style ramp) or
+    # epochs, linear in between, rounded to size_multiple as size_rounding says; before the
+    # first milestone its size, after the last the last size. E.g. [[10, 160], [250, 224]]
+    # (a ramp; FFCV's resolution section is [[start_ramp, min_res], [end_ramp, max_res]]) or
     # [[279, 192], [280, 224]] (DeiT III-style: 192 px, then 224 px for the last 20 of 300).
     # The student keeps its position embedding at img_size's grid and resamples it per forward.
     size_schedule: Optional[List[Tuple[int, int]]] = None
     size_multiple: Optional[int] = None  # None: 2 x the student's patch size (32 for /16), 32 for convnets
+    # nearest: FFCV's get_resolution (ramp sizes to the nearest multiple, ties to even;
+    # milestone sizes as written, which must be multiples); floor: every size rounded down.
+    size_rounding: str = "nearest"
     eval_crop_pct: float = 0.875       # eval resize = int(img_size / eval_crop_pct), then center crop
     scale: Tuple[float, float] = (0.08, 1.0)      # RandomResizedCrop area fraction
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)   # RandomResizedCrop aspect ratio
