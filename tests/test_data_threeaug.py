@@ -129,6 +129,29 @@ def test_loader_three_augment_and_config_errors(synthetic_tree):
         build_loader(DataConfig(**base, color_jitter=0.3), "train", 8, 0, 1, 0, CPU)
 
 
+def test_color_jitter_default_is_the_references_effective_one():
+    """The reference's --color-jitter 0.3 (main.py default) as it takes effect: next to
+    RandAugment timm's create_transform (the reference's train transform) holds no ColorJitter;
+    its 3-Augment (augment.py) ends in ColorJitter(0.3, 0.3, 0.3). data.color_jitter unset
+    resolves to the same: none with rand_augment, 0.3 with three_augment alone."""
+    from timm.data import create_transform
+
+    reference = create_transform(224, is_training=True, color_jitter=0.3, auto_augment="rand-m9-mstd0.5-inc1",
+                                 interpolation="bicubic")
+    assert not any(isinstance(t, T.ColorJitter) for t in reference.transforms)
+    assert DataConfig().color_jitter is None and ThreeAugment.from_config(DataConfig()) is None
+    three = ThreeAugment.from_config(DataConfig(rand_augment=None, three_augment=True))
+    assert three.jitter == 0.3                              # not silently 0: DeiT III's jitter
+    assert ThreeAugment.from_config(DataConfig(rand_augment=None, three_augment=True, color_jitter=0.0)).jitter == 0.0
+    # the same draws as an explicit 0.3: identical batches
+    x = images(6)
+    explicit = ThreeAugment(0.3)
+    assert torch.equal(three(x.clone(), torch.Generator().manual_seed(3)),
+                       explicit(x.clone(), torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="data.color_jitter=0.4 applies only with data.three_augment"):
+        ThreeAugment.from_config(DataConfig(color_jitter=0.4))   # next to RandAugment: timm drops it
+
+
 @pytest.mark.gpu
 def test_gpu_equals_cpu():
     x = images(24)

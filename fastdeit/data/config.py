@@ -49,10 +49,13 @@ class DataConfig:
     hflip: float = 0.5
     rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"   # timm spec (randaug.py); null disables
     # DeiT III's 3-Augment instead (threeaug.py): per image one of grayscale, solarisation,
-    # Gaussian blur, then colour jitter of this strength (brightness/contrast/saturation; DeiT
-    # III: 0.3). Needs rand_augment: null; color_jitter applies only with three_augment.
+    # Gaussian blur, then colour jitter of strength color_jitter (brightness/contrast/
+    # saturation). Needs rand_augment: null. color_jitter null (the default) is the reference's
+    # --color-jitter 0.3 where the reference applies it: 0.3 inside 3-Augment, none next to
+    # RandAugment (timm's create_transform drops it when auto_augment is set); a number sets
+    # the 3-Augment strength (0: no jitter) and is refused where it would not apply.
     three_augment: bool = False
-    color_jitter: float = 0.0
+    color_jitter: Optional[float] = None
     repeated_aug: int = 3              # repeats per index (reference RASampler); 1 disables
     # The reference uses RASampler only when distributed; true applies the repeats on a single
     # process too (copies then share a rank and usually a batch, augmented independently).

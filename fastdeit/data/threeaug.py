@@ -40,6 +40,7 @@ CHOICES = ("grayscale", "solarize", "blur")     # the reference's RandomChoice o
 JITTERS = ("brightness", "contrast", "color")   # torchvision ColorJitter fn ids 0, 1, 2
 BLUR_RADIUS = (0.1, 2.0)                        # the reference's GaussianBlur radius_min/max
 SOLARIZE_THRESHOLD = 128                        # ImageOps.solarize's default
+REFERENCE_JITTER = 0.3                          # main.py's --color-jitter default (DeiT III commands)
 _BLUR_PASSES = 3                                # Pillow's GaussianBlur: 3 box passes per axis
 _TAPS = 5                                       # box radius < 2 for radius <= 2: at most 5 taps
 
@@ -176,16 +177,22 @@ class ThreeAugment:
     def from_config(cfg: DataConfig) -> Optional["ThreeAugment"]:
         """3-Augment when data.three_augment is on, else None; contradictory keys are errors
         (the reference's --ThreeAugment replaces RandAugment, and timm ignores the colour
-        jitter next to RandAugment, so neither combination would do what it says)."""
+        jitter next to RandAugment, so neither combination would do what it says).
+
+        data.color_jitter null is the reference's --color-jitter default as it takes effect:
+        REFERENCE_JITTER inside 3-Augment (augment.py's ColorJitter), nothing elsewhere (timm's
+        create_transform disables the jitter when RandAugment is on). So turning on
+        three_augment alone gives DeiT III's 3-Augment, jitter included."""
         if not cfg.three_augment:
             if cfg.color_jitter:
                 raise ConfigError(f"data.color_jitter={cfg.color_jitter} applies only with "
-                                 "data.three_augment: true")
+                                 "data.three_augment: true (next to RandAugment timm's create_transform, "
+                                 "and so the reference, drops it)")
             return None
         if cfg.rand_augment:
             raise ConfigError(f"data.three_augment replaces RandAugment: set data.rand_augment: null "
                              f"(got {cfg.rand_augment!r})")
-        return ThreeAugment(cfg.color_jitter)
+        return ThreeAugment(REFERENCE_JITTER if cfg.color_jitter is None else cfg.color_jitter)
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         plan = self.sample(images.shape[0], images.shape[-2], images.shape[-1], generator)
