@@ -51,9 +51,11 @@ class DataConfig:
     # DeiT III's 3-Augment instead (threeaug.py): per image one of grayscale, solarisation,
     # Gaussian blur, then colour jitter of strength color_jitter (brightness/contrast/
     # saturation). Needs rand_augment: null. color_jitter null (the default) is the reference's
-    # --color-jitter 0.3 where the reference applies it: 0.3 inside 3-Augment, none next to
-    # RandAugment (timm's create_transform drops it when auto_augment is set); a number sets
-    # the 3-Augment strength (0: no jitter) and is refused where it would not apply.
+    # --color-jitter 0.3 as it takes effect in its recipes: 0.3 inside 3-Augment, none next to
+    # RandAugment (timm's create_transform drops it when auto_augment is set; a number there is
+    # an error). A number sets the strength (0: no jitter); with neither RandAugment nor
+    # 3-Augment it is create_transform's ColorJitter alone, which null leaves off there (the
+    # reference would apply 0.3: set it to match; plain crop + flip is what the demo runs).
     three_augment: bool = False
     color_jitter: Optional[float] = None
     repeated_aug: int = 3              # repeats per index (reference RASampler); 1 disables
