@@ -8,6 +8,7 @@ it is an extra rather than a hard requirement: pick exactly one.
                                       # the index's CUDA 13 torch (make install CUDA=13)
     pip install -e ".[cuda12,dev]"    # plus tests, plots, TensorBoard, the trackers' packages
     pip install -e ".[trackers]"      # Weights & Biases and MLflow (logging.wandb, logging.mlflow)
+    pip install -e ".[convert]"       # scipy + pyarrow for python -m fastdeit.data.convert
 
 `make install [CUDA=12]` picks the matching torch and DALI builds and checks them against the
 driver (python -m fastdeit.doctor); either build runs DALI's CPU graphs on hosts without a GPU.
@@ -42,6 +43,9 @@ setup(
         # Experiment trackers (logging.wandb, logging.mlflow): mlflow-skinny has the client and
         # the file store, without the server's UI and its dependencies.
         "trackers": ["wandb", "mlflow-skinny"],
-        "dev": ["pytest", "matplotlib", "tensorboard", "wandb", "mlflow-skinny"],
+        # python -m fastdeit.data.convert: scipy reads Flowers-102's and Cars' .mat label files,
+        # pyarrow Hugging Face parquet shards (the other kinds need neither)
+        "convert": ["scipy", "pyarrow"],
+        "dev": ["pytest", "matplotlib", "tensorboard", "wandb", "mlflow-skinny", "scipy", "pyarrow"],
     },
 )

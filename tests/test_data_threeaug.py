@@ -127,8 +127,57 @@ def test_loader_three_augment_and_config_errors(synthetic_tree):
     plain.close(), three.close()
     with pytest.raises(ValueError, match="rand_augment: null"):
         build_loader(DataConfig(**base, three_augment=True), "train", 8, 0, 1, 0, CPU)
-    with pytest.raises(ValueError, match="color_jitter=0.3 applies only"):
+    with pytest.raises(ValueError, match="color_jitter=0.3 does not apply next to RandAugment"):
         build_loader(DataConfig(**base, color_jitter=0.3), "train", 8, 0, 1, 0, CPU)
+    # neither RandAugment nor 3-Augment: an explicit jitter is create_transform's ColorJitter alone
+    jitter = build_loader(DataConfig(**base, rand_augment=None, color_jitter=0.3), "train", 8, 0, 1, 0, CPU)
+    assert isinstance(jitter.randaug, ThreeAugment) and not jitter.randaug.choose
+    jitter.close()
+
+
+def test_color_jitter_default_is_the_references_effective_one():
+    """The reference's --color-jitter 0.3 (main.py default) as it takes effect: next to
+    RandAugment timm's create_transform (the reference's train transform) holds no ColorJitter;
+    its 3-Augment (augment.py) ends in ColorJitter(0.3, 0.3, 0.3). data.color_jitter unset
+    resolves to the same: none with rand_augment, 0.3 with three_augment alone."""
+    from timm.data import create_transform
+
+    reference = create_transform(224, is_training=True, color_jitter=0.3, auto_augment="rand-m9-mstd0.5-inc1",
+                                 interpolation="bicubic")
+    assert not any(isinstance(t, T.ColorJitter) for t in reference.transforms)
+    assert DataConfig().color_jitter is None and ThreeAugment.from_config(DataConfig()) is None
+    three = ThreeAugment.from_config(DataConfig(rand_augment=None, three_augment=True))
+    assert three.jitter == 0.3                              # not silently 0: DeiT III's jitter
+    assert ThreeAugment.from_config(DataConfig(rand_augment=None, three_augment=True, color_jitter=0.0)).jitter == 0.0
+    # the same draws as an explicit 0.3: identical batches
+    x = images(6)
+    explicit = ThreeAugment(0.3)
+    assert torch.equal(three(x.clone(), torch.Generator().manual_seed(3)),
+                       explicit(x.clone(), torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="data.color_jitter=0.4 does not apply next to RandAugment"):
+        ThreeAugment.from_config(DataConfig(color_jitter=0.4))   # next to RandAugment: timm drops it
+
+
+def test_color_jitter_alone_is_create_transforms_color_jitter():
+    """--aa off and no 3-Augment: timm's create_transform (the reference's train transform)
+    ends its secondary stage in ColorJitter(0.3, 0.3, 0.3) (no hue); ours, batched, equals
+    torchvision's ColorJitter steps image by image on the same factors and order."""
+    from timm.data import create_transform
+
+    reference = create_transform(224, is_training=True, color_jitter=0.3, auto_augment=None, interpolation="bicubic")
+    jitters = [t for t in reference.transforms if isinstance(t, T.ColorJitter)]
+    assert len(jitters) == 1 and jitters[0].brightness == (0.7, 1.3) and jitters[0].contrast == (0.7, 1.3)
+    assert jitters[0].saturation == (0.7, 1.3) and jitters[0].hue is None
+    aug = ThreeAugment.from_config(DataConfig(rand_augment=None, color_jitter=0.3))
+    assert not aug.choose and aug.jitter == 0.3
+    assert ThreeAugment.from_config(DataConfig(rand_augment=None)) is None   # unset: plain crop + flip
+    x = images(24)
+    plan = aug.sample(24, 33, 47, torch.Generator().manual_seed(5))
+    got = aug.apply(x.clone(), plan)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    for i in range(24):
+        ref = reference_jitter(pil(x[i]), plan.factor[:, i], plan.order[:, i].tolist())
+        assert np.array_equal(got[i].permute(1, 2, 0).numpy(), np.asarray(ref)), i
 
 
 @pytest.mark.gpu

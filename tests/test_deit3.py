@@ -27,7 +27,9 @@ def test_deit3_configs_carry_the_reference_values(path, model, lr, size, drop_pa
     assert (c.mixing.mixup_alpha, c.mixing.cutmix_alpha, c.mixing.prob, c.mixing.erase_prob) == (0.8, 1.0, 1.0, 0.0)
     assert (c.data.rand_augment, c.data.three_augment, c.data.color_jitter) == (None, True, 0.3)
     assert (c.data.scale, c.data.hflip, c.data.repeated_aug, c.distill.type) == ((0.08, 1.0), 0.5, 3, "none")
-    assert c.data.img_size == 224 and int(224 / c.data.eval_crop_pct) == 256
+    # every README_revenge.md command passes --eval-crop-ratio 1.0: resize to 224, no crop
+    assert c.data.img_size == 224 and c.data.eval_crop_pct == 1.0 and int(224 / c.data.eval_crop_pct) == 224
+    assert c.ema.decay == 0.0        # the reference's EMA is never evaluated (docs/DESIGN.md)
     student = build_student(c.model, c.data.img_size, 1000, dynamic_img_size=c.data.size_schedule is not None)
     assert count_params(student) == params
     sizes = size_schedule(c.data, size_multiple(student))
@@ -40,6 +42,7 @@ def test_deit3_b_finetune_is_the_reference_command():
     assert (c.optim.name, c.optim.weight_decay, c.loss.base, c.mixing.label_smoothing) == ("adamw", 0.1, "ce", 0.1)
     assert (c.data.rand_augment, c.data.three_augment, c.data.repeated_aug, c.data.size_schedule) == \
         ("rand-m9-mstd0.5-inc1", False, 1, None)
+    assert (c.data.eval_crop_pct, c.ema.decay) == (1.0, 0.0)     # --eval-crop-ratio 1.0; no EMA
 
 
 # --------------------------------------------------------------------------- end to end (slow)

@@ -1,5 +1,6 @@
 """data.size_schedule: the training side per epoch (schedule.py), the student that trains at
 any side with a fixed-shape position embedding, FLOPs per side, and the loader at any side."""
+import numpy as np
 import pytest
 import timm
 import torch
@@ -26,16 +27,73 @@ DEIT3 = [[279, 192], [280, 224]]        # the README's step: 192, then 224 for t
     ([[0, 250], [4, 100]], 32, {0: 224, 1: 192, 2: 160, 3: 128, 4: 96, 9: 96}),
     ([[2, 64], [4, 32], [6, 64]], 16, {0: 64, 3: 48, 4: 32, 5: 48, 6: 64}),
 ])
-def test_schedule_values(milestones, multiple, expected):
-    schedule = SizeSchedule(milestones, default=224, multiple=multiple)
+def test_schedule_values_floor(milestones, multiple, expected):
+    schedule = SizeSchedule(milestones, default=224, multiple=multiple, rounding="floor")
     assert {e: schedule(e) for e in expected} == expected
 
 
+@pytest.mark.parametrize("milestones, multiple, expected", [
+    # hand values: 160 + 64 (e - 10) / 240 to the nearest multiple of 32: 176 (a tie: 5.5 ->
+    # 6 by np.round's ties-to-even) at e = 70 already gives 192; 208 (6.5 -> 6) at e = 190
+    # still 192; 224 from e = 191 (208.27 -> 6.51 -> 7)
+    (FFCV, 32, {0: 160, 69: 160, 70: 192, 190: 192, 191: 224, 250: 224, 299: 224}),
+    # several milestones: FFCV's rule per segment (48 at e = 3 and 5 lies on the 16 grid)
+    ([[2, 64], [4, 32], [6, 64]], 16, {0: 64, 3: 48, 4: 32, 5: 48, 6: 64}),
+    # both ties: e = 1 is 176 (5.5 -> 6: up to 192), e = 3 is 208 (6.5 -> 6: down to 192)
+    ([[0, 160], [4, 224]], 32, {1: 192, 2: 192, 3: 192, 4: 224}),
+])
+def test_schedule_values_nearest(milestones, multiple, expected):
+    schedule = SizeSchedule(milestones, default=224, multiple=multiple)
+    assert schedule.rounding == "nearest"
+    assert {e: schedule(e) for e in expected} == expected
+
+
+def ffcv_get_resolution(epoch, min_res, max_res, end_ramp, start_ramp):
+    """ffcv-imagenet train_imagenet.py, ImageNetTrainer.get_resolution (libffcv/ffcv-imagenet
+    at 4dd291a), re-implemented from the source line for line."""
+    assert min_res <= max_res
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    interp = np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])
+    return int(np.round(interp[0] / 32)) * 32
+
+
+# ffcv-imagenet's rn50_configs/*.yaml resolution sections: epochs, start_ramp, end_ramp
+# (min_res 160, max_res 192 in all six)
+FFCV_RN50 = {16: (11, 13), 24: (17, 20), 32: (23, 27), 40: (29, 34), 56: (41, 48), 88: (65, 76)}
+
+
+@pytest.mark.parametrize("epochs", sorted(FFCV_RN50))
+def test_ffcv_rn50_configs_give_ffcvs_sizes_every_epoch(epochs):
+    start, end = FFCV_RN50[epochs]
+    ours = SizeSchedule([[start, 160], [end, 192]], default=224, multiple=32)
+    assert [ours(e) for e in range(epochs)] == \
+        [ffcv_get_resolution(e, 160, 192, end, start) for e in range(epochs)]
+
+
+def test_ffcv_formula_on_many_ramps():
+    """Any FFCV resolution section with multiples of 32, rising, every epoch: ours == FFCV's
+    (ties included; FFCV's rule is only meant for rising ramps: it asserts min <= max)."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        lo = int(rng.integers(2, 10)) * 32
+        hi = lo + int(rng.integers(0, 6)) * 32
+        start = int(rng.integers(0, 40))
+        end = start + int(rng.integers(1, 60))
+        ours = SizeSchedule([[start, lo], [end, hi]], default=224, multiple=32)
+        assert [ours(e) for e in range(end + 3)] == \
+            [ffcv_get_resolution(e, lo, hi, end, start) for e in range(end + 3)], (lo, hi, start, end)
+
+
 def test_schedule_sizes_describe_and_fixed():
-    ramp = SizeSchedule(FFCV, 224, 32)
+    ramp = SizeSchedule(FFCV, 224, 32, rounding="floor")
     assert ramp.sizes(300) == [160, 192, 224] and not ramp.fixed
     assert ramp.describe(300) == ("160 px (epochs 1-130), 192 px (epochs 131-250), 224 px (epochs 251-300); "
-                                  "multiple 32")
+                                  "multiple 32, rounding floor")
+    assert SizeSchedule(FFCV, 224, 32).describe(300) == (
+        "160 px (epochs 1-70), 192 px (epochs 71-191), 224 px (epochs 192-300); multiple 32, rounding nearest")
     fixed = SizeSchedule(None, 224, 32)
     assert fixed.fixed and fixed.sizes(300) == [224] and {fixed(e) for e in range(300)} == {224}
 
@@ -43,10 +101,17 @@ def test_schedule_sizes_describe_and_fixed():
 def test_schedule_from_config_and_overrides():
     cfg = load_config(None, ["data.size_schedule=[[10,160],[250,224]]"])
     assert cfg.data.size_schedule == [(10, 160), (250, 224)] and cfg.data.size_multiple is None
+    assert cfg.data.size_rounding == "nearest"
     # the model's multiple unless the config sets one; 32 without either
     assert size_schedule(cfg.data, 16).multiple == 16 and size_schedule(cfg.data).multiple == 32
-    cfg = load_config(None, ["data.size_schedule=[[0,100]]", "data.size_multiple=8"])
+    cfg = load_config(None, ["data.size_schedule=[[0,100]]", "data.size_multiple=8", "data.size_rounding=floor"])
     assert size_schedule(cfg.data, 32)(0) == 96
+    cfg = load_config(None, ["data.size_schedule=[[0,100]]", "data.size_multiple=8"])
+    with pytest.raises(ConfigError, match=r"size_schedule\[0\]: size 100 is not a multiple of data.size_multiple=8"):
+        size_schedule(cfg.data, 32)
+    cfg = load_config(None, ["data.size_schedule=[[0,96]]", "data.size_rounding=up"])
+    with pytest.raises(ConfigError, match="data.size_rounding must be one of nearest, floor, got 'up'"):
+        size_schedule(cfg.data, 32)
     with pytest.raises(ConfigError, match="size_schedule"):
         load_config(None, ["data.size_schedule=[[10,160,3]]"])
 
@@ -56,6 +121,7 @@ def test_schedule_from_config_and_overrides():
     ([[10, 160], [10, 224]], "increase strictly"),
     ([[-1, 160]], "negative"),
     ([[0, 16]], "below data.size_multiple=32"),
+    ([[0, 160], [10, 200]], r"\[1\]: size 200 is not a multiple of data.size_multiple=32"),
 ])
 def test_schedule_errors_name_the_key(milestones, match):
     with pytest.raises(ValueError, match=match) as info:

@@ -33,22 +33,31 @@ class DataConfig:
     # training crop side when size_schedule is null.
     img_size: int = 224
     # Training resolution per epoch (schedule.py): [[epoch, size], ...] milestones, 0-based
-    # epochs, linear in between, rounded down to size_multiple; before the first milestone its
-    # size, after the last the last size. E.g. [[10, 160], [250, 224]] (FFCV-style ramp) or
+    # epochs, linear in between, rounded to size_multiple as size_rounding says; before the
+    # first milestone its size, after the last the last size. E.g. [[10, 160], [250, 224]]
+    # (a ramp; FFCV's resolution section is [[start_ramp, min_res], [end_ramp, max_res]]) or
     # [[279, 192], [280, 224]] (DeiT III-style: 192 px, then 224 px for the last 20 of 300).
     # The student keeps its position embedding at img_size's grid and resamples it per forward.
     size_schedule: Optional[List[Tuple[int, int]]] = None
     size_multiple: Optional[int] = None  # None: 2 x the student's patch size (32 for /16), 32 for convnets
+    # nearest: FFCV's get_resolution (ramp sizes to the nearest multiple, ties to even;
+    # milestone sizes as written, which must be multiples); floor: every size rounded down.
+    size_rounding: str = "nearest"
     eval_crop_pct: float = 0.875       # eval resize = int(img_size / eval_crop_pct), then center crop
     scale: Tuple[float, float] = (0.08, 1.0)      # RandomResizedCrop area fraction
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)   # RandomResizedCrop aspect ratio
     hflip: float = 0.5
     rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"   # timm spec (randaug.py); null disables
     # DeiT III's 3-Augment instead (threeaug.py): per image one of grayscale, solarisation,
-    # Gaussian blur, then colour jitter of this strength (brightness/contrast/saturation; DeiT
-    # III: 0.3). Needs rand_augment: null; color_jitter applies only with three_augment.
+    # Gaussian blur, then colour jitter of strength color_jitter (brightness/contrast/
+    # saturation). Needs rand_augment: null. color_jitter null (the default) is the reference's
+    # --color-jitter 0.3 as it takes effect in its recipes: 0.3 inside 3-Augment, none next to
+    # RandAugment (timm's create_transform drops it when auto_augment is set; a number there is
+    # an error). A number sets the strength (0: no jitter); with neither RandAugment nor
+    # 3-Augment it is create_transform's ColorJitter alone, which null leaves off there (the
+    # reference would apply 0.3: set it to match; plain crop + flip is what the demo runs).
     three_augment: bool = False
-    color_jitter: float = 0.0
+    color_jitter: Optional[float] = None
     repeated_aug: int = 3              # repeats per index (reference RASampler); 1 disables
     # The reference uses RASampler only when distributed; true applies the repeats on a single
     # process too (copies then share a rank and usually a batch, augmented independently).

@@ -40,6 +40,7 @@ CHOICES = ("grayscale", "solarize", "blur")     # the reference's RandomChoice o
 JITTERS = ("brightness", "contrast", "color")   # torchvision ColorJitter fn ids 0, 1, 2
 BLUR_RADIUS = (0.1, 2.0)                        # the reference's GaussianBlur radius_min/max
 SOLARIZE_THRESHOLD = 128                        # ImageOps.solarize's default
+REFERENCE_JITTER = 0.3                          # main.py's --color-jitter default (DeiT III commands)
 _BLUR_PASSES = 3                                # Pillow's GaussianBlur: 3 box passes per axis
 _TAPS = 5                                       # box radius < 2 for radius <= 2: at most 5 taps
 
@@ -165,27 +166,40 @@ class ThreeAugment:
     """`(uint8 images [B, 3, H, W], generator) -> uint8 images`, 3-Augment semantics.
 
     jitter: ColorJitter strength b (factors in [1 - b, 1 + b]); 0 leaves the colour alone.
+    choose: False leaves out the grayscale/solarise/blur choice: ColorJitter(b, b, b) alone,
+    what timm's create_transform (the reference's transform) applies after the crop and flip
+    when neither RandAugment nor 3-Augment is on. The draws are the same either way.
     """
 
-    def __init__(self, jitter: float = 0.3):
+    def __init__(self, jitter: float = 0.3, choose: bool = True):
         if not 0.0 <= jitter < 1.0:
             raise ConfigError(f"data.color_jitter must be in [0, 1), got {jitter}")
         self.jitter = jitter
+        self.choose = choose
 
     @staticmethod
     def from_config(cfg: DataConfig) -> Optional["ThreeAugment"]:
         """3-Augment when data.three_augment is on, else None; contradictory keys are errors
         (the reference's --ThreeAugment replaces RandAugment, and timm ignores the colour
-        jitter next to RandAugment, so neither combination would do what it says)."""
+        jitter next to RandAugment, so neither combination would do what it says).
+
+        data.color_jitter null is the reference's --color-jitter default as it takes effect:
+        REFERENCE_JITTER inside 3-Augment (augment.py's ColorJitter), nothing elsewhere (timm's
+        create_transform disables the jitter when RandAugment is on). So turning on
+        three_augment alone gives DeiT III's 3-Augment, jitter included."""
         if not cfg.three_augment:
+            if cfg.color_jitter and cfg.rand_augment:
+                raise ConfigError(f"data.color_jitter={cfg.color_jitter} does not apply next to "
+                                  f"RandAugment (timm's create_transform, and so the reference, drops "
+                                  f"it): use it with data.three_augment or data.rand_augment: null")
             if cfg.color_jitter:
-                raise ConfigError(f"data.color_jitter={cfg.color_jitter} applies only with "
-                                 "data.three_augment: true")
+                # --aa off, no 3-Augment: create_transform's ColorJitter(b, b, b) after the flip
+                return ThreeAugment(cfg.color_jitter, choose=False)
             return None
         if cfg.rand_augment:
             raise ConfigError(f"data.three_augment replaces RandAugment: set data.rand_augment: null "
                              f"(got {cfg.rand_augment!r})")
-        return ThreeAugment(cfg.color_jitter)
+        return ThreeAugment(REFERENCE_JITTER if cfg.color_jitter is None else cfg.color_jitter)
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         plan = self.sample(images.shape[0], images.shape[-2], images.shape[-1], generator)
@@ -199,28 +213,31 @@ class ThreeAugment:
         b = self.jitter
         factor = (1 - b) + 2 * b * torch.rand(3, batch, generator=generator, dtype=torch.float64)
         order = torch.argsort(torch.rand(3, batch, generator=generator), dim=0)   # a permutation per image
-        stages = [choice] + ([order[j] for j in range(3)] if b > 0 else [])
+        first = 1 if self.choose else 0          # jitter slots start after the choice stage
+        stages = ([choice] if self.choose else []) + ([order[j] for j in range(3)] if b > 0 else [])
         gather, groups, arranged = _arrange(stages, batch)
-        taps = box_blur_weights(radius.index_select(0, arranged[0]))
-        values = torch.stack([factor.gather(0, order[j:j + 1])[0].index_select(0, arranged[1 + j])
-                              for j in range(len(stages) - 1)]) if b > 0 else torch.zeros(0, batch)
+        taps = (box_blur_weights(radius.index_select(0, arranged[0])) if self.choose
+                else torch.zeros(0, _TAPS, dtype=torch.int64))
+        values = torch.stack([factor.gather(0, order[j:j + 1])[0].index_select(0, arranged[first + j])
+                              for j in range(3)]) if b > 0 else torch.zeros(0, batch)
         return ThreeAugmentPlan(choice, radius, factor, order, gather, groups, taps, values)
 
     def apply(self, images: Tensor, plan: ThreeAugmentPlan) -> Tensor:
         """Apply a plan to uint8 images [B, 3, H, W] (on the plan's device); returns uint8 images
         in channels-last memory."""
         x = images.permute(0, 2, 3, 1)                       # NHWC view (free for channels-last)
+        first = 1 if self.choose else 0
         for j, slot in enumerate(plan.groups):
             x = x.index_select(0, plan.gather[j])
             for op, start, end in slot:
                 sub = x[start:end].permute(0, 3, 1, 2)        # [k, 3, H, W], channels-last
-                if j == 0:
+                if j < first:
                     out = (grayscale(sub) if op == 0 else
                            imageops.solarize(sub, torch.full((end - start,), SOLARIZE_THRESHOLD, device=x.device))
                            if op == 1 else gaussian_blur(sub, plan.taps[start:end]))
                 else:
                     fn = getattr(imageops, JITTERS[op])
-                    out = fn(sub, plan.values[j - 1, start:end])
+                    out = fn(sub, plan.values[j - first, start:end])
                 x[start:end] = out.permute(0, 2, 3, 1)
         x = x.index_select(0, plan.gather[-1])
         return x.permute(0, 3, 1, 2)
