@@ -456,8 +456,13 @@ def test_hf_parquet_without_names_and_bad_rows(tmp_path):
     assert _tree(tmp_path / "out", "train")[1] == ["0", "1", "2"]
     bad = src / "data/validation-00000-of-00001.parquet"
     _write_parquet(bad, [(_jpeg(1), 0), (_jpeg(2)[:60], 1), (_jpeg(3), 2)])
-    with pytest.raises(DataError, match=r"validation-00000-of-00001.parquet: row 1: image bytes do not decode"):
-        convert.convert("hf-parquet", str(src), str(tmp_path / "out2"))
+    # corrupt bytes: named by the file whose name carries the parquet file and row, in both modes
+    with pytest.raises(DataError, match=r"1 of 16 images do not decode: .*/val/1_goldfish/"
+                                        r"data_validation-00000-of-00001\.row0000001\.jpg: "):
+        convert.convert("hf-parquet", str(src), str(tmp_path / "out2"), workers=1, progress=False)
+    with pytest.raises(DataError, match=r"1 images do not decode: .*"
+                                        r"data_validation-00000-of-00001\.row0000001\.jpg: "):
+        convert.convert("hf-parquet", str(src), str(tmp_path / "out2p"), pack=True, workers=1, progress=False)
     _write_parquet(bad, [(_jpeg(1), 0), (_jpeg(2), 7)])
     with pytest.raises(DataError, match=r"validation-00000-of-00001.parquet: row 1: label 7 is out of range for 3"):
         convert.convert("hf-parquet", str(src), str(tmp_path / "out3"))

@@ -43,8 +43,10 @@ folder.py), or with --pack the packed splits of pack.py in OUT, ready for `data.
 - Folder output ends with OUT/.convert.json; a rerun of the same command is then a no-op, and a
   different one into the same OUT an error.
 
-Bad or partial inputs (a missing batch, annotation or image file, a label out of range, bytes
-that do not decode) are a DataError naming the file (and row), printed in one line.
+Every image is decoded once before the result counts as complete (verify.py's check on every
+core for folders, `--no-verify` to skip; the packer's own check with --pack). Bad or partial
+inputs (a missing batch, annotation or image file, a label out of range, bytes that do not
+decode) are a DataError naming the file (and parquet row), printed in one line.
 """
 from __future__ import annotations
 
@@ -418,12 +420,14 @@ def read_hf_parquet(src: str) -> Dataset:
                                         f"{len(names)} classes")
                     if not data:
                         raise DataError(f"{where}: no image bytes")
-                    why = check_image_bytes(data)
-                    if why is not None:
-                        raise DataError(f"{where}: image bytes do not decode ({why})")
                     ext = _sniff(data)
                     if ext is None:      # neither JPEG nor PNG: the loader reads those only
+                        why = check_image_bytes(data)
+                        if why is not None:
+                            raise DataError(f"{where}: image bytes do not decode ({why})")
                         data, ext = _to_png(data), ".png"
+                    # JPEG/PNG bytes are decoded once, in parallel, after writing (verify/pack);
+                    # the file name carries the parquet file and row for the error
                     yield Item(int(label), f"{stem}.row{row:07d}{ext}", data=data)
                     row += 1
 
@@ -528,9 +532,25 @@ def write_tree(dataset: Dataset, out: str, link: bool, where: str) -> Dict[str, 
     return counts
 
 
+def _verify(out: str, workers: Optional[int], progress: bool, where: str) -> None:
+    """Decode every image of the written tree once, on every core (verify.py's check, as the
+    packer does for --pack): a file that does not decode is an error naming it (file names of
+    parquet images carry their parquet file and row)."""
+    from .verify import find_bad
+
+    checked, bad = find_bad(out, SPLITS, workers, progress)
+    if bad:
+        rel, why = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"{where}: {len(bad)} of {checked} images do not decode: "
+                        f"{os.path.join(out, rel)}: {why}{more}")
+
+
 def convert(kind: str, src: str, out: str, pack: bool = False, shard_size: int = 10**9,
-            workers: Optional[int] = None, progress: bool = True) -> dict:
-    """Convert; returns the record written to OUT/.convert.json (folders) or the manifest."""
+            workers: Optional[int] = None, progress: bool = True, verify: bool = True) -> dict:
+    """Convert; returns the record written to OUT/.convert.json (folders) or the manifest.
+    Every image is decoded once before the result is complete (verify=False skips it for
+    folders; the packer always checks)."""
     if kind not in READERS:
         raise DataError(f"unknown dataset kind {kind!r}; one of {', '.join(KINDS)}")
     src, out = os.path.abspath(os.path.expanduser(src)), os.path.abspath(os.path.expanduser(out))
@@ -563,6 +583,8 @@ def convert(kind: str, src: str, out: str, pack: bool = False, shard_size: int =
         with open(partial, "w") as f:
             json.dump(params, f)
         counts = write_tree(dataset, out, link=False, where=where)
+        if verify:
+            _verify(out, workers, progress, where)
         record = {**params, "classes": dataset.classes,
                   "folders": folder_names(dataset.classes), "splits": counts,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -581,8 +603,13 @@ def convert(kind: str, src: str, out: str, pack: bool = False, shard_size: int =
     write_tree(dataset, tree, link=True, where=where)
     try:
         manifest = packer.pack(tree, out, shard_size, workers, SPLITS, progress=progress)
-    except ValueError as e:   # files that do not decode: one line naming the first
-        raise DataError(f"{where}: " + " ".join(str(e).split())) from None
+    except ValueError as e:   # files that do not decode (all listed): one line naming the first
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if len(lines) > 1 and "do not decode" in lines[0]:
+            more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+            raise DataError(f"{where}: {len(lines) - 1} images do not decode: {lines[1]}{more}; "
+                            f"fix the source and rerun") from None
+        raise DataError(f"{where}: {' '.join(lines)}") from None
     # what was converted, for whoever reads the manifest (the tree is gone)
     manifest["source"] = src
     manifest["converted"] = {"kind": kind, "classes": dataset.classes}
@@ -602,7 +629,11 @@ def main(argv=None) -> int:
                                "with --pack, packed shards")
     p.add_argument("--pack", action="store_true", help="write packed shards (pack.py) instead of folders")
     p.add_argument("--shard-size", default="1GB", help="with --pack: target shard size (default 1GB)")
-    p.add_argument("--workers", type=int, default=None, help="with --pack: processes writing shards")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes decoding every image once (and writing shards with --pack); "
+                        "default: the cores this process may use")
+    p.add_argument("--no-verify", action="store_true",
+                   help="folders only: skip decoding every image once (python -m fastdeit.data.verify OUT later)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     from ..cli import reported   # here: it imports torch (rank lookup), the conversion does not
@@ -615,7 +646,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             raise DataError(f"--shard-size: {e}") from None
         result = convert(args.kind, args.src, args.out, pack=args.pack, shard_size=size,
-                         workers=args.workers, progress=not args.quiet)
+                         workers=args.workers, progress=not args.quiet, verify=not args.no_verify)
     for split, entry in result["splits"].items():
         print(f"{split}: {entry['images']} images")
     print(f"converted {args.kind} into {os.path.abspath(args.out)} in "
