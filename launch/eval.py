@@ -24,7 +24,8 @@ from fastdeit.config import load_config  # noqa: E402
 from fastdeit.data import build_loader  # noqa: E402
 from fastdeit.errors import reported  # noqa: E402
 from fastdeit.evaluate import evaluate  # noqa: E402
-from fastdeit.models import build_student, load_weights  # noqa: E402
+from fastdeit.models import build_student  # noqa: E402
+from fastdeit.weights import load_weights  # noqa: E402
 
 
 def main(argv=None) -> dict:
