@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -90,6 +91,7 @@ def pretrain(out: Path, demo_data: str, ranks: int) -> Tuple[str, Dict[str, Any]
 def run_one(variant: str, seed: int, out: Path, task: Path, pretrained: str, epochs: int, ranks: int,
             extra: Sequence[str]) -> Dict[str, Any]:
     run = out / f"{variant}-seed{seed}"
+    shutil.rmtree(run, ignore_errors=True)          # this benchmark's own run: always a fresh start
     init = [f"model.init_weights={pretrained}"] if variant == "finetune" else []
     wall, stdout = train([f"data.root={task}", *RECIPE, f"trainer.epochs={epochs}", f"trainer.eval_every={epochs}",
                           f"trainer.seed={seed}", *init, *extra], run, ranks)
