@@ -73,12 +73,13 @@ URL_SCHEMES = ("http://", "https://", "file://")
 
 def _folder_file(path: str) -> str:
     """The weights file inside a model folder, or inside a fastdeit run dir's exported model/."""
-    for folder in (path, os.path.join(path, "model")):
-        for name in FOLDER_FILES:
-            file = os.path.join(folder, name)
-            if os.path.isfile(file):
-                return file
-    if os.path.isfile(os.path.join(path, "config.yaml")):      # a run dir without its export
+    run_dir = os.path.isfile(os.path.join(path, "config.yaml"))
+    folder = os.path.join(path, "model") if run_dir else path
+    for name in FOLDER_FILES:
+        file = os.path.join(folder, name)
+        if os.path.isfile(file):
+            return file
+    if run_dir:                                                 # a run dir without its export
         raise WeightsError(f"{path} is a fastdeit run without an exported model/ folder; write one with "
                            f"python launch/export.py {path}")
     raise WeightsError(f"{path} is a folder without {' or '.join(FOLDER_FILES)}; expected a model folder "
