@@ -61,7 +61,7 @@ def files(ref, tmp_path_factory):
     (d / "run" / "checkpoints").mkdir(parents=True)                              # a fastdeit run dir
     (d / "run" / "config.yaml").write_text("model: {}\n")
     shutil.copytree(d / "folder", d / "run" / "model")
-    torch.save({k: v + 1 for k, v in ref.items()}, d / "run" / "model_ema.pth")   # not what a run dir means
+    torch.save({k: v + 1 for k, v in ref.items()}, d / "run" / "model.pth")   # a run dir means its model/
     return d
 
 
