@@ -147,36 +147,43 @@ def test_hf_hub_source(files, ref, fake_hub):
         read_state_dict("hf-hub:someone/tiny-deit", "model_ema")
 
 
+# timm's smallest registered ViT with pretrained weights on the Hub (timm/test_vit.r160_in1k): the
+# same VisionTransformer class and checkpoint filter as DeiT, at 0.4 M parameters.
+TIMM_NAME, TIMM_HUB = "test_vit", "timm/test_vit.r160_in1k"
+
+
 @pytest.fixture(scope="module")
-def deit_tiny_file(tmp_path_factory):
-    """A full-size deit_tiny state_dict (1000 classes, 224 px) standing in for timm's pretrained one."""
+def pretrained_file(tmp_path_factory):
+    """A state_dict of test_vit at its pretrained config (1000 classes, 160 px), standing in for
+    the Hub's file."""
     torch.manual_seed(3)
     path = tmp_path_factory.mktemp("pretrained") / "model.safetensors"
-    save_file(timm.create_model(PLAIN).state_dict(), str(path))
+    save_file(timm.create_model(TIMM_NAME).state_dict(), str(path))
     return path
 
 
-def test_timm_source_and_head_reinit_match_timms_own_loading(deit_tiny_file, fake_hub):
+def test_timm_source_and_head_reinit_match_timms_own_loading(pretrained_file, fake_hub):
     """'timm' gives what timm.create_model(pretrained=True) loads; a student with another class
     count keeps every tensor timm's load_pretrained keeps, and a fresh head as timm does."""
     served, _ = fake_hub
-    served[("timm/deit_tiny_patch16_224.fb_in1k", "model.safetensors")] = deit_tiny_file
-    overlay = dict(file=str(deit_tiny_file))
-    reference = timm.create_model(PLAIN, pretrained=True, pretrained_cfg_overlay=overlay).state_dict()
-    same(read_state_dict("timm", model_name=PLAIN), reference)
+    served[(TIMM_HUB, "model.safetensors")] = pretrained_file
+    overlay = dict(file=str(pretrained_file))
+    reference = timm.create_model(TIMM_NAME, pretrained=True, pretrained_cfg_overlay=overlay).state_dict()
+    same(read_state_dict("timm", model_name=TIMM_NAME), reference)
 
     lines = []
     torch.manual_seed(0)
-    ours = build_student(ModelConfig(name=PLAIN, drop_path=0.0, init_weights="timm"), 224, 5, log=lines.append)
+    ours = build_student(ModelConfig(name=TIMM_NAME, drop_path=0.0, init_weights="timm"), 160, 5, log=lines.append)
     torch.manual_seed(0)
-    theirs = timm.create_model(PLAIN, pretrained=True, num_classes=5, pretrained_cfg_overlay=overlay)
+    theirs = timm.create_model(TIMM_NAME, pretrained=True, num_classes=5, pretrained_cfg_overlay=overlay)
     backbone = [k for k in reference if not k.startswith("head.")]
     same(ours.state_dict(), theirs.state_dict(), backbone)
     same(ours.state_dict(), reference, backbone)
-    assert ours.head.weight.shape == (5, 192) and ours.head.weight.abs().max() < 0.1     # timm's trunc_normal init
-    assert lines == [f"model.init_weights for {PLAIN} (5 classes): {len(reference) - 2} tensors loaded from timm; "
+    width = reference["head.weight"].shape[1]
+    assert ours.head.weight.shape == (5, width) and not torch.equal(ours.head.weight, theirs.head.weight * 0)
+    assert lines == [f"model.init_weights for {TIMM_NAME} (5 classes): {len(reference) - 2} tensors loaded from timm; "
                      "not loaded (fresh init): head.bias, head.weight; dropped from the file: "
-                     "head.bias (1000,) (model (5,)), head.weight (1000, 192) (model (5, 192))"]
+                     f"head.bias (1000,) (model (5,)), head.weight (1000, {width}) (model (5, {width}))"]
 
 
 def test_distilled_into_plain_drops_the_distillation_token(ref, files):
