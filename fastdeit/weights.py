@@ -97,8 +97,12 @@ def _download(url: str) -> str:
     os.makedirs(folder, exist_ok=True)
     cached = os.path.join(folder, name)
     if not os.path.isfile(cached):
+        # A name like deit_base_patch16_224-b5f2ef4d.pth carries the start of its SHA-256: checked
+        # as the DeiT reference's load_state_dict_from_url(check_hash=True) does.
+        match = torch.hub.HASH_REGEX.search(name)
         try:
-            torch.hub.download_url_to_file(url, cached, progress=False)
+            torch.hub.download_url_to_file(url, cached, hash_prefix=match.group(1) if match else None,
+                                           progress=False)
         except Exception as e:      # urllib's HTTPError/URLError, OSError: all say the same here
             raise WeightsError(f"{url}: download failed ({type(e).__name__}: {one_line(e)})") from e
     return cached

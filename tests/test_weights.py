@@ -65,6 +65,22 @@ def files(ref, tmp_path_factory):
     return d
 
 
+def test_url_hash_in_the_name_is_checked(files, ref, monkeypatch, tmp_path):
+    """A file named <stem>-<sha256 prefix>.pth (the DeiT release's naming) is checked on download
+    by torch.hub's real downloader, here from a file:// URL."""
+    import hashlib
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    data = (files / "deit_main.pth").read_bytes()
+    good = tmp_path / f"deit-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    good.write_bytes(data)
+    same(read_state_dict(f"file://{good}"), ref)
+    bad = tmp_path / "deit-0badc0de.pth"
+    bad.write_bytes(data)
+    with pytest.raises(WeightsError, match=r"deit-0badc0de.pth: download failed \(RuntimeError: invalid hash value"):
+        read_state_dict(f"file://{bad}")
+
+
 @pytest.mark.parametrize("source,key", [
     ("bare.pth", None), ("pytorch_model.bin", None), ("w.safetensors", None), ("deit_main.pth", None),
     ("deit_main.pth", "model"), ("timm_train.pth.tar", None), ("folder", None), ("local-dir:folder", None),
@@ -99,8 +115,8 @@ def test_http_url_through_torch_hub(files, ref, monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     calls = []
 
-    def download(url, dst, progress=True):
-        calls.append(url)
+    def download(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, hash_prefix))
         shutil.copy(files / url.rsplit("/", 1)[1], dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
@@ -108,9 +124,9 @@ def test_http_url_through_torch_hub(files, ref, monkeypatch, tmp_path):
         url = f"https://example.org/weights/{name}"
         same(read_state_dict(url), ref)
         same(read_state_dict(url), ref)                                  # cached: no second download
-    assert calls == ["https://example.org/weights/deit_main.pth", "https://example.org/weights/w.safetensors"]
+    assert calls == [("https://example.org/weights/deit_main.pth", None), ("https://example.org/weights/w.safetensors", None)]
 
-    def offline(url, dst, progress=True):
+    def offline(url, dst, hash_prefix=None, progress=True):
         raise OSError("Network is unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
