@@ -209,7 +209,7 @@ class LoadReport:
     reinitialised: List[str] = field(default_factory=list)    # model keys left at their init
     dropped: List[str] = field(default_factory=list)          # file keys with no place in the model
     derived: List[str] = field(default_factory=list)          # model keys made from other file keys
-    resampled: Optional[str] = None                           # "pos_embed 4x4 -> 6x6"
+    resampled: Optional[str] = None                           # "pos_embed (1, 18, C) -> (1, 38, C)"
 
     def line(self, what: str) -> str:
         parts = [f"{what}: {self.loaded} tensors loaded from {self.source}"]
