@@ -43,7 +43,7 @@ endif
 DEMO_DATA := data/demo
 DEMO_RUNS := runs/demo
 
-.PHONY: install data demo test clean-demo
+.PHONY: install data demo finetune-demo test clean-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,13 @@ demo: install data
 	$(LAUNCH) launch/train.py --config configs/demo_student.yaml trainer.run_dir=$(DEMO_RUNS)/student \
 		teacher.weights=$(DEMO_RUNS)/teacher/model.pth
 	$(PY) launch/summary.py $(DEMO_RUNS)/teacher $(DEMO_RUNS)/student
+
+# Fine-tuning a pretrained demo DeiT on a new generated task vs training it from scratch, 3 seeds
+# (benchmarks/finetune.py; writes benchmarks/results/<date>-finetune-vs-scratch.md). Pretrains a
+# teacher-free demo student first unless PRETRAINED= names weights (e.g. runs/demo/student).
+PRETRAINED ?=
+finetune-demo: install data
+	DS_ACCELERATOR=cpu $(PY) -m benchmarks.finetune --seeds 0 1 2 $(if $(PRETRAINED),--pretrained $(PRETRAINED),)
 
 test: install
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -rs --durations=15 tests

@@ -91,8 +91,10 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     criterion = DeiTLoss(cfg.distill, cfg.loss)
 
     # Other training sizes than data.img_size: the student resamples its position embedding.
+    # What model.init_weights loaded, logged once the run's logger exists.
+    notes: list = []
     model = build_student(cfg.model, cfg.data.img_size, num_classes,
-                          dynamic_img_size=cfg.data.size_schedule is not None).to(device)
+                          dynamic_img_size=cfg.data.size_schedule is not None, log=notes.append).to(device)
     sizes = size_schedule(cfg.data, size_multiple(model))
     train_loader.sizes = sizes      # rounded to the student's patch size, known only now
     if is_distilled(model) != criterion.needs_teacher:
@@ -139,6 +141,8 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
         f"{len(train_loader) // accum} steps/epoch | distill {cfg.distill.type} | {device.type}"
         f" | compile {compile_mode or 'off'}" + (f" | EMA {cfg.ema.decay}" if ema is not None else "")
     )
+    for note in notes:
+        logger.info(note)
     logger.info(threads.describe())
     for key, chosen in precisions.items():
         logger.info(f"{'precision' if key == 'engine.precision' else 'teacher precision'}: {chosen.name} ({chosen.why})")

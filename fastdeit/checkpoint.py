@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from fastdeit.errors import CheckpointError, CheckpointMismatchError, RunExistsError
-from fastdeit.models import check_state_dict
+from fastdeit.weights import check_state_dict
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.pt"

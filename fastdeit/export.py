@@ -141,7 +141,7 @@ def write_model_folder(folder: Path, model: torch.nn.Module, weights: Dict[str, 
     """Load ``weights`` into ``model`` (strictly) and write the folder atomically."""
     from timm.models._hub import save_for_hf
 
-    from fastdeit.models import check_state_dict
+    from fastdeit.weights import check_state_dict
 
     check_state_dict(model, weights, str(folder), "the model being exported")
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)

@@ -1,4 +1,4 @@
-"""Student and teacher construction through timm's registry, and strict weight loading.
+"""Student and teacher construction through timm's registry (their weights: fastdeit.weights).
 
 The student is a plain timm ``nn.Module``; wrapping (DeepSpeed, compile) happens in
 ``fastdeit.engine``. The teacher is never an ``nn.Module`` attribute of anything we hand to
@@ -6,19 +6,17 @@ DeepSpeed: ``FrozenTeacher`` holds it, so its weights can't be partitioned, save
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import pickle
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Literal, Optional, Union
 
 import timm
 import torch
 from torch import nn
 
 from fastdeit import precision
-from fastdeit.errors import CheckpointMismatchError, ConfigError, WeightsError, one_line
+from fastdeit.errors import CheckpointMismatchError, ConfigError  # noqa: F401  (re-exported)
+from fastdeit.weights import load_weights
 
 
 # torch.compile modes. "reduce-overhead" and "max-autotune" add CUDA graphs (static input
@@ -35,7 +33,12 @@ class ModelConfig:
     # block at drop_path (the DeiT III reference's vit_models, dpr = [drop_path] * depth)
     drop_path_mode: Literal["linear", "uniform"] = "linear"
     drop: float = 0.0                                # DeiT uses no dropout
-    init_weights: Optional[str] = None               # start from these weights (file, URL, hf-hub:..., model folder)
+    # Fine-tune from these weights: a file (.pth/.bin/.safetensors, DeiT main.py or timm
+    # train.py checkpoint), a model folder or run dir, local-dir:, an http(s) URL, hf-hub:org/repo,
+    # or 'timm' (timm's pretrained weights for `name`). Heads re-initialised when the class count
+    # differs, distilled <-> plain tokens mapped, pos_embed resampled (fastdeit/weights.py).
+    init_weights: Optional[str] = None
+    init_weights_key: Optional[str] = None           # entry of a training checkpoint, as teacher.weights_key
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra create_model args (tiny debug models)
     # torch.compile the student (once, in fastdeit.engine). auto: on CUDA (default to be
     # confirmed by the H200 record), off on CPU, where benchmarks/results measured no gain.
@@ -46,10 +49,11 @@ class ModelConfig:
 @dataclass
 class TeacherConfig:
     name: str = "regnety_160"                        # any timm registry name
-    # Where the weights come from: a local file (.pth, or .safetensors), a model folder as
-    # launch/export.py writes it (timm's local-dir layout; 'local-dir:FOLDER' too), an http(s)
-    # URL, 'hf-hub:org/repo', or 'timm' (timm's default pretrained tag for `name`). Required
-    # whenever distillation is on.
+    # Where the weights come from (fastdeit/weights.py): a local file (.pth/.bin, or
+    # .safetensors), a model folder as launch/export.py writes it or a fastdeit run dir (timm's
+    # local-dir layout; 'local-dir:FOLDER' too), an http(s)/file URL, 'hf-hub:org/repo', or
+    # 'timm' (timm's default pretrained tag for `name`). Loaded strictly: the file's head must
+    # have the dataset's class count. Required whenever distillation is on.
     weights: Optional[str] = None
     # Which entry of a training checkpoint holds the weights: null takes the non-EMA ones
     # ('model' of DeiT's main.py, 'state_dict' of timm's train.py, 'module' of DeepSpeed, or a
@@ -107,12 +111,14 @@ def _check_kwargs(kwargs: Dict[str, Any], section: str) -> None:
                          "as in {depth: 2})")
 
 
-def build_student(cfg: ModelConfig, img_size: int, num_classes: int, dynamic_img_size: bool = False) -> nn.Module:
+def build_student(cfg: ModelConfig, img_size: int, num_classes: int, dynamic_img_size: bool = False,
+                  log: Optional[Callable[[str], None]] = None) -> nn.Module:
     """The student at its native `img_size`. `dynamic_img_size` (set when data.size_schedule
     trains at other sizes): timm's ViTs then keep the position-embedding parameter at the native
     grid and resample it (bicubic, antialiased) in every forward whose grid differs, so the
     parameters, the optimizer state and the checkpoints never change shape; at the native size
-    the embedding is used as is, bit-identical to a static model."""
+    the embedding is used as is, bit-identical to a static model. ``log`` gets the one line of
+    what ``model.init_weights`` loaded and what it left at its initialisation."""
     _check_kwargs(cfg.kwargs, "model")
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ConfigError(
@@ -136,7 +142,8 @@ def build_student(cfg: ModelConfig, img_size: int, num_classes: int, dynamic_img
     if is_distilled(model):
         model.set_distilled_training(True)  # train: (cls, dist) logits; eval: their average
     if cfg.init_weights:
-        load_weights(model, cfg.init_weights, what=f"model.init_weights for {cfg.name}", adapt=True)
+        load_weights(model, cfg.init_weights, what=f"model.init_weights for {cfg.name} ({num_classes} classes)",
+                     finetune=True, key=cfg.init_weights_key, model_name=cfg.name, log=log)
     return model
 
 
@@ -183,149 +190,6 @@ def eval_heads(model: nn.Module, images: torch.Tensor) -> Dict[str, torch.Tensor
     return {"cls": cls, "dist": dist, "avg": (cls + dist) / 2}
 
 
-# --------------------------------------------------------------------------- weights
-
-
-# Python objects a training checkpoint may hold besides tensors and plain containers (which
-# torch's weights_only loading accepts): DeiT's main.py and timm's train.py both pickle their
-# argparse.Namespace of command-line arguments next to the weights. Nothing else is allowed.
-SAFE_GLOBALS = (argparse.Namespace,)
-# Entries holding the (non-EMA) weights, tried in this order when no key is given: DeiT's
-# main.py 'model', timm's train.py 'state_dict', DeepSpeed's model states 'module'.
-WEIGHTS_KEYS = ("model", "state_dict", "module")
-
-
-def _safetensors_file(source: str) -> Optional[str]:
-    """The .safetensors file ``source`` names: the file itself, or a model folder's (timm's
-    local-dir layout, which launch/export.py writes), also spelled ``local-dir:FOLDER``."""
-    path = source[len("local-dir:"):] if source.startswith("local-dir:") else source
-    if os.path.isdir(path):
-        from fastdeit.export import WEIGHTS_FILE
-
-        file = os.path.join(path, WEIGHTS_FILE)
-        if not os.path.isfile(file):
-            raise WeightsError(f"{path} is a folder without {WEIGHTS_FILE}; expected a model folder "
-                               "(launch/export.py, timm's local-dir layout) or a weights file")
-        return file
-    if path.endswith(".safetensors"):
-        if not os.path.isfile(path):
-            raise WeightsError(f"weights file {path} does not exist")
-        return path
-    return None
-
-
-def _load(source: str) -> Any:
-    """torch.load of a file or URL with weights_only=True and exactly SAFE_GLOBALS allowed;
-    safetensors files and model folders through safetensors (no pickle at all)."""
-    safe = _safetensors_file(source)
-    if safe is not None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(safe, device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{safe}: not a readable safetensors file ({one_line(e)})") from e
-    url = source.startswith(("http://", "https://"))
-    if not url and not os.path.isfile(source):
-        raise WeightsError(f"weights file {source} does not exist")
-    try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            if url:
-                return torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=True)
-            return torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = []
-        if not url:
-            try:
-                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
-            except Exception:   # not a zip checkpoint: nothing more to say than the error
-                pass
-        if unsafe:
-            allowed = ", ".join(f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS)
-            raise WeightsError(
-                f"{source}: refusing to unpickle {', '.join(unsafe)} (only tensors, plain containers "
-                f"and {allowed} are loaded, as arbitrary objects can run code); save its state_dict "
-                "alone with torch.save(model.state_dict(), path)") from e
-        raise WeightsError(f"{source}: not a readable PyTorch weights file ({one_line(e)})") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:   # torn zip, truncated, download
-        raise WeightsError(f"{source}: cannot read weights ({type(e).__name__}: {one_line(e)})") from e
-
-
-def _select_state_dict(obj: Any, source: str, key: Optional[str]) -> Dict[str, torch.Tensor]:
-    """The state_dict inside a loaded file: under ``key`` if given, else the first of
-    WEIGHTS_KEYS present, else the file itself; a 'module.' prefix (DDP) is dropped."""
-    entries = sorted(k for k, v in obj.items() if isinstance(v, Mapping)) if isinstance(obj, Mapping) else []
-    if key is not None:
-        if key not in entries:
-            held = f"entries {entries}" if entries else "a bare state_dict (leave weights_key unset)"
-            raise WeightsError(f"{source}: no state_dict under weights_key {key!r}; the file holds {held}")
-        obj = obj[key]
-    else:
-        found = next((k for k in WEIGHTS_KEYS if k in entries), None)
-        if found is not None:
-            obj = obj[found]
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        hint = f" (its entries: {entries}; choose one with weights_key)" if entries else ""
-        raise WeightsError(f"{source}: does not hold a state_dict of tensors{hint}")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
-
-
-def read_state_dict(source: str, key: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """A state_dict from a local file or an http(s) URL (cached by torch.hub): a bare one, or
-    the weights inside a DeiT main.py / timm train.py / DeepSpeed checkpoint (see
-    _select_state_dict). Every error is a WeightsError naming ``source``."""
-    return _select_state_dict(_load(source), source, key)
-
-
-def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, what: str) -> None:
-    """Raise a CheckpointMismatchError listing missing, unexpected and wrongly shaped keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if state[k].shape != own[k].shape
-    )
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-            if items:
-                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-                parts.append(f"{label}: {shown}")
-        raise CheckpointMismatchError(f"{source} does not match {what}: " + "; ".join(parts))
-
-
-def adapt_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Fit weights trained at another resolution: timm's per-architecture filter resamples a
-    ViT's position embedding to the model's patch grid (prefix tokens kept as they are).
-
-    Bicubic without antialiasing, as the DeiT reference's F.interpolate does for its 224->384
-    fine-tuning. Architectures without a filter (convnets) need no adaptation.
-    """
-    import sys
-
-    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    if filter_fn is None:
-        return state
-    try:
-        return filter_fn(state, model, interpolation="bicubic", antialias=False)
-    except TypeError:   # filters of other families take no interpolation arguments
-        return filter_fn(state, model)
-
-
-def load_weights(model: nn.Module, source: str, what: str, adapt: bool = False,
-                 key: Optional[str] = None) -> None:
-    """Strictly load ``source`` (its entry ``key``, see read_state_dict) into ``model``;
-    ``adapt`` first resamples position embeddings."""
-    state = read_state_dict(source, key)
-    if adapt:
-        state = adapt_state_dict(model, state)
-    check_state_dict(model, state, source, what)
-    model.load_state_dict(state, strict=True)
-
-
 # --------------------------------------------------------------------------- teacher
 
 
@@ -359,18 +223,10 @@ def build_teacher(cfg: TeacherConfig, num_classes: int, device: torch.device) ->
         )
     _check_kwargs(cfg.kwargs, "teacher")
     dtype = precision.resolve(cfg.dtype, device, "teacher.dtype").dtype
-    hub = cfg.weights == "timm" or cfg.weights.startswith("hf-hub:")
-    if hub and cfg.weights_key is not None:
-        raise ConfigError(f"teacher.weights_key={cfg.weights_key!r} picks an entry of a checkpoint file or URL; "
-                          f"teacher.weights={cfg.weights!r} are timm's pretrained weights")
-    if hub:
-        overlay = {"hf_hub_id": cfg.weights[len("hf-hub:"):]} if cfg.weights.startswith("hf-hub:") else None
-        module = _create(cfg.name, pretrained=True, num_classes=num_classes,
-                         pretrained_cfg_overlay=overlay, **cfg.kwargs)
-    else:
-        module = _create(cfg.name, num_classes=num_classes, **cfg.kwargs)
-        load_weights(module, cfg.weights, what=f"teacher {cfg.name} ({num_classes} classes)",
-                     key=cfg.weights_key)
+    module = _create(cfg.name, num_classes=num_classes, **cfg.kwargs)
+    # Strict: a teacher whose head did not come from the file would only add noise.
+    load_weights(module, cfg.weights, what=f"teacher {cfg.name} ({num_classes} classes)",
+                 key=cfg.weights_key, model_name=cfg.name)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     module = module.to(device=device, dtype=dtype, memory_format=memory_format)
     return FrozenTeacher(module, dtype, cfg.channels_last, compile_mode_for(cfg.compile, cfg.compile_mode, device))

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from typing import List, Literal, Optional, Tuple
 
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from fastdeit.errors import ConfigError
 
-OptimizerName = Literal["adamw", "lamb", "apex_fused_adam", "apex_fused_lamb", "deepspeed_fused_adam"]
+OptimizerName = Literal["adamw", "lamb", "sgd", "apex_fused_adam", "apex_fused_lamb", "deepspeed_fused_adam"]
 
 
 @dataclass
@@ -34,6 +34,14 @@ class OptimConfig:
     # the DeiT III reference trains with), by fastdeit.lamb.Lamb itself at every ZeRO stage:
     # engine.gradient_clipping stays 0 (DeepSpeed's clipping syncs the host, see lamb.py).
     lamb_max_grad_norm: Optional[float] = 1.0
+    # SGD: momentum with Nesterov, as timm's create_optimizer('sgd') that the DeiT reference
+    # calls (--momentum 0.9); the DeiT authors' CIFAR-10 / Cars fine-tuning used it (deit#45).
+    momentum: float = 0.9
+    # Layer-wise LR decay for fine-tuning (BEiT; timm's param_groups_layer_decay): with L blocks
+    # the head(s) train at the full LR, block i (from 0) at decay^(L-i) (the final norm with the
+    # last block, as timm's group_matcher puts it), the embeddings (patch and position
+    # embedding, tokens) at decay^(L+1). null: one LR for every layer.
+    layer_decay: Optional[float] = None
 
 
 @dataclass
@@ -48,11 +56,26 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / cfg.lr_base_batch
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None) -> List[dict]:
     """Two groups: decayed weights, and undecayed 1-D params (norms, biases) plus the model's
-    ``no_weight_decay()`` set (pos_embed, cls_token, dist_token for DeiT)."""
+    ``no_weight_decay()`` set (pos_embed, cls_token, dist_token for DeiT).
+
+    With ``layer_decay``: those two per layer (timm's param_groups_layer_decay, the model's
+    group_matcher deciding the layers), each with an ``lr_scale`` that the schedule
+    (timm's Scheduler.update_groups) multiplies into its LR at every step. The groups are
+    ordered by decreasing scale, so group 0 is at the full LR, the one the run logs.
+    """
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    return param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)
+    if layer_decay is None:
+        return param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)
+    if not 0.0 < layer_decay <= 1.0:
+        raise ConfigError(f"optim.layer_decay must be in (0, 1], got {layer_decay}")
+    groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
+                                      layer_decay=layer_decay)
+    if len({g["lr_scale"] for g in groups}) == 1 and layer_decay != 1.0:
+        raise ConfigError(f"optim.layer_decay={layer_decay}: {type(model).__name__} has no layers timm can "
+                          "tell apart (no group_matcher); leave optim.layer_decay unset")
+    return sorted(groups, key=lambda g: -g["lr_scale"])
 
 
 def _fused_supported(device: torch.device) -> bool:
@@ -63,11 +86,13 @@ def _fused_supported(device: torch.device) -> bool:
 def build_optimizer(cfg: OptimConfig, model: nn.Module, global_batch: int) -> torch.optim.Optimizer:
     """The optimizer over ``model``'s parameters, which must already sit on their device."""
     lr = scaled_lr(cfg, global_batch)
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
     device = next(model.parameters()).device
     if cfg.name == "adamw":
         fused = _fused_supported(device) if cfg.fused is None else cfg.fused
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     if cfg.name in ("apex_fused_adam", "apex_fused_lamb"):
         try:
             from apex.optimizers import FusedAdam, FusedLAMB

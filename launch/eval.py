@@ -24,14 +24,16 @@ from fastdeit.config import load_config  # noqa: E402
 from fastdeit.data import build_loader  # noqa: E402
 from fastdeit.cli import reported  # noqa: E402
 from fastdeit.evaluate import evaluate  # noqa: E402
-from fastdeit.models import build_student, load_weights  # noqa: E402
+from fastdeit.models import build_student  # noqa: E402
+from fastdeit.weights import load_weights  # noqa: E402
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", nargs="?", type=Path, help="a run folder (its config.yaml and model.pth)")
     parser.add_argument("--config", type=Path, help="a config instead of RUN_DIR/config.yaml")
-    parser.add_argument("--weights", help="state_dict file or URL (default RUN_DIR/model.pth)")
+    parser.add_argument("--weights", help="any weights source of fastdeit/weights.py: a file, model folder, URL, "
+                        "hf-hub:org/repo or timm (default RUN_DIR/model.pth)")
     parser.add_argument("--ema", action="store_true",
                         help="the run's EMA weights: RUN_DIR/model_ema.pth (launch/export.py --ema), eval_ema.json")
     parser.add_argument("--batch", type=int, default=128, help="per-rank batch")
@@ -57,7 +59,7 @@ def main(argv=None) -> dict:
                               seed=0, device=device)
         model_cfg = dataclasses.replace(cfg.model, init_weights=None)
         model = build_student(model_cfg, cfg.data.img_size, loader.num_classes)
-        load_weights(model, weights, what=f"{cfg.model.name} ({loader.num_classes} classes)")
+        load_weights(model, weights, what=f"{cfg.model.name} ({loader.num_classes} classes)", model_name=cfg.model.name)
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         metrics = evaluate(model.to(device=device, dtype=dtype), loader, dtype, device)
         result = {"weights": weights, "model": cfg.model.name, "val": os.path.join(cfg.data.root, cfg.data.val_split),

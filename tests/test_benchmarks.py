@@ -214,3 +214,24 @@ def test_step_benchmark_gpu_timing_and_memory(tmp_path):
     assert record["memory"]["kind"] == "device"
     assert record["memory"]["allocated_gib"] >= max(v["peak_mem_gib"] for v in record["variants"]) * 0.999
     assert record["memory"]["reserved_gib"] >= record["memory"]["allocated_gib"]
+
+
+def test_finetune_record_pairs_seeds_and_says_what_was_loaded():
+    """benchmarks/finetune.py's summary: the gain is per seed (fine-tune minus scratch of the same
+    seed), and the record quotes the fine-tune's load line."""
+    from benchmarks import finetune
+
+    rows = [dict(variant=v, seed=s, top1=t, top5=100.0, wall_s=10.0, val_images=240,
+                 init_log="model.init_weights for x: 1 tensors loaded" if v == "finetune" else None)
+            for s, (a, b) in enumerate(((96.0, 75.0), (97.5, 74.0), (95.0, 76.0))) for v, t in (("finetune", a), ("scratch", b))]
+    summary = finetune.summarize(rows)
+    assert summary["finetune"]["top1"] == pytest.approx(96.1666666)
+    assert summary["gain"] == pytest.approx({"mean": (21 + 23.5 + 19) / 3, "min": 19.0, "max": 23.5})
+    record = {"runs": rows, "summary": summary, "time": "t", "commit": "c", "command": "python -m benchmarks.finetune",
+              "hardware": {"cpu": "cpu", "cpu_cores": 2, "torch_threads": 2},
+              "software": {k: "v" for k in ("torch", "timm", "deepspeed", "dali", "python")},
+              "settings": {"pretrained": "p", "pretrain": None, "task_root": "data/t", "task": finetune.TASK,
+                           "epochs": 15, "student_only": finetune.STUDENT_ONLY, "recipe": finetune.RECIPE}}
+    text = finetune.markdown(record)
+    assert "| finetune | 96.2 (1.3) |" in text and "+21.2 points on average (from +19.0 to +23.5)" in text
+    assert "`model.init_weights for x: 1 tensors loaded`" in text

@@ -60,9 +60,47 @@ def test_resolved_config_round_trips(tmp_path):
     assert to_dict(again) == to_dict(cfg)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml")))
+SHIPPED = sorted(glob.glob("configs/**/*.yaml", recursive=True))
+
+
+def test_every_config_folder_is_checked():
+    assert "configs/finetune/cifar10.yaml" in SHIPPED and "configs/deit_b.yaml" in SHIPPED
+
+
+@pytest.mark.parametrize("path", SHIPPED)
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+# The DeiT authors' fine-tuning settings (sources in each config's header): optimizer, lr per
+# 512 images (main.py's --lr), weight decay, epochs, erasing, drop path; and the paper's DeiT-B
+# top-1 (transfer table) quoted in the header.
+FINETUNE = {
+    "cifar10": ("sgd", 0.01, 1e-4, 1000, 0.0, 0.0, "99.1"),        # deit#45
+    "cars": ("sgd", 0.01, 1e-4, 1000, 0.0, 0.0, "92.1"),           # deit#45
+    "flowers102": ("sgd", 0.01, 1e-4, 1000, 0.0, 0.0, "98.4"),     # deit#45's Cars recipe
+    "cifar100": ("adamw", 5e-6, 0.05, 1000, 0.25, 0.1, "90.8"),    # dino#144, deit#117
+    "inat2018": ("adamw", 5e-5, 0.05, 360, 0.1, 0.1, "73.2"),      # deit#105, deit#141
+    "inat2019": ("adamw", 5e-5, 0.05, 360, 0.1, 0.1, "77.7"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FINETUNE))
+def test_finetune_configs_match_their_sources(name):
+    path = f"configs/finetune/{name}.yaml"
+    c = load_config(path)
+    opt, lr, wd, epochs, erase, drop_path, top1 = FINETUNE[name]
+    assert (c.optim.name, c.optim.lr, c.optim.lr_base_batch, c.optim.weight_decay) == (opt, lr, 512, wd)
+    assert (c.trainer.epochs, c.mixing.erase_prob, c.model.drop_path) == (epochs, erase, drop_path)
+    assert (c.engine.global_batch_size, c.data.img_size, c.data.eval_crop_pct) == (768, 224, 0.875)
+    assert (c.schedule.warmup_epochs, c.schedule.warmup_lr, c.schedule.min_lr) == (5, 1e-6, 1e-5)
+    assert (c.mixing.mixup_alpha, c.mixing.cutmix_alpha, c.mixing.label_smoothing, c.data.repeated_aug) == (0.8, 1.0, 0.1, 3)
+    assert c.model.name == "deit_base_patch16_224" and c.distill.type == "none"
+    assert c.model.init_weights == "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth"
+    assert c.data.root == f"data/{name}" and c.ema.decay == 0.99996
+    assert f"DeiT-B {top1}% top-1" in open(path).read()
+    if opt == "sgd":
+        assert c.optim.momentum == 0.9
 
 
 @pytest.mark.parametrize("path,model", [

@@ -5,7 +5,8 @@ import torch
 
 from fastdeit.models import (CheckpointMismatchError, ModelConfig, TeacherConfig, build_student, compile_kwargs,
                              compile_mode_for,
-                             build_teacher, count_params, eval_heads, load_weights)
+                             build_teacher, count_params, eval_heads)
+from fastdeit.weights import load_weights
 
 # The exact counts from the paper's released models (docs/DESIGN.md), at 1000 classes.
 PARAMS = {

@@ -66,3 +66,26 @@ def test_schedule_values_by_hand(model):
     assert opt.param_groups[0]["lr"] == pytest.approx(peak)        # warmup ends at the peak
     sched.step_update(300)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-5)        # and the cosine at min_lr
+
+
+def test_sgd_steps_like_timms_sgd(model):
+    """optim.name=sgd is what the DeiT reference's timm create_optimizer('sgd') builds: Nesterov
+    momentum 0.9, weight decay off for 1-D params and the no_weight_decay() set."""
+    import copy
+
+    from timm.optim import create_optimizer_v2
+
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+    opts = [build_optimizer(OptimConfig(name="sgd", lr=0.01, lr_base_batch=512, weight_decay=1e-4), ours, 768),
+            create_optimizer_v2(theirs, "sgd", lr=0.015, weight_decay=1e-4, momentum=0.9)]
+    x = torch.randn(4, 3, 32, 32)
+    for m, opt in zip((ours, theirs), opts):
+        torch.manual_seed(0)                    # the same drop-path draws for both
+        for _ in range(2):
+            cls, dist = m(x)
+            (cls.logsumexp(1) + dist.square().mean(1)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert opts[0].param_groups[0]["nesterov"] and opts[0].param_groups[0]["lr"] == pytest.approx(0.015)
+    for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)

@@ -14,7 +14,8 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import CheckpointSaver, ModelEmaV3, NativeScaler, get_state_dict
 
 from fastdeit.errors import WeightsError
-from fastdeit.models import TeacherConfig, build_teacher, read_state_dict
+from fastdeit.models import TeacherConfig, build_teacher
+from fastdeit.weights import read_state_dict
 
 CPU = torch.device("cpu")
 
