@@ -75,7 +75,9 @@ def _cnn(name, label, family, size, top1, img_s):
 # by a time cap loses the last: the largest inputs). The ViT rows are the paper's ViT-B/16 and
 # ViT-L/16 trained on ImageNet-1k only, at 384 px (Dosovitskiy et al.'s figures, as the DeiT
 # paper quotes them); DeiT-B↑384 is DeiT-B fine-tuned at 384. EfficientNet top-1 figures are Tan &
-# Le's (ICML 2019), as the DeiT paper quotes them, at their native resolutions.
+# Le's (ICML 2019), as the DeiT paper quotes them, at their native resolutions. The figures were
+# transcribed from Table 5 (top-1 of the DeiT rows also in docs/DESIGN.md); no copy of the paper
+# is reachable from the machine this was written on to re-check the convnet rows against.
 SPECS: List[Spec] = [
     _deit("deit_tiny_patch16_224", "DeiT-Ti", "DeiT", 224, 72.2, 2536.5),
     _deit("deit_small_patch16_224", "DeiT-S", "DeiT", 224, 79.8, 940.4),
