@@ -154,7 +154,7 @@ def test_multi_node_template_maps_ranks_over_two_nodes(slurm, checkout, dataset,
     assert f"world 2 (master {slurm.node}:{20000 + job % 20000})" in log, log
     assert epochs_of(run)[-1]["step"] == STEPS_PER_EPOCH
     copies = [local / node / Path(dataset).name for node in (slurm.node, slurm.second)]
-    assert log.count("data staged on ") == 2 and all(f"-> {c} in " in log for c in copies), log
+    assert all(f"data staged on {node}: {dataset} -> {c} in " in log for node, c in zip((slurm.node, slurm.second), copies))
     for copy in copies:      # each node's copy holds the tree the run was given
         assert sorted(p.relative_to(copy) for p in copy.rglob("*.jpg") if p.is_file()) == \
             sorted(p.relative_to(dataset) for p in Path(dataset).rglob("*.jpg") if p.is_file())

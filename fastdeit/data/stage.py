@@ -414,7 +414,7 @@ def stage_data(cfg, env, store=None, log=None):
     if not cfg.stage_to:
         return cfg
     dest = destination(cfg.root, cfg.stage_to)
-    node = socket.gethostname()
+    node = node_name()
     error: Optional[BaseException] = None
     if env.local_rank == 0:
         try:
@@ -427,6 +427,12 @@ def stage_data(cfg, env, store=None, log=None):
     if error is not None:
         raise error
     return dataclasses.replace(cfg, root=dest)
+
+
+def node_name(environ=os.environ) -> str:
+    """The node as the scheduler names it (SLURM's node name; two slurmd on one host differ),
+    else the host name."""
+    return environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def _print(message: str) -> None:
