@@ -12,13 +12,16 @@
 #   e2e           end to end from JPEGs, distilled DeiT-B with the RegNetY-16GF teacher: fastdeit
 #                 against the reference-style loop (ImageFolder + DataLoader + the DeiT reference
 #                 step); the headline figure
-#   step          the step alone, eager: distilled and student-only (MFU)
+#   step          the step alone, eager, distilled (MFU)
 #   step_compile  the step alone, student-only, compile on and off in one run (model.compile: auto
-#                 compiles on CUDA)
+#                 compiles on CUDA); its eager side is the suite's student-only step figure
 #   data          the data path alone against the PIL/DataLoader reference at 16 workers, and ours
 #                 with DeiT III's 3-Augment
 #   memory        the memory of a distilled DeiT-B step and of one train pipeline
 #   step_extras   EMA and LAMB cost, and one size of a resolution schedule (160 px)
+#   infer         inference img/s of DeiT-Ti/S/B (distilled, 384) against ViT-B/L, ResNet-50,
+#                 RegNetY-4/8/16GF and EfficientNet-B0..B7, eager, largest batch up to 256: the
+#                 paper's Figure 1 (benchmarks/infer.py)
 #   pytest_gpu    the full pytest -m gpu
 #
 # Every stage writes its records as it goes, and the summary and the archive are rewritten after
@@ -59,15 +62,24 @@ START=$SECONDS
 # Caps in seconds on the H200. Nothing has run there yet: they are estimates from the sizes
 # (DeiT-B at batch 256, ~0.1-0.3 s a step; inductor compiling DeiT-B in ~40-60 s on 16 cores;
 # process start, imports and DeepSpeed's set-up ~10-15 s per process), kept so that the sum fits.
-STAGES=(smoke jpegs e2e step step_compile data memory step_extras pytest_gpu)
-declare -A CAP=([smoke]=35 [jpegs]=20 [e2e]=115 [step]=50 [step_compile]=100 [data]=55 [memory]=35
-                [step_extras]=45 [pytest_gpu]=70)
+#
+# Room for `infer` (35 s), taken from two places whose measurement does not need it:
+# * step 50 -> 30: it times the distilled step only. Its student-only variant was measured three
+#   times per suite with the same settings (DeiT-B, 224 px, batch 256, eager): here, as the eager
+#   side of step_compile (warm-up 3, 10 steps x 2 rounds, beside the compiled one) and as the
+#   baseline of step_extras. One engine and half the steps fewer: ~20 s of set-up (DeiT-B and
+#   RegNetY-16GF built, one DeepSpeed engine) + 36 steps at ~0.15 s.
+# * the install's plan 30 -> 20: measured 3.4 s (below); 20 is still ~6x that, and the GPU run
+#   re-plans with what its own install took.
+STAGES=(smoke jpegs e2e step step_compile data memory step_extras infer pytest_gpu)
+declare -A CAP=([smoke]=35 [jpegs]=20 [e2e]=115 [step]=30 [step_compile]=100 [data]=55 [memory]=35
+                [step_extras]=45 [infer]=35 [pytest_gpu]=70)
 DEVICE_CALL_S=600      # one device call at most
 # The staged wheels' install (reassemble + pip install --target .devsite + the import check):
 # measured at 3.4 s for the 262 MB of DALI 2.4.0 (cuda130) + DeepSpeed 0.19.8 on a 2-core builder
-# (benchmarks/results/2026-12-03-gpu-suite-plan.md); planned at 30 s, since the host's disk is
+# (benchmarks/results/2026-12-03-gpu-suite-plan.md); planned at 20 s, since the host's disk is
 # unknown. The GPU run measures its own and plans with that.
-INSTALL_PLAN_S=30
+INSTALL_PLAN_S=20
 ARCHIVE_S=10           # the summary and the archive after the last stage
 MARGIN_S=30            # the shell's start, the device tool's own bookkeeping, a slow stage's kill
 cap_sum() { local s=0 n; for n in "${STAGES[@]}"; do s=$(( s + CAP[$n] )); done; echo "$s"; }
@@ -114,6 +126,9 @@ FAILED=0
 # there the point is that every line runs, not the clock.
 BUDGET="${SUITE_BUDGET:-$([ "$DRY" = 1 ] && echo 2400 || echo $(( DEVICE_CALL_S - MARGIN_S )))}"
 CAP_SCALE=$([ "$DRY" = 1 ] && echo 4 || echo 1)
+# ... and at least 200 s a stage: a cap cut for the GPU (step's 30 s) must not starve the dry run,
+# whose DeepSpeed start alone takes a minute on a busy 2-core builder.
+CAP_FLOOR=$([ "$DRY" = 1 ] && echo 200 || echo 0)
 
 say() { echo "[gpu-suite $(( SECONDS - START ))s] $*" | tee -a "$LOG"; }
 
@@ -131,7 +146,7 @@ checkpoint() {
 # (name, status, seconds, cap).
 stage() {
     local name="$1"; shift
-    local cap=$(( CAP[$name] * CAP_SCALE ))
+    local cap=$(( CAP[$name] * CAP_SCALE > CAP_FLOOR ? CAP[$name] * CAP_SCALE : CAP_FLOOR ))
     local left=$(( BUDGET - ARCHIVE_S - (SECONDS - START) ))
     local limit=$(( cap < left ? cap : left ))
     if [ "$limit" -lt 10 ]; then
@@ -167,13 +182,15 @@ if [ "$DRY" = 1 ]; then
     SMALL=(--img-size 32 --batch 4 --classes 5 --threads 1 --warmup 1 --steps 1 --rounds 1 --rewarm 0)
     E2E=("${MODEL[@]}" "${TEACHER[@]}" --img-size 32 --batch 8 --workers 1 --warmup 1 --steps 2 --rounds 2
          --rewarm 1 --threads 1)
-    STEP=("${MODEL[@]}" "${TEACHER[@]}" "${SMALL[@]}" --variants fastdeit fastdeit-student)
+    STEP=("${MODEL[@]}" "${TEACHER[@]}" "${SMALL[@]}" --variants fastdeit)
     STEP_COMPILE=("${MODEL[@]}" "${TEACHER[@]}" "${SMALL[@]}" --variants fastdeit-student --compile both)
     STEP_EXTRAS=("${MODEL[@]}" "${TEACHER[@]}" --img-size 32 16 --batch 4 --classes 5 --threads 1 --warmup 1
                  --steps 1 --rounds 1 --rewarm 0 --variants fastdeit-student fastdeit-ema fastdeit-lamb)
     DATA=(--batch 8 --workers 1 --epochs 2 --img-size 32 --three-augment)
     MEMSTEP=("${MODEL[@]}" "${TEACHER[@]}" --img-size 32 --batch 4 --classes 5 --warmup 1 --steps 1)
     PIPE=(--batch 8 --img-size 32 --batches 2)
+    INFER=(--models deit_tiny_patch16_224 resnet50 --img-size 32 --batch-cap 2 --compile off --warmup 1
+           --seconds 0.2 --threads 1)
     IMAGES="$WORK/inet"
 else
     unset DS_ACCELERATOR                 # DeepSpeed picks the GPU
@@ -184,7 +201,7 @@ else
     TEACHER=(--teacher regnety_160)
     E2E=("${MODEL[@]}" "${TEACHER[@]}" --img-size 224 --batch 256 --workers "$CORES" --warmup 5 --steps 10
          --rounds 3 --rewarm 3)
-    STEP=("${MODEL[@]}" "${TEACHER[@]}" --img-size 224 --batch 256 --variants fastdeit fastdeit-student
+    STEP=("${MODEL[@]}" "${TEACHER[@]}" --img-size 224 --batch 256 --variants fastdeit
           --warmup 3 --steps 10 --rounds 3)
     # Student-only: inductor compiling DeiT-B fits the cap; the distilled step would compile the
     # teacher and a second student too (~2x), which does not.
@@ -195,6 +212,12 @@ else
     DATA=(--batch 256 --workers "$CORES" --epochs 3 --three-augment)
     MEMSTEP=("${MODEL[@]}" "${TEACHER[@]}" --img-size 224 --batch 256 --warmup 3 --steps 5)
     PIPE=(--batch 256 --batches 20)
+    # All 22 models eager, largest batch up to 256 (none should need less on 141 GB), 2 warm-up
+    # iterations (cuDNN autotunes the convnets there) and 0.3 s timed each; models are measured
+    # smallest inputs first and none is started after 22 s of its run (imports come first), so
+    # the stage ends inside its cap and the record names what was left. Compiled: one inductor compile per model does not fit the
+    # call (run python -m benchmarks.infer --compile both outside the suite).
+    INFER=(--batch-cap 256 --compile off --warmup 2 --seconds 0.3 --budget 22)
     IMAGES="${SUITE_DATA:-/tmp/fastdeit-inet-suite}"
 fi
 
@@ -246,6 +269,7 @@ stage memory bash -c 'n=$1; shift; "$PY" -m benchmarks.memory step "${@:1:n}" --
     shift "$n"; "$PY" -m benchmarks.memory pipeline "$@" --out "$REC/memory-pipeline.json" || rc=$?; exit "$rc"' \
     memory "${#MEMSTEP[@]}" "${MEMSTEP[@]}" --data "$IMAGES" "${PIPE[@]}"
 stage step_extras "$PY" -m benchmarks.step "${STEP_EXTRAS[@]}" --out "$REC" --name extras
+stage infer "$PY" -m benchmarks.infer "${INFER[@]}" --out "$REC" --name suite
 stage pytest_gpu "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider --junitxml="$REC/pytest_gpu.xml" tests
 
 # ---------------------------------------------------------------- the table, the archive

@@ -6,7 +6,7 @@ from the records of one suite run.
 
 Reads what the stages wrote under RECORDS_DIR: stages.tsv (one line per stage: name, status,
 seconds, cap), the benchmarks' records (*-e2e-suite.json, *-step-{suite,compile,extras}.json,
-data.json, memory-*.json; a record with "partial": true is what a stopped run had measured)
+data.json, memory-*.json, *-infer-suite.json; a record with "partial": true is what a stopped run had measured)
 and pytest_gpu.xml (junit). The headline comes first: distilled DeiT-B images/sec from JPEGs,
 fastdeit against the reference-style loop. Every figure the suite should deliver and did not is
 named under "Missing", with its stage's fate; the table itself always comes out.
@@ -115,12 +115,13 @@ def _partial(record: Dict[str, Any]) -> str:
 EXPECTED = [
     ("smoke", "smoke.log", "versions, doctor and the GPU data-path tests"),
     ("e2e", "*-e2e-suite.json", "the headline: distilled DeiT end to end from JPEGs, fastdeit vs the reference loop"),
-    ("step", "*-step-suite.json", "the step alone, distilled and student-only (img/s, MFU)"),
-    ("step_compile", "*-step-compile.json", "compile on/off of the step"),
+    ("step", "*-step-suite.json", "the step alone, distilled (img/s, MFU)"),
+    ("step_compile", "*-step-compile.json", "compile on/off of the student-only step"),
     ("data", "data.json", "the data path alone vs the PIL/DataLoader reference, and 3-Augment"),
     ("memory", "memory-step.json", "the distilled step's memory"),
     ("memory", "memory-pipeline.json", "one train pipeline's memory"),
     ("step_extras", "*-step-extras.json", "EMA and LAMB cost, one size of a resolution schedule"),
+    ("infer", "*-infer-suite.json", "inference img/s of DeiT against the paper's baselines (its Figure 1)"),
     ("pytest_gpu", "pytest_gpu.xml", "pytest -m gpu"),
 ]
 
@@ -188,6 +189,24 @@ def step_rows(record: Dict[str, Any], label: str, ratios_only: bool = False) -> 
     return rows
 
 
+def infer_rows(record: Optional[Dict[str, Any]]) -> List[List[str]]:
+    """benchmarks/infer.py: one row per model (img/s, batch, dtype, MFU), its throughput over
+    ResNet-50's beside the same ratio in the paper's V100 figures, and what the budget left out."""
+    if not record:
+        return []
+    ref = {r["name"]: r for r in record.get("ratios", []) if r["kind"] == "vs_reference"}
+    rows = []
+    for r in record["rows"]:
+        rr = ref.get(r["name"]) if r["side"] == "eager" else None
+        vs = f"; {rr['ours']:.2f}x {rr['reference']} (paper {rr['paper']:.2f}x)" if rr else ""
+        rows.append([f"infer {r['label']} {r['side']}", f"{_f(r['img_per_sec'])} img/s",
+                     f"{r['img_size']} px, batch {r['batch']}, {r['dtype']}, {mfu(r.get('mfu'), {'compute_dtype': r['dtype']})}"
+                     f"{vs}; top-1 {r['top1']} (paper)" + (" (partial)" if record.get("partial") else "")])
+    if record.get("skipped"):
+        rows.append(["infer: not measured", str(len(record["skipped"])), "budget spent: " + ", ".join(record["skipped"])])
+    return rows
+
+
 def table(rec: Path, wall: Optional[int] = None) -> str:
     rows: List[List[str]] = []
     hw = None
@@ -217,7 +236,8 @@ def table(rec: Path, wall: Optional[int] = None) -> str:
                          m["kind"]])
     compiled = _one(rec, "*-step-compile.json")
     if compiled:
-        rows += [r for r in step_rows(compiled, "compile") if "+compile" in r[0] or "ratio" in r[0]]
+        # Its eager side is the suite's student-only step (the step stage times the distilled one).
+        rows += [r for r in step_rows(compiled, "compile") if "peak" not in r[0]]
     data = _load(rec / "data.json")
     if data:
         ips = data.get("images_per_sec_steady", {})
@@ -246,6 +266,7 @@ def table(rec: Path, wall: Optional[int] = None) -> str:
     extras = _one(rec, "*-step-extras.json")
     if extras:
         rows += step_rows(extras, "extras", ratios_only=True)
+    rows += infer_rows(_one(rec, "*-infer-suite.json"))
     counts = pytest_counts(rec)
     lines = ["## GPU suite" + (f" on {hw}" if hw else "") + (f", {wall} s" if wall is not None else ""), ""]
     lines += headline(e2e) + [""]

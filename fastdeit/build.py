@@ -19,6 +19,7 @@ from fastdeit.data import build_loader
 from fastdeit.data.loading.loader import resolve_placement
 from fastdeit.data.augment.mixing import BatchMixer
 from fastdeit.data.loading.schedule import size_schedule
+from fastdeit.data.stage import stage_data
 from fastdeit.errors import CheckpointMismatchError, ConfigError, DataError
 from fastdeit.losses import DeiTLoss, check_loss_targets
 from fastdeit.metrics import RunLogger, StepTelemetry
@@ -78,8 +79,11 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
 
     loader_args = dict(rank=env.rank, world_size=env.world_size, seed=cfg.trainer.seed, device=device,
                        threads=threads)
-    train_loader = build_loader(cfg.data, "train", micro, **loader_args)
-    val_loader = build_loader(cfg.data, "val", micro, **loader_args)
+    # data.stage_to: this node's local copy (local rank 0 copies; every rank waits for all nodes).
+    # The saved config keeps data.root: the copy is a per-node detail.
+    data_cfg = stage_data(cfg.data, env)
+    train_loader = build_loader(data_cfg, "train", micro, **loader_args)
+    val_loader = build_loader(data_cfg, "val", micro, **loader_args)
     if val_loader.num_classes != train_loader.num_classes:
         raise DataError(f"{cfg.data.root}: train has {train_loader.num_classes} classes "
                          f"but val has {val_loader.num_classes}")

@@ -18,7 +18,8 @@ from tests.childenv import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_suite.sh"
-STAGES = ["install", "smoke", "jpegs", "e2e", "step", "step_compile", "data", "memory", "step_extras", "pytest_gpu"]
+STAGES = ["install", "smoke", "jpegs", "e2e", "step", "step_compile", "data", "memory", "step_extras", "infer",
+          "pytest_gpu"]
 DEVICE_CALL_S = 600
 TINY_VIT = '{"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}'
 
@@ -89,19 +90,20 @@ def test_dry_run_end_to_end(tmp_path):
     assert [s[0] for s in stages] == STAGES and all(s[1] == "ok" for s in stages), stages
     for pattern in ("records/pytest_gpu.xml", "records/memory-step.json", "records/memory-pipeline.json",
                     "records/data.json", "-step-suite.json", "-step-compile.json", "-step-extras.json",
-                    "-e2e-suite.json", "records/smoke.log"):
+                    "-e2e-suite.json", "-infer-suite.json", "records/smoke.log"):
         assert any(n.endswith(pattern) for n in names), (pattern, names)
     summary = (out / "summary.md").read_text()
     # The table comes last in the output, and holds every measurement; nothing is missing.
     assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])
     assert "**DeiT-Ti (debug sizes)⚗ from JPEGs:" in summary and "Missing" not in summary
     for row in ("pytest -m gpu: 0 passed, 0 failed, 0 errors", "| step fastdeit[z1] |",
-                "| step fastdeit-student[z1] |", "| compile fastdeit-student[z1]+compile |",
+                "| compile fastdeit-student[z1] |", "| compile fastdeit-student[z1]+compile |",
                 "| compile ratio: compile speed-up z1 |", "| extras ratio: EMA cost z1@32 |",
                 "| extras ratio: LAMB cost z1@32 |", "| extras ratio: fastdeit-student[z1] 32->16 |",
                 "memory: train pipeline", "| data path: fastdeit / reference loader |",
                 "| data path: fastdeit with 3-Augment |", "| e2e fastdeit |", "| e2e ratio: speed-up |",
-                "| e2e epoch boundary, fastdeit |", "step, batch 4 |", "| step MFU peak |", "| e2e MFU peak |"):
+                "| e2e epoch boundary, fastdeit |", "step, batch 4 |", "| step MFU peak |", "| e2e MFU peak |",
+                "| infer DeiT-Ti eager |", "| infer ResNet-50 eager |"):
         assert row in summary, (row, summary)
     # Sane figures: no MFU above 100% is printed as one, and each names its dtype.
     for value in re.findall(r"MFU ([\d.]+)% \((\w+)\)", summary):
@@ -168,7 +170,7 @@ def test_a_stopped_benchmark_keeps_what_it_measured(tmp_path):
     (rec / "stages.tsv").write_text("install\tok\t0\t30\nstep\ttimeout\t50\t50\n")
     summary = suite_summary.table(rec)
     assert f"(partial: {record['rounds_done']} of 100000 rounds)" in summary
-    assert (f"- partial ({record['rounds_done']} rounds done): the step alone, distilled and student-only "
+    assert (f"- partial ({record['rounds_done']} rounds done): the step alone, distilled "
             "(img/s, MFU): its stage hit its cap (50 s)") in summary
-    assert "- missing: compile on/off of the step: its stage never started" in summary
+    assert "- missing: compile on/off of the student-only step: its stage never started" in summary
     shutil.rmtree(rec)

@@ -132,7 +132,9 @@ PROBE = ("import json, os, sys; sys.path.insert(0, os.getcwd()); "
 def test_multi_node_template_maps_ranks_over_two_nodes(slurm, checkout, dataset, tmp_path):  # noqa: F811
     """Two slurmd "nodes" on this host (partition `pair`), one task each, as the multi-node
     template lays out N nodes x 8 GPUs: global rank from SLURM_PROCID, local rank 0 on each
-    node, the master address the first node of the allocation."""
+    node, the master address the first node of the allocation. The job stages the data to each
+    node's own folder first (data.stage_to with $SLURMD_NODENAME, expanded per node) and trains
+    from the copies."""
     two_nodes = ["--partition=pair", "--nodes=2", "--ntasks-per-node=1"]
     probe = slurm.run(["srun", *two_nodes, "--cpus-per-task=1", sys.executable, "-c", PROBE], cwd=checkout)
     layout = sorted((json.loads(line) for line in probe.stdout.splitlines()), key=lambda r: r["rank"])
@@ -143,9 +145,59 @@ def test_multi_node_template_maps_ranks_over_two_nodes(slurm, checkout, dataset,
 
     run = tmp_path / "run"
     request = [*CPU_REQUEST, *two_nodes]        # later options win: 2 nodes x 1 task
-    job = submit(slurm, checkout, "multi_node.sbatch", dataset, run, "trainer.epochs=1", request=request)
+    local = tmp_path / "local"
+    job = submit(slurm, checkout, "multi_node.sbatch", dataset, run, "trainer.epochs=1",
+                 f"data.stage_to={local}/$SLURMD_NODENAME", request=request)
     info = slurm.wait_done(job, timeout=240)
     log = assert_completed(slurm, checkout, job, info)
     assert info["NodeList"] == f"{slurm.node},{slurm.second}" and info["NumNodes"] == "2"
     assert f"world 2 (master {slurm.node}:{20000 + job % 20000})" in log, log
     assert epochs_of(run)[-1]["step"] == STEPS_PER_EPOCH
+    copies = [local / node / Path(dataset).name for node in (slurm.node, slurm.second)]
+    assert all(f"data staged on {node}: {dataset} -> {c} in " in log for node, c in zip((slurm.node, slurm.second), copies))
+    for copy in copies:      # each node's copy holds the tree the run was given
+        assert sorted(p.relative_to(copy) for p in copy.rglob("*.jpg") if p.is_file()) == \
+            sorted(p.relative_to(dataset) for p in Path(dataset).rglob("*.jpg") if p.is_file())
+
+
+def test_two_nodes_stage_data_to_their_own_disk_behind_one_barrier(slurm, flat_tree, tmp_path):  # noqa: F811
+    """data.stage_to on two slurmd "nodes" x two tasks (tests/stage_probe.py: a gloo group joined
+    as training joins it, then fastdeit.data.stage.stage_data): each node's local rank 0 copies to
+    its own folder (data.stage_to names $SLURMD_NODENAME, expanded per node), checked byte for
+    byte; every rank leaves the barrier only after both copies end (each copier sleeps 2 s
+    first). Again after tearing node b's copy: node a reuses everything, node b copies that file."""
+    from fastdeit.data import pack as packmod
+    from tests.launching import free_port
+    from tests.test_data_stage import assert_same_tree
+
+    source = tmp_path / "shared" / "inet"
+    assert packmod.main([flat_tree[0], str(source), "--shard-size", "12KB", "--quiet", "--workers", "1"]) == 0
+    env = dict(slurm.env, MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    cmd = ["srun", "--partition=pair", "--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", sys.executable,
+           str(ROOT / "tests" / "stage_probe.py"), str(source), str(tmp_path / "local" / "$SLURMD_NODENAME")]
+
+    def run(delay):
+        proc = slurm.run([*cmd, str(delay)], env=env, timeout=240)
+        return sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
+                      key=lambda r: r["rank"])
+
+    ranks = run(2.0)
+    nodes = {n: tmp_path / "local" / n / "inet" for n in (slurm.node, slurm.second)}
+    assert [(r["node"], r["local"]) for r in ranks] == [(slurm.node, 0), (slurm.node, 1), (slurm.second, 0),
+                                                        (slurm.second, 1)]
+    copiers = [r for r in ranks if "result" in r]
+    assert [r["local"] for r in copiers] == [0, 0]                       # one copier per node
+    for r in ranks:
+        assert r["root"] == str(nodes[r["node"]])
+        assert r["left_barrier"] >= max(c["at"] for c in copiers)        # waited for both nodes' copies
+    for c in copiers:
+        assert c["result"]["copied"] == c["result"]["files"] > 3 and c["result"]["checksums"]
+    for dest in nodes.values():
+        assert_same_tree(source, dest)
+
+    torn = sorted((nodes[slurm.second] / "train").glob("shard-*.tar"))[0]
+    torn.write_bytes(torn.read_bytes()[:512])
+    again = {r["node"]: r["result"] for r in run(0.0) if "result" in r}
+    assert again[slurm.node]["copied"] == 0 and again[slurm.node]["kept"] == again[slurm.node]["files"]
+    assert again[slurm.second]["copied"] == 1
+    assert_same_tree(source, nodes[slurm.second])

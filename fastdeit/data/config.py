@@ -18,6 +18,11 @@ IMAGENET_LARGEST_IMAGE = (5980, 6430)   # width, height: NVIDIA's figure for its
 class DataConfig:
     root: str = "data/demo"            # holds <train_split>/ and <val_split>/ in class-folder layout,
                                        # or packed (python -m fastdeit.data.pack; detected)
+    # Node-local folder to copy the data to once per node before training (stage.py): local rank 0
+    # copies data.root's splits to <stage_to>/<name of root>, checked against the manifest's
+    # checksums; a complete copy is reused, a partial one resumed. $VARS are expanded on each node
+    # (e.g. $SLURM_TMPDIR). null: read data.root directly.
+    stage_to: Optional[str] = None
     train_split: str = "train"
     val_split: str = "val"
     # Optional file lists (text, one image path per line, relative to the split folder, e.g.

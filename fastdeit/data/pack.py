@@ -13,6 +13,9 @@ then trains and evaluates exactly as `data.root: ROOT` did (same images, labels 
 - Every image is verified as it is packed (imagecheck.check_image_bytes, the loader's and the
   verifier's check): files that do not decode are listed together at the end, nothing is
   skipped, and no manifest is written until they are fixed.
+- The manifest lists the sha256 of each split's index and shards (read back once at the end),
+  which data.stage_to checks its node-local copies against; manifests from before have none and
+  still load (python -m fastdeit.data.stage ROOT --add-checksums adds them).
 - Shards are written by `--workers` processes, each into shard-NNNNNN.tar.partial, flushed to
   disk and then renamed. The layout is planned up front from the file sizes (index.npz is
   written first), so an interrupted run resumes: rerunning the same command keeps the
@@ -41,6 +44,7 @@ import numpy as np
 from .loading.folder import scan_image_folder
 from .imagecheck import check_image_bytes
 from .loading.shards import FORMAT, HEADER, INDEX, MANIFEST, VERSION, member_name
+from .stage import manifest_checksums
 
 PLACEMENT_SEED = 0
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -250,10 +254,12 @@ def pack(root: str, out: str, shard_size: int = 10**9, workers: Optional[int] = 
     if finished is not None and finished.get("version") == VERSION:  # splits packed before
         manifest["splits"].update({s: e for s, e in finished["splits"].items()
                                    if os.path.isfile(os.path.join(out, s, INDEX))})
+    # sha256 of each index and shard: data.stage_to checks its copies against them (stage.py).
+    sums = manifest_checksums(out, plans)
     manifest["splits"].update({
         split: {"images": len(plan.files), "shards": len(plan.members),
                 "bytes": int(plan.shard_bytes.sum()), "classes": plan.classes,
-                "index": f"{split}/{INDEX}"} for split, plan in plans.items()})
+                "index": f"{split}/{INDEX}", "sha256": sums[split]} for split, plan in plans.items()})
     _write_atomic(os.path.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
     return manifest
 
