@@ -77,8 +77,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     totals = dict(feed=0.0, finish=0.0, mix=0.0, wait=0.0)
-    _timed(loader_module.Loader, "_read_host", totals, "feed")
-    _timed(loader_module.Loader, "_augment", totals, "finish")
+    _timed(loader_module.TrainLoader, "_read_host", totals, "feed")
+    _timed(loader_module.TrainLoader, "_augment", totals, "finish")
     cfg = DataConfig(root=args.data, img_size=args.img_size, num_threads=args.dali_threads,
                      host_threads=1, rand_augment="rand-m9-mstd0.5-inc1", repeated_aug=1,
                      device="cpu")

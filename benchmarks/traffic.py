@@ -4,7 +4,7 @@
 
 A GPU-side augmentation is bound by memory traffic, not arithmetic: each eager op reads its
 inputs from HBM and writes its output back. Running the loader's own augmentation
-(`Loader._augment`: 3-Augment or RandAugment, then normalisation) on `meta` tensors executes
+(`TrainLoader._augment`: 3-Augment or RandAugment, then normalisation) on `meta` tensors executes
 every op with shapes and dtypes but no data, so a dispatch-level counter can sum, per aten op,
 the bytes of its tensor inputs (read) and outputs (written), on any machine, in a second.
 Views (slices, transposes, expands, permutes) move nothing and are not counted; an in-place op
@@ -75,16 +75,16 @@ def count(fn: Callable[[], Any]) -> ByteCounter:
 
 
 def augment_traffic(kind: str, batch: int, size: int, seed: int = 0) -> ByteCounter:
-    """Bytes moved by `Loader._augment` for one uint8 batch [batch, 3, size, size] on meta."""
+    """Bytes moved by `TrainLoader._augment` for one uint8 batch [batch, 3, size, size] on meta."""
     from fastdeit.data import DataConfig
     from fastdeit.data.augment.imageops import Normalize
-    from fastdeit.data.loading.loader import Loader
+    from fastdeit.data.loading.loader import TrainLoader
 
     cfg = DataConfig(root="unused", img_size=size, three_augment=kind == "3-augment",
                      color_jitter=0.3 if kind == "3-augment" else 0.0,
                      rand_augment="rand-m9-mstd0.5-inc1" if kind == "randaugment" else None)
     # Only what _augment reads: no source, no DALI pipeline.
-    loader = Loader.__new__(Loader)
+    loader = TrainLoader.__new__(TrainLoader)
     loader.seed, loader._epoch, loader.rank = seed, 0, 0
     loader._normalize = Normalize(cfg.mean, cfg.std)
     from fastdeit.data.augment.randaug import BatchRandAugment, parse_rand_augment

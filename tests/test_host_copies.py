@@ -39,7 +39,7 @@ def _after_first(per_batch):
 
 
 def test_loader_augment_copies_nothing_blocking(flat_tree):
-    """Loader._augment (RandAugment on, then normalisation) on a batch large enough that every
+    """TrainLoader._augment (RandAugment on, then normalisation) on a batch large enough that every
     op kind is drawn: the plan travels from pinned memory, the constants are on the device."""
     loader = build_loader(_cfg(flat_tree[0]), "train", 4, 0, 1, 0, META)
     kinds = set()
