@@ -43,6 +43,7 @@ would only add noise to the student's targets.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import pickle
 import sys
@@ -269,10 +270,13 @@ def adapt_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[s
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is None:
         return state
-    try:
-        return filter_fn(state, model, interpolation="bicubic", antialias=False)
-    except TypeError:   # filters of other families take no interpolation arguments
-        return filter_fn(state, model)
+    params = inspect.signature(filter_fn).parameters
+    # The ViT filter renames the DeiT III reference's gamma_1/gamma_2 (models_v2.py) only when
+    # asked, as timm's deit.py asks for every DeiT; timm-format keys have no 'gamma_'.
+    extra = {"adapt_layer_scale": True} if "adapt_layer_scale" in params else {}
+    if "interpolation" in params and "antialias" in params:
+        extra.update(interpolation="bicubic", antialias=False)
+    return filter_fn(state, model, **extra)
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, what: str,

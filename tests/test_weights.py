@@ -245,7 +245,6 @@ def test_plain_into_distilled_starts_both_tokens_equal(tmp_path):
 
 
 def test_other_mismatches_stay_errors_naming_the_keys(files, tmp_path):
-    wide = build_student(ModelConfig(name=DISTILLED, kwargs=dict(KW, embed_dim=24)), 32, 7)
     with pytest.raises(CheckpointMismatchError, match=r"bare\.pth does not match model.init_weights for "
                                                       r"deit_tiny_distilled_patch16_224 \(7 classes\): .*shape mismatch: "
                                                       r"blocks\.0\.attn\.proj\.bias: file \(48,\) vs model \(24,\)"):
@@ -255,7 +254,6 @@ def test_other_mismatches_stay_errors_naming_the_keys(files, tmp_path):
     torch.save(extra, tmp_path / "deeper.pth")
     with pytest.raises(CheckpointMismatchError, match=r"unexpected: blocks\.9\.norm1\.weight"):
         tiny(init_weights=str(tmp_path / "deeper.pth"))
-    del wide
 
 
 def test_teacher_stays_strict_about_its_head(files):
@@ -275,3 +273,18 @@ def test_missing_sources_are_named(tmp_path):
         read_state_dict("local-dir:/nope")
     with pytest.raises(WeightsError, match="weights 'timm' need a model name"):
         read_state_dict("timm")
+
+
+def test_deit3_reference_checkpoint_layout(tmp_path):
+    """The DeiT III reference (models_v2.py) names LayerScale gamma_1/gamma_2 inside each block;
+    timm's ViT filter renames them (as timm's deit.py asks it to) and the weights load."""
+    torch.manual_seed(2)
+    cfg = ModelConfig(name="deit3_small_patch16_224", drop_path=0.0, kwargs=dict(KW, init_values=1e-4))
+    ref = build_student(cfg, 32, 5).state_dict()
+    ref["blocks.1.ls2.gamma"] = torch.rand_like(ref["blocks.1.ls2.gamma"])
+    reference_keys = {k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2"): v for k, v in ref.items()}
+    assert "blocks.1.gamma_2" in reference_keys
+    torch.save({"model": reference_keys}, tmp_path / "deit3.pth")
+    import dataclasses
+
+    same(build_student(dataclasses.replace(cfg, init_weights=str(tmp_path / "deit3.pth")), 32, 5).state_dict(), ref)
