@@ -26,6 +26,11 @@ FP16_UnfusedOptimizer keeps one full fp32 copy per parameter, its FP16_Optimizer
 DeepSpeed's FusedAdam, one flat copy per group; fp32 at stage 0: the parameters are the
 masters) each rank averages the whole model, identically.
 
+Under ZeRO-3 (DeepSpeedZeroOptimizer_Stage3) every parameter is cut into world equal pieces
+and each rank's optimizer holds its pieces in fp32, back to back in one flat tensor per
+sub-group; the EMA shadows those pieces (without their padding) the same way: views, one
+lerp, no gather per step.
+
 Full weights are assembled only where needed, at evaluation and in checkpoints: one
 all-reduce of a flat fp32 buffer in which each rank fills the fragments it owns (each element
 has exactly one owner, so the sum is exact). Checkpoints hold them by parameter name
