@@ -86,11 +86,23 @@ def test_zero3_resumes_mid_epoch_exactly(dataset, teacher, full, tmp_path):
     assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
+def universal_moments(ckpt):
+    """Per-parameter Adam second moments and the step of a checkpoint, via the universal
+    format (ZeRO-3's converter stores bare tensors where ZeRO 1/2's store {'param': ...})."""
+    from fastdeit.checkpoint import CheckpointConfig
+
+    def load(path):
+        value = torch.load(path, weights_only=False)
+        return value["param"] if isinstance(value, dict) else value
+
+    uni = Checkpointer(CheckpointConfig(), str(ckpt.parent.parent), {}, True)._universal(ckpt) / "zero"
+    params = [p for p in uni.iterdir() if p.is_dir()]
+    return {p.name: load(p / "exp_avg_sq.pt") for p in params}, int(load(params[0] / "step.pt"))
+
+
 def test_zero3_reshards_to_one_rank(dataset, teacher, full):
     """Resume the 2-rank ZeRO-3 run on 1 rank (DeepSpeed's universal format): the masters,
     Adam's moments and the EMA carry over."""
-    from tests.test_scale import universal_moments
-
     run, _ = full
     out = launch(*args(dataset, teacher, run, 3, "trainer.epochs=3", f"trainer.stop_after_steps={2 * STEPS + 1}"),
                  ranks=1)
