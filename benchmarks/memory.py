@@ -2,6 +2,7 @@
 
     python -m benchmarks.memory pipeline --data /tmp/inet --batch 256 [--no-prealloc]
     python -m benchmarks.memory step --model b --batch 256
+    python -m benchmarks.memory plan --config configs/deit3_l.yaml --gpu-mem 80GB --gpus 8   (benchmarks/memplan.py)
 
 ``pipeline``: one rank's train loader as training builds it (DALI graph on the GPU when there is
 one, the rank's thread budget, RandAugment + normalisation on the device), three epochs of
@@ -194,6 +195,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     st.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
     st.add_argument("--warmup", type=int, default=3)
     st.add_argument("--steps", type=int, default=5)
+    from benchmarks import memplan   # the plan before the job: its own module, dispatched from here
+
+    memplan.add_arguments(sub.add_parser("plan", help="predicted per-GPU memory per ZeRO stage and checkpointing"))
     for q in (pipe, st):
         q.add_argument("--device", default="auto")
         q.add_argument("--out", default=None, help="JSON file to write")
@@ -203,6 +207,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.what == "plan":
+        from benchmarks import memplan
+
+        return memplan.run(args)
     device = common.pick_device(args.device)
     common.quiet_deepspeed()
     record = common.base_record("memory", device, argv)

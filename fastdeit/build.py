@@ -119,13 +119,15 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
         model, [cfg.data.img_size, *sizes.sizes(cfg.trainer.epochs)], teacher.module if teacher is not None else None)
     flops_per_image = flops_by_size[cfg.data.img_size]
     # After the student exists: ZeRO's buckets are sized from its parameter count.
-    ds_config = engine_lib.deepspeed_config(cfg.engine, env.world_size, num_params=count_params(model))
+    num_params = count_params(model)      # before ZeRO-3 empties the module's tensors
+    ds_config = engine_lib.deepspeed_config(cfg.engine, env.world_size, num_params=num_params)
     check_zero_stage(cfg.optim, cfg.engine.zero_stage)
     optimizer = build_optimizer(cfg.optim, model, global_batch)
     compile_mode = compile_mode_for(cfg.model.compile, cfg.model.compile_mode, device)
     # One static graph per training size (the eval pass runs eager): the recompile limit.
     engine = engine_lib.initialize(model, optimizer, ds_config, compile_mode,
-                                   shapes=len(sizes.sizes(cfg.trainer.epochs)))
+                                   shapes=len(sizes.sizes(cfg.trainer.epochs)),
+                                   grad_checkpointing=cfg.model.grad_checkpointing)
     ema = ema_lib.ModelEma(cfg.ema, engine, ema_module) if ema_module is not None else None
     scheduler = build_scheduler(cfg.schedule, engine.optimizer, len(train_loader) // accum, cfg.trainer.epochs)
 
@@ -139,7 +141,7 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
                                 precision={k.split(".")[0]: p.name for k, p in precisions.items()},
                                 class_names=train_loader.classes)
     logger.info(
-        f"{cfg.model.name}: {count_params(model):,} params | {num_classes} classes | world {env.world_size} "
+        f"{cfg.model.name}: {num_params:,} params | {num_classes} classes | world {env.world_size} "
         f"(master {env.master_addr}:{env.master_port}) | "
         f"batch {global_batch} = {micro} x {accum} x {env.world_size} | lr {scaled_lr(cfg.optim, global_batch):.2e} | "
         f"{len(train_loader) // accum} steps/epoch | distill {cfg.distill.type} | {device.type}"

@@ -26,6 +26,11 @@ FP16_UnfusedOptimizer keeps one full fp32 copy per parameter, its FP16_Optimizer
 DeepSpeed's FusedAdam, one flat copy per group; fp32 at stage 0: the parameters are the
 masters) each rank averages the whole model, identically.
 
+Under ZeRO-3 (DeepSpeedZeroOptimizer_Stage3) every parameter is cut into world equal pieces
+and each rank's optimizer holds its pieces in fp32, back to back in one flat tensor per
+sub-group; the EMA shadows those pieces (without their padding) the same way: views, one
+lerp, no gather per step.
+
 Full weights are assembled only where needed, at evaluation and in checkpoints: one
 all-reduce of a flat fp32 buffer in which each rank fills the fragments it owns (each element
 has exactly one owner, so the sum is exact). Checkpoints hold them by parameter name
@@ -102,6 +107,10 @@ class ModelEma:
     def _bind(self) -> None:
         """Find the fp32 master weights this rank holds (DeepSpeed re-links them on load)."""
         params = [p for _, p in self.engine.module.named_parameters()]
+        self.zero3 = any(hasattr(p, "ds_id") for p in params)
+        if self.zero3:
+            self._bind_zero3(params)
+            return
         # ZeRO-1/2 (DeepSpeedZeroOptimizer or BF16_Optimizer): each parameter's fragment in this
         # rank's partition.
         self.partitioned = any(hasattr(p, "_hp_mapping") for p in params)
@@ -133,6 +142,43 @@ class ModelEma:
             self.masters.append(master)
         if hasattr(self, "weights") and len(self.weights) != len(self.masters):
             raise RuntimeError("EMA: DeepSpeed's partition layout changed under the EMA")
+
+    def _bind_zero3(self, params: List[nn.Parameter]) -> None:
+        """ZeRO-3 (DeepSpeedZeroOptimizer_Stage3): every parameter is cut into world equal
+        pieces of ``partition_numel()`` elements (the last padded), rank r holding elements
+        [r * n, (r + 1) * n) of the flattened parameter; the optimizer keeps this rank's
+        pieces, in fp32, back to back in one flat tensor per sub-group, and ``grad_position``
+        says where each one starts (what its own ``get_local_fp32_param`` reads). The EMA keeps
+        a shadow of each piece without its padding: views, no copy, no gather."""
+        opt = self.engine.optimizer
+        if not hasattr(opt, "grad_position") or not hasattr(opt, "fp32_partitioned_groups_flat"):
+            raise RuntimeError(f"EMA: ZeRO-3 parameters, but DeepSpeed's optimizer {type(opt).__name__} "
+                               "keeps no fp32 partitions the EMA can read")
+        if getattr(opt, "offload_optimizer", False) or getattr(opt, "swap_optimizer", False):
+            raise ConfigError("ema.decay with ZeRO-3 optimizer offload: the fp32 partitions live on the "
+                             "host or NVMe and are swapped in per sub-group; switch the offload or the EMA off")
+        self.partitioned = True
+        self.group = params[0].ds_process_group if params else None
+        self.fragments, self.masters, self.untracked = [], [], []
+        for i, p in enumerate(params):
+            if not p.requires_grad:
+                self.untracked.append(i)
+                continue
+            group_idx, offset, piece = opt.grad_position[opt.get_param_id(p)]
+            rank = dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else 0
+            start = rank * piece
+            numel = min(piece, p.ds_numel - start)
+            if numel <= 0:                       # this rank's piece is all padding
+                continue
+            self.fragments.append((i, start, numel))
+            self.masters.append(opt.fp32_partitioned_groups_flat[group_idx].narrow(0, offset, numel))
+        if hasattr(self, "weights") and len(self.weights) != len(self.masters):
+            raise RuntimeError("EMA: DeepSpeed's partition layout changed under the EMA")
+
+    def _shapes(self) -> List[Tuple[str, torch.Size]]:
+        """(name, full shape) per parameter; ZeRO-3 leaves the module's tensors empty."""
+        return [(n, p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+                for n, p in self.engine.module.named_parameters()]
 
     def _flat_masters(self) -> Dict[int, torch.Tensor]:
         """Full fp32 masters on every rank, by id of the low-precision parameter: DeepSpeed's
@@ -172,20 +218,24 @@ class ModelEma:
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """The model's state_dict with the EMA in place of the parameters (fp32, on the device;
         buffers as the live model has them). Collective: every rank calls it."""
-        named = list(self.engine.module.named_parameters())
+        named = self._shapes()
+        live = [p for _, p in self.engine.module.named_parameters()]
         offsets, total = [], 0
-        for _, p in named:
+        for _, shape in named:
             offsets.append(total)
-            total += p.numel()
-        device = self.weights[0].device if self.weights else named[0][1].device
+            total += shape.numel()
+        device = self.weights[0].device if self.weights else live[0].device
         flat = torch.zeros(total, dtype=torch.float32, device=device)
         for (i, start, numel), w in zip(self.fragments, self.weights):
             flat.narrow(0, offsets[i] + start, numel).copy_(w)
         if self.partitioned and dist.is_initialized():
             dist.all_reduce(flat, group=self.group)
-        for i in self.untracked:
-            flat.narrow(0, offsets[i], named[i][1].numel()).copy_(named[i][1].detach().reshape(-1))
-        params = {name: flat.narrow(0, off, p.numel()).view(p.shape) for (name, p), off in zip(named, offsets)}
+        if self.untracked:
+            frozen = [live[i] for i in self.untracked]
+            with _gathered(frozen, self.zero3):      # ZeRO-3: frozen parameters are partitioned too
+                for i, p in zip(self.untracked, frozen):
+                    flat.narrow(0, offsets[i], p.numel()).copy_(p.detach().reshape(-1))
+        params = {name: flat.narrow(0, off, shape.numel()).view(shape) for (name, shape), off in zip(named, offsets)}
         state = {}
         for key, value in self.engine.module.state_dict().items():   # the module's key order
             if key in params:
@@ -198,8 +248,8 @@ class ModelEma:
     def load_state_dict(self, state: Dict[str, torch.Tensor], source: str) -> None:
         """Take this rank's fragments of saved EMA weights (any world size wrote them)."""
         self._bind()
-        named = list(self.engine.module.named_parameters())
-        wrong = [n for n, p in named if n not in state or tuple(state[n].shape) != tuple(p.shape)]
+        named = self._shapes()
+        wrong = [n for n, shape in named if n not in state or tuple(state[n].shape) != tuple(shape)]
         if wrong:
             raise CheckpointMismatchError(f"{source}: EMA weights do not fit the model "
                                           f"(missing or other shape: {wrong[:5]})")
@@ -215,3 +265,14 @@ class ModelEma:
             for mine, live in zip(self.eval_module.buffers(), self.engine.module.buffers()):
                 mine.copy_(live)               # all buffers, the non-persistent ones too
         return self.eval_module
+
+
+def _gathered(params: List[nn.Parameter], zero3: bool):
+    """ZeRO-3: the whole parameters for the block's duration (collective); else nothing to do."""
+    import contextlib
+
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)

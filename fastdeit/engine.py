@@ -20,7 +20,10 @@ class EngineConfig:
     global_batch_size: int = 1024
     micro_batch_size: Optional[int] = None     # per rank per forward; None = derived
     grad_accum_steps: Optional[int] = None     # None = derived (1 when micro is also None)
-    zero_stage: int = 1                        # 0, 1 or 2; ZeRO-3 is pointless at DeiT's size
+    # 0-3. DeiT-Ti/S/B fit at stage 1; ZeRO-3 (parameters partitioned too, gathered per layer
+    # in forward and backward) is for ViT-L/H with large micro batches: python -m
+    # benchmarks.memory plan --config CONFIG says which stage fits (benchmarks/memplan.py).
+    zero_stage: int = 1
     # auto: bf16 where the device computes it natively (CUDA Ampere+, CPUs with avx512_bf16 or
     # AMX that oneDNN may use), fp32 elsewhere; fastdeit.precision decides, build.py records it.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -82,6 +85,26 @@ def bucket_elements(num_params: int) -> int:
     return size + size % 2
 
 
+def stage3_settings(num_params: Optional[int]) -> Dict[str, Any]:
+    """ZeRO-3's knobs, sized like the stage 1/2 buckets from the student's parameter count.
+
+    reduce_bucket_size: the gradient reduce-scatter bucket (bucket_elements). The prefetch
+    bucket (parameters all-gathered ahead of the layer that needs them) holds about one ViT
+    block: a quarter of the model is ~6 ViT-L blocks, so a tenth of it, at least 2^22
+    elements. stage3_param_persistence_threshold: parameters below it stay whole on every
+    rank (biases, norms, LayerScale gammas: 1e5 is DeepSpeed's default, a few MB for ViT-H),
+    which saves one all-gather per small tensor per layer. stage3_gather_16bit_weights_on_model_save
+    stays off: exports read the fp32 partitions from the checkpoint (fastdeit.checkpoint).
+    """
+    out: Dict[str, Any] = {"stage3_param_persistence_threshold": 100_000,
+                           "stage3_gather_16bit_weights_on_model_save": False}
+    if num_params is not None:
+        bucket = bucket_elements(num_params)
+        out.update(reduce_bucket_size=bucket,
+                   stage3_prefetch_bucket_size=max(min(num_params, 2**22), num_params // 10))
+    return out
+
+
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -89,11 +112,11 @@ def deepspeed_config(cfg: EngineConfig, world_size: int, num_params: Optional[in
     """The DeepSpeed config dict for ``cfg`` at ``world_size`` ranks.
 
     ``num_params`` (the student's parameter count) sizes ZeRO-1/2's reduce and allgather
-    buckets (bucket_elements); without it DeepSpeed's 5e8-element defaults apply. Anything in
+    buckets (bucket_elements), and ZeRO-3's (stage3_settings); without it DeepSpeed's 5e8-element defaults apply. Anything in
     ``cfg.deepspeed`` is merged last and wins, buckets included.
     """
-    if cfg.zero_stage not in (0, 1, 2):
-        raise ConfigError(f"engine.zero_stage must be 0, 1 or 2, got {cfg.zero_stage}")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"engine.zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
     batch_keys = sorted(set(cfg.deepspeed) & set(BATCH_KEYS))
     if batch_keys:
         # The loaders are sized from resolve_batch before the engine exists: one source only.
@@ -119,11 +142,13 @@ def deepspeed_config(cfg: EngineConfig, world_size: int, num_params: Optional[in
             "overlap_comm": cfg.zero_stage > 0 and cfg.overlap_comm,
             "contiguous_gradients": cfg.zero_stage > 0,
             # ZeRO-1/2 compute the global gradient norm every step; only clipping uses it.
-            # (Stage 0 has no such switch: DeepSpeed's bf16 stage-0 optimizer always checks.)
-            **({"compute_grad_norm": cfg.gradient_clipping > 0} if cfg.zero_stage > 0 else {}),
+            # (Stage 0 has no such switch: DeepSpeed's bf16 stage-0 optimizer always checks; nor
+            # has stage 3, which always computes it.)
+            **({"compute_grad_norm": cfg.gradient_clipping > 0} if cfg.zero_stage in (1, 2) else {}),
             **({"reduce_bucket_size": bucket_elements(num_params),
                 "allgather_bucket_size": bucket_elements(num_params)}
-               if cfg.zero_stage > 0 and num_params is not None else {}),
+               if cfg.zero_stage in (1, 2) and num_params is not None else {}),
+            **(stage3_settings(num_params) if cfg.zero_stage == 3 else {}),
         },
         # Our optimizers (torch fused AdamW, Apex) are standard Adam(W) maths; ZeRO partitions
         # their state the same way it does for its own.
@@ -183,8 +208,30 @@ def check_cuda_graphs(compile_mode: Optional[str], zero_stage: int, accum: int) 
             "engine.zero_stage=2, grad_accum_steps=1 or compile_mode=default / max-autotune-no-cudagraphs")
 
 
+def set_grad_checkpointing(model: nn.Module, enable: bool, name: str = "the student") -> None:
+    """Activation checkpointing with timm's ``set_grad_checkpointing`` (model.grad_checkpointing).
+
+    Why timm's and not DeepSpeed's (``deepspeed.checkpointing.checkpoint``): timm's wraps each
+    block in ``torch.utils.checkpoint`` with ``use_reentrant=False``, which torch.compile traces
+    into the graph (tests/test_grad_checkpointing.py compiles it with ``fullgraph=True``), keeps
+    the RNG state for the recompute (drop path draws the same masks: identical losses and
+    gradients), and leaves the forward's outputs alone, so the distillation head and
+    ``eval_heads`` see the same module. DeepSpeed's is a reentrant autograd Function that
+    dynamo refuses to trace ("function marked as skipped": a graph break around every
+    block), would have to be called from inside timm's block loop (a change to the model),
+    and what it adds (partitioning the checkpointed activations across model-parallel ranks,
+    CPU offload of them) has nothing to partition in data-parallel ViT training.
+    """
+    if not enable:
+        return
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise ConfigError(f"model.grad_checkpointing=true: {name} ({type(model).__name__}) has no timm "
+                         "set_grad_checkpointing")
+    model.set_grad_checkpointing(True)
+
+
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: Dict[str, Any],
-               compile_mode: Optional[str] = None, shapes: int = 1):
+               compile_mode: Optional[str] = None, shapes: int = 1, grad_checkpointing: bool = False):
     """Wrap the student and its optimizer; returns the DeepSpeed engine.
 
     ``compile_mode`` (a torch.compile mode, None = eager) compiles the student here, the one
@@ -197,9 +244,11 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: Di
     hide ``forward_features``/``head_dist`` behind the wrapper. A compiled run therefore
     resumes eager and the other way round. ``shapes``: the number of distinct training input
     shapes (sizes of data.size_schedule), each one static graph (models.limit_recompiles).
+    ``grad_checkpointing``: activation checkpointing per block (set_grad_checkpointing).
     """
     import deepspeed
 
+    set_grad_checkpointing(model, grad_checkpointing)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if hasattr(optimizer, "bind_layout"):
         # Layer-wise optimizers (fastdeit.lamb.Lamb) learn how ZeRO flattened and partitioned

@@ -31,6 +31,7 @@ def evaluate(module: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch.Tenso
     heads = ["cls", "dist", "avg"] if is_distilled(module) else ["cls"]
     counts = torch.zeros(len(heads), 2, dtype=torch.long, device=device)   # correct@1, correct@5
     total = torch.zeros(1, dtype=torch.long, device=device)
+    batches, last = 0, None
     for images, labels in loader:
         logits = eval_heads(module, images.to(dtype))
         for i, head in enumerate(heads):
@@ -39,6 +40,14 @@ def evaluate(module: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch.Tenso
             counts[i, 0] += hit[:, 0].sum()
             counts[i, 1] += hit.any(dim=1).sum()
         total += labels.numel()
+        batches, last = batches + 1, images[:1]
+    if zero3_partitioned(module):
+        # ZeRO-3 all-gathers each layer's parameters inside every forward: a rank that ran
+        # out of validation images (the shards differ by one image, which can be one batch)
+        # must still join the others' gathers. It runs forwards on a stand-in image and
+        # discards them; the counts above are untouched.
+        for _ in range(_most_batches(batches, device) - batches):
+            eval_heads(module, last.to(dtype) if last is not None else _stand_in(loader, dtype, device))
     module.train(was_training)
     packed = torch.cat([counts.flatten(), total])
     if dist.is_initialized():
@@ -50,3 +59,23 @@ def evaluate(module: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch.Tenso
         out[f"val/{head}_top1"] = 100.0 * packed[2 * i] / n
         out[f"val/{head}_top5"] = 100.0 * packed[2 * i + 1] / n
     return out
+
+
+def zero3_partitioned(module: nn.Module) -> bool:
+    """Whether DeepSpeed's ZeRO-3 partitioned ``module``'s parameters (each gathered per forward)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _most_batches(batches: int, device: torch.device) -> int:
+    if not dist.is_initialized():
+        return batches
+    n = torch.tensor([batches], dtype=torch.long, device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return int(n.item())            # once per evaluation, at its end
+
+
+def _stand_in(loader, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    size = getattr(loader, "img_size", None)
+    if size is None:
+        raise RuntimeError("ZeRO-3 evaluation: this rank has no validation batch and the loader no img_size")
+    return torch.zeros(1, 3, size, size, dtype=dtype, device=device)

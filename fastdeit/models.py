@@ -44,6 +44,10 @@ class ModelConfig:
     # confirmed by the H200 record), off on CPU, where benchmarks/results measured no gain.
     compile: Union[bool, Literal["auto"]] = "auto"
     compile_mode: CompileMode = "default"
+    # Activation checkpointing: keep only each block's input and recompute the block in the
+    # backward (timm's set_grad_checkpointing, applied in fastdeit.engine.initialize). About a
+    # third more compute for several times less activation memory (benchmarks/memplan.py).
+    grad_checkpointing: bool = False
 
 
 @dataclass

@@ -126,12 +126,22 @@ def check_clipping(cfg: OptimConfig, gradient_clipping: float) -> None:
 
 
 def check_zero_stage(cfg: OptimConfig, zero_stage: int) -> None:
-    """Apex FusedLAMB under ZeRO 1/2 would take each flat partition for one layer."""
+    """Apex FusedLAMB under ZeRO 1/2/3 would take each flat partition for one layer; our LAMB
+    reads ZeRO 1/2's layout, not ZeRO-3's."""
     if cfg.name == "apex_fused_lamb" and zero_stage > 0:
         raise ConfigError(
             f"optim.name=apex_fused_lamb with engine.zero_stage={zero_stage}: ZeRO hands the optimizer "
             "flat partitions, so a per-tensor LAMB computes its trust ratios over many layers at once; "
             "use optim.name=lamb (layer-aware under ZeRO) or engine.zero_stage=0")
+    if cfg.name == "lamb" and zero_stage == 3:
+        # fastdeit.lamb reads ZeRO 1/2's layout (one flat buffer per group cut at rank
+        # boundaries); ZeRO-3 cuts every parameter into world pieces and steps per sub-group, a
+        # layout it does not read yet: its trust ratios would span many layers.
+        raise ConfigError(
+            "optim.name=lamb with engine.zero_stage=3: ZeRO-3 partitions every parameter separately and steps "
+            "sub-groups of those pieces, a layout fastdeit.lamb (built for ZeRO 1/2's flat partitions) does not "
+            "read, so its per-layer trust ratios would be wrong; use engine.zero_stage=2 (ViT-H's LAMB state fits "
+            "there: python -m benchmarks.memory plan --config CONFIG) or optim.name=adamw")
 
 
 def build_scheduler(

@@ -2,6 +2,7 @@
 through the real entry point: 3-Augment, BCE, LAMB under ZeRO, a resolution schedule, hard
 distillation; a run resumed across a size change equals the uninterrupted one."""
 import pytest
+import timm
 import torch
 
 from fastdeit.checkpoint import Checkpointer, fp32_state_dict
@@ -43,6 +44,62 @@ def test_deit3_b_finetune_is_the_reference_command():
     assert (c.data.rand_augment, c.data.three_augment, c.data.repeated_aug, c.data.size_schedule) == \
         ("rand-m9-mstd0.5-inc1", False, 1, None)
     assert (c.data.eval_crop_pct, c.ema.decay) == (1.0, 0.0)     # --eval-crop-ratio 1.0; no EMA
+
+
+@pytest.mark.parametrize("path, timm_name, drop_path, size, multiple, params, readme_m", [
+    ("configs/deit3_l.yaml", "deit3_large_patch16_224", 0.45, 192, 32, 304_374_760, 304.4),
+    ("configs/deit3_h.yaml", "deit3_huge_patch14_224", 0.6, 154, 14, 632_126_440, 632.1),
+])
+def test_deit3_large_and_huge_configs(path, timm_name, drop_path, size, multiple, params, readme_m):
+    """README_revenge.md's ViT-L / ViT-H commands: --batch 64 x 4 nodes x 8 GPUs, --lr 3e-3
+    --unscale-lr, 800 epochs, --input-size 192 / 160, --drop-path 0.45 / 0.6, --eval-crop-ratio
+    1.0, the LAMB + BCE + 3-Augment recipe. Parameters counted on the meta device (no memory)
+    against timm's own model and the README's model-zoo column."""
+    c = load_config(path)
+    assert c.model.name == timm_name and c.model.kwargs == {"init_values": 1e-4}
+    assert (c.model.drop_path, c.model.drop_path_mode, c.model.drop) == (drop_path, "uniform", 0.0)
+    assert c.engine.global_batch_size == 64 * 4 * 8 and scaled_lr(c.optim, 2048) == 3e-3
+    assert (c.optim.name, c.optim.weight_decay, c.optim.eps, c.optim.lamb_max_grad_norm) == ("lamb", 0.05, 1e-8, 1.0)
+    assert (c.schedule.warmup_epochs, c.schedule.warmup_lr, c.schedule.min_lr, c.trainer.epochs) == (5, 1e-6, 1e-5, 800)
+    assert (c.loss.base, c.mixing.label_smoothing, c.mixing.erase_prob) == ("bce", 0.0, 0.0)
+    assert (c.mixing.mixup_alpha, c.mixing.cutmix_alpha, c.data.three_augment, c.data.color_jitter) == (0.8, 1.0, True, 0.3)
+    assert (c.data.repeated_aug, c.data.eval_crop_pct, c.data.img_size) == (3, 1.0, 224)
+    with torch.device("meta"):
+        student = build_student(c.model, c.data.img_size, 1000, dynamic_img_size=True)
+        reference = timm.create_model(timm_name, init_values=1e-4)
+    assert count_params(student) == count_params(reference) == params
+    assert round(params / 1e6, 1) == readme_m
+    sizes = size_schedule(c.data, size_multiple(student))
+    assert {sizes(e) for e in range(800)} == {size} and size % multiple == 0
+    # 160 px with 14 px patches: the reference's stride-14 convolution makes 11 x 11 patches,
+    # as 154 px does.
+    assert size // student.patch_embed.patch_size[0] == (192 if multiple == 32 else 160) // student.patch_embed.patch_size[0]
+
+
+def test_deit3_l_finetune_is_the_reference_command():
+    c = load_config("configs/deit3_l_finetune.yaml")
+    assert c.model.name == "deit3_large_patch16_224" and c.model.drop_path == 0.45
+    assert (c.trainer.epochs, c.engine.global_batch_size, scaled_lr(c.optim, 512)) == (20, 512, 1e-5)
+    assert (c.optim.name, c.optim.weight_decay, c.loss.base, c.mixing.label_smoothing) == ("adamw", 0.1, "ce", 0.1)
+    assert (c.data.rand_augment, c.data.three_augment, c.data.repeated_aug, c.data.size_schedule) == \
+        ("rand-m9-mstd0.5-inc1", False, 1, None)
+    assert (c.data.img_size, c.data.eval_crop_pct) == (224, 1.0)
+
+
+@pytest.mark.parametrize("path", ["configs/deit3_l.yaml", "configs/deit3_l_finetune.yaml", "configs/deit3_h.yaml"])
+def test_deit3_memory_settings_are_the_plans(path):
+    """The configs' ZeRO stage, checkpointing and micro batch are what benchmarks/memplan.py
+    chooses for 8 x 80 GB, and the same for 8 x 141 GB (the headers say both)."""
+    from benchmarks import memplan
+
+    c = load_config(path)
+    facts = memplan.model_facts(c)
+    for gib in (80, 141):
+        rows = memplan.plan(c, facts, gib * 2**30, 8)
+        best = memplan.choose(rows, c.engine.global_batch_size // 8)
+        assert (best.stage, best.checkpointing, best.micro) == \
+            (c.engine.zero_stage, c.model.grad_checkpointing, c.engine.micro_batch_size), gib
+        assert f"{best.at(best.micro) / 2**30:.1f} GiB" in open(path).read()
 
 
 # --------------------------------------------------------------------------- end to end (slow)

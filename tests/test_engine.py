@@ -50,8 +50,8 @@ def test_deepspeed_dict():
     # overlap_comm costs a torch.cuda.synchronize() per backward in DeepSpeed: opt-in only
     assert deepspeed_config(EngineConfig(overlap_comm=True), 2)["zero_optimization"]["overlap_comm"] is True
     assert deepspeed_config(EngineConfig(zero_stage=0, overlap_comm=True), 2)["zero_optimization"]["overlap_comm"] is False
-    with pytest.raises(ValueError, match="zero_stage must be 0, 1 or 2"):
-        deepspeed_config(EngineConfig(zero_stage=3), 1)
+    with pytest.raises(ValueError, match="zero_stage must be 0, 1, 2 or 3"):
+        deepspeed_config(EngineConfig(zero_stage=-1), 1)
     # 'auto' (the default) is the hardware's call, made in build.py: never a silent fp32 here.
     assert engine.EngineConfig().precision == "auto"
     with pytest.raises(ValueError, match="not resolved"):
@@ -98,6 +98,31 @@ def test_buckets_are_deepspeeds_own_keys():
     assert parsed.reduce_bucket_size == parsed.allgather_bucket_size == 21_834_548
     with pytest.raises(Exception):
         DeepSpeedZeroConfig(**{**zero, "reduce_bucket_sise": 1})
+
+
+def test_zero3_settings_parse_and_are_sized_from_the_model():
+    """Stage 3: DeepSpeed's own config model reads every key (it forbids unknown ones), the
+    prefetch bucket is a tenth of ViT-L (about one of its 24 blocks, 12.6 M parameters), and
+    no compute_grad_norm (DeepSpeed accepts it at stages 1/2 only)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    vit_l = 304_374_760
+    zero = deepspeed_config(EngineConfig(zero_stage=3), 8, num_params=vit_l)["zero_optimization"]
+    parsed = DeepSpeedZeroConfig(**zero)
+    assert parsed.stage == 3 and "compute_grad_norm" not in zero and "allgather_bucket_size" not in zero
+    assert parsed.prefetch_bucket_size == vit_l // 10 and parsed.reduce_bucket_size == bucket_elements(vit_l)
+    assert parsed.param_persistence_threshold == 100_000 and not parsed.gather_16bit_weights_on_model_save
+    with pytest.raises(ValueError, match="engine.zero_stage must be 0, 1, 2 or 3"):
+        deepspeed_config(EngineConfig(zero_stage=4), 8)
+
+
+def test_lamb_is_refused_at_zero3_with_the_reason():
+    from fastdeit.optim import OptimConfig, check_zero_stage
+
+    with pytest.raises(ValueError, match="optim.name=lamb with engine.zero_stage=3: ZeRO-3 partitions every parameter"):
+        check_zero_stage(OptimConfig(name="lamb"), 3)
+    check_zero_stage(OptimConfig(name="lamb"), 2)
+    check_zero_stage(OptimConfig(name="adamw"), 3)
 
 
 def test_batch_keys_in_engine_deepspeed_are_refused():
