@@ -27,7 +27,7 @@ Per GPU, for ZeRO stages 0-3 and model.grad_checkpointing off/on, in the run's p
   (activation gradients) is taken as one more largest block.
 * the teacher (distill.type != none): its weights in teacher.dtype, and the largest
   input + output of any of its layers per image (a no-grad forward keeps nothing else).
-* DALI: nvJPEG's preallocated device buffers (fastdeit.data.pipeline.preallocated_bytes, one
+* DALI: nvJPEG's preallocated device buffers (fastdeit.data.loading.pipeline.preallocated_bytes, one
   per DALI thread) and the prefetch queue of output batches (data.prefetch batches of
   3 x S x S fp32 per image, on the GPU).
 * a fixed reserve for the CUDA context, NCCL's buffers and the allocator's fragmentation
@@ -272,7 +272,7 @@ class ModelFacts:
 
 def model_facts(cfg, num_classes: int = 1000, device: str = "meta") -> ModelFacts:
     """Count the config's student (and teacher) at the largest training size, on ``device``."""
-    from fastdeit.data.schedule import size_schedule
+    from fastdeit.data.loading.schedule import size_schedule
     from fastdeit.models import build_student, size_multiple
 
     bf16 = cfg.engine.precision != "fp32"
@@ -326,7 +326,7 @@ class Row:
 
 def dali_bytes(cfg, micro: int, cores_per_gpu: int, size: int) -> int:
     """nvJPEG's preallocation plus the prefetch queue's output batches, per GPU."""
-    from fastdeit.data.pipeline import preallocated_bytes
+    from fastdeit.data.loading.pipeline import preallocated_bytes
     from fastdeit.distributed import thread_budget
 
     if cfg.data.device == "cpu":
