@@ -327,7 +327,7 @@ class Row:
 def dali_bytes(cfg, micro: int, cores_per_gpu: int, size: int) -> int:
     """nvJPEG's preallocation plus the prefetch queue's output batches, per GPU."""
     from fastdeit.data.loading.pipeline import preallocated_bytes
-    from fastdeit.distributed import thread_budget
+    from fastdeit.threads import thread_budget
 
     if cfg.data.device == "cpu":
         return 0
