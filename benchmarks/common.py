@@ -1,5 +1,7 @@
-"""What every benchmark shares: step clocks, statistics, peak memory, the run record, JSON and
-markdown writers, the README splice and the images/sec bar chart.
+"""The harness every benchmark runs on: its settings (``RunSettings``, ``Rounds``), the
+single-process DeepSpeed world (``world_of_one``), interleaved rounds (``Interleaved``), step
+clocks, statistics, peak memory and FLOP/s, the run record, JSON and markdown writers, the
+README splice and the images/sec bar chart.
 
 Timing rules (the same in every benchmark):
 * on GPU, CUDA events recorded on the current stream at phase boundaries, read after one
@@ -10,6 +12,8 @@ Timing rules (the same in every benchmark):
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -21,13 +25,86 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class RunSettings:
+    """Where a benchmark runs and what it writes (the options every benchmark CLI shares)."""
+
+    device: str = "auto"
+    threads: Optional[int] = None        # torch intra-op threads (None: torch's choice)
+    peak_tflops: Optional[float] = None  # MFU denominator per device (None: as training runs)
+    out: str = str(RESULTS)              # directory of the JSON / markdown / PNG record
+    name: Optional[str] = None           # suffix of the record's file name
+    readme: Optional[str] = None         # also splice the table into this markdown file
+
+    @classmethod
+    def add_args(cls, p: argparse.ArgumentParser, help: Optional[Dict[str, str]] = None) -> None:
+        help = help or {}
+        p.add_argument("--peak-tflops", type=float, default=None, help=help.get("peak_tflops"))
+        p.add_argument("--device", default="auto")
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch intra-op threads (default: torch's choice); on a shared CPU host one "
+                            "thread per free core avoids OpenMP threads waiting on a descheduled peer")
+        p.add_argument("--out", default=str(RESULTS), help=help.get("out"))
+        p.add_argument("--name", default=None, help=help.get("name"))
+        p.add_argument("--readme", default=None, help=help.get("readme"))
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "RunSettings":
+        return cls(device=ns.device, threads=ns.threads, peak_tflops=ns.peak_tflops, out=ns.out, name=ns.name,
+                   readme=ns.readme)
+
+
+@dataclass
+class Rounds:
+    """How the items of a run are timed: ``warmup`` untimed steps each after building it, then
+    ``rounds`` rounds over all of them, each ``rewarm`` untimed + ``steps`` timed steps."""
+
+    warmup: int = 3
+    steps: int = 10
+    rounds: int = 3
+    rewarm: int = 1
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "Rounds":
+        return cls(warmup=ns.warmup, steps=ns.steps, rounds=ns.rounds, rewarm=ns.rewarm)
+
+
+@contextlib.contextmanager
+def world_of_one() -> Iterator[None]:
+    """The single-process distributed world DeepSpeed engines need, for the ``with`` block: made
+    here (a free port, whatever RANK/WORLD_SIZE a launcher set) and torn down on exit, unless
+    the process already has one."""
+    import torch.distributed as dist
+
+    from fastdeit import distributed
+
+    if dist.is_available() and dist.is_initialized():
+        yield
+        return
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)         # a benchmark is one process, whatever launched it
+    distributed.init(distributed.env_from(os.environ))
+    try:
+        yield
+    finally:
+        distributed.teardown()
 
 
 # --------------------------------------------------------------------------- device and clocks
@@ -60,8 +137,6 @@ class PhaseClock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
-        self._peak_allocated = 0     # whole run, all variants together (CUDA)
-        self._peak_reserved = 0
 
     def mark(self):
         if self.cuda:
@@ -197,6 +272,52 @@ class MemoryProbe:
             return {"kind": "device", "allocated_gib": self._peak_allocated / 2**30,
                     "reserved_gib": self._peak_reserved / 2**30}
         return {"kind": "process max RSS", "rss_gib": max_rss_bytes() / 2**30}
+
+
+class Interleaved:
+    """Items (variants, pipelines) built one by one, then timed in rounds that rotate their
+    order, so drifting clocks and noisy neighbours hit all of them alike. Per item (by
+    ``.name``): its resident memory after warm-up and the largest transient rise above the
+    resting total during its own windows (MemoryProbe; None on CPU)."""
+
+    def __init__(self, device: torch.device, log: Callable[..., None] = None):
+        self.probe = MemoryProbe(device)
+        self.log = log or print_flush
+        self.built: List[Any] = []
+        self.memory: Dict[str, Dict[str, Any]] = {}
+
+    def build(self, factory: Callable[[], Any], warm: Callable[[Any], None]) -> Any:
+        """``factory()`` (seeded alike for every item), then ``warm(item)`` untimed."""
+        before = self.probe.allocated()
+        torch.manual_seed(0)
+        item = factory()
+        self.built.append(item)
+        warm(item)                            # allocator, kernels, DeepSpeed buffers, loader start-up
+        after = self.probe.allocated()
+        self.memory[item.name] = {"resident": after - before if before is not None else None, "transient": 0}
+        return item
+
+    def run(self, rounds: int, window: Callable[[Any], None], peak: "PeakFlops",
+            on_round: Optional[Callable[[int], None]] = None) -> None:
+        """``rounds`` rounds of ``window(item)`` over every item; ``on_round(rounds_done)``
+        after each, so a run stopped from outside keeps what it measured."""
+        for r in range(rounds):
+            k = r % len(self.built)
+            for item in self.built[k:] + self.built[:k]:     # rotate: no item always goes first
+                start = self.probe.start()
+                window(item)
+                transient = self.probe.transient(start)
+                if transient is not None:
+                    mem = self.memory[item.name]
+                    mem["transient"] = max(mem["transient"], transient)
+            peak.sample()
+            self.log(f"  round {r + 1}/{rounds} done")
+            if on_round is not None:
+                on_round(r + 1)
+
+    def peak_mem_gib(self, name: str) -> Optional[float]:
+        mem = self.memory[name]
+        return (mem["resident"] + mem["transient"]) / 2**30 if mem["resident"] is not None else None
 
 
 def max_rss_bytes() -> int:
@@ -437,24 +558,6 @@ def deit_train_transform(img_size: int):
         re_prob=0.25, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def ensure_distributed() -> bool:
-    """A world of one for DeepSpeed engines in this process; True if this call started it."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return False
-    from fastdeit import distributed
-
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        os.environ.pop(key, None)         # a benchmark is one process, whatever launched it
-    distributed.init(distributed.env_from(os.environ))
-    return True
-
-
 def quiet_deepspeed() -> None:
     """DeepSpeed logs every engine it builds at INFO; benchmarks build several."""
     import logging
@@ -496,7 +599,7 @@ def write_partial(record: Dict[str, Any], device, args) -> Path:
     return path
 
 
-def start_run(kind: str, args, argv):
+def start_run(kind: str, args: RunSettings, argv):
     """The device, the thread count and a fresh record (commit and time now) for a benchmark run."""
     device = pick_device(args.device)
     if args.threads:
