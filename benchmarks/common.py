@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -25,7 +27,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -38,33 +41,68 @@ RESULTS = ROOT / "benchmarks" / "results"
 # --------------------------------------------------------------------------- settings
 
 
+def opt(default: Any = None, help: Optional[str] = None, **argparse_kw: Any) -> Any:
+    """A settings field with its command-line help and argparse keywords (``add_fields``)."""
+    meta = {"help": help, **argparse_kw} if help else dict(argparse_kw)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def add_fields(p: argparse.ArgumentParser, cls: type, defaults: Optional[Dict[str, Any]] = None,
+               help: Optional[Dict[str, str]] = None) -> None:
+    """One ``--flag`` per field of the settings dataclass ``cls``, so an option is declared once,
+    with its default: a bool is a switch, ``List[T]`` takes one or more values, a dict is a JSON
+    string; the field's metadata adds argparse keywords (help, choices, nargs, const).
+    ``defaults`` / ``help`` override them per field for one CLI."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if typing.get_origin(tp) is typing.Union:          # Optional[T]
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        kw: Dict[str, Any] = dict(f.metadata)
+        if defaults and f.name in defaults:
+            kw["default"] = defaults[f.name]
+        elif f.default is not dataclasses.MISSING:
+            kw["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            kw["default"] = f.default_factory()
+        else:
+            kw["required"] = True
+        if help and f.name in help:
+            kw["help"] = help[f.name]
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kw["action"] = "store_true"
+        elif origin is list:
+            kw.update(type=typing.get_args(tp)[0], nargs=kw.get("nargs", "+"))
+        elif origin is dict:
+            kw["type"] = json.loads
+        else:
+            kw["type"] = tp
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def from_args(cls: type, ns: argparse.Namespace) -> Any:
+    """The settings dataclass ``cls`` from a namespace parsed with ``add_fields``."""
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
 @dataclass
 class RunSettings:
     """Where a benchmark runs and what it writes (the options every benchmark CLI shares)."""
 
+    peak_tflops: Optional[float] = field(default=None, metadata={
+        "help": "MFU denominator per device; default: as training runs (data sheet, else measured)"})
     device: str = "auto"
-    threads: Optional[int] = None        # torch intra-op threads (None: torch's choice)
-    peak_tflops: Optional[float] = None  # MFU denominator per device (None: as training runs)
-    out: str = str(RESULTS)              # directory of the JSON / markdown / PNG record
-    name: Optional[str] = None           # suffix of the record's file name
-    readme: Optional[str] = None         # also splice the table into this markdown file
-
-    @classmethod
-    def add_args(cls, p: argparse.ArgumentParser, help: Optional[Dict[str, str]] = None) -> None:
-        help = help or {}
-        p.add_argument("--peak-tflops", type=float, default=None, help=help.get("peak_tflops"))
-        p.add_argument("--device", default="auto")
-        p.add_argument("--threads", type=int, default=None,
-                       help="torch intra-op threads (default: torch's choice); on a shared CPU host one "
-                            "thread per free core avoids OpenMP threads waiting on a descheduled peer")
-        p.add_argument("--out", default=str(RESULTS), help=help.get("out"))
-        p.add_argument("--name", default=None, help=help.get("name"))
-        p.add_argument("--readme", default=None, help=help.get("readme"))
-
-    @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> "RunSettings":
-        return cls(device=ns.device, threads=ns.threads, peak_tflops=ns.peak_tflops, out=ns.out, name=ns.name,
-                   readme=ns.readme)
+    threads: Optional[int] = field(default=None, metadata={
+        "help": "torch intra-op threads (default: torch's choice); on a shared CPU host one thread per "
+                "free core avoids OpenMP threads waiting on a descheduled peer"})
+    out: str = field(default=str(RESULTS), metadata={"help": "directory for the JSON / markdown / PNG record"})
+    name: Optional[str] = field(default=None, metadata={"help": "suffix of the record's file name"})
+    readme: Optional[str] = field(default=None, metadata={"help": "also splice the table into this markdown file"})
 
 
 @dataclass
@@ -72,14 +110,10 @@ class Rounds:
     """How the items of a run are timed: ``warmup`` untimed steps each after building it, then
     ``rounds`` rounds over all of them, each ``rewarm`` untimed + ``steps`` timed steps."""
 
-    warmup: int = 3
-    steps: int = 10
-    rounds: int = 3
-    rewarm: int = 1
-
-    @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> "Rounds":
-        return cls(warmup=ns.warmup, steps=ns.steps, rounds=ns.rounds, rewarm=ns.rewarm)
+    warmup: int = field(default=3, metadata={"help": "untimed steps per variant before the rounds"})
+    steps: int = field(default=10, metadata={"help": "timed steps per variant per round"})
+    rounds: int = field(default=3, metadata={"help": "interleaved rounds over all variants"})
+    rewarm: int = field(default=1, metadata={"help": "untimed steps per variant at the start of each round"})
 
 
 @contextlib.contextmanager

@@ -43,13 +43,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from benchmarks import common
+from benchmarks.common import opt
 from benchmarks.variants import SIZES, DeiTReferenceStep, FastdeitStep, Setup, StepSettings, ViTRecipeStep, reference_amp
 from fastdeit.data import DataConfig, build_loader, scan_image_folder
 
@@ -58,22 +59,29 @@ DEFAULT_DATA = common.ROOT / "data" / "bench-synthetic"
 
 @dataclass
 class E2ESettings:
-    """What the two sides are built from (the CLI's options, less the harness's)."""
+    """What the two sides are built from: the CLI's options, less the harness's."""
 
-    data: Optional[str] = None               # folder with train/<class>/*.jpg; None: generated JPEGs
-    generate: str = "10x300"                 # classes x images per class to generate without data
-    model: str = "b"
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    data: Optional[str] = opt(None, "folder with train/<class>/*.jpg; default: generated JPEGs")
+    generate: str = opt("10x300", "classes x images per class to generate when --data is unset")
+    model: str = opt("b", choices=sorted(SIZES))
+    model_kwargs: Dict[str, Any] = opt({}, "JSON of extra timm args, e.g. tiny debug models")
     batch: int = 256
     img_size: int = 224
-    workers: int = 8                         # DALI threads / DataLoader worker processes
-    zero_stage: int = 1
+    workers: int = opt(lambda: min(8, os.cpu_count() or 1),
+                       "DALI threads for fastdeit, DataLoader worker processes for the baseline")
+    zero_stage: int = opt(1, choices=[0, 1, 2])
     compile: bool = False
-    teacher: str = "none"                    # a timm name: distilled against the reference step
-    teacher_kwargs: Dict[str, Any] = field(default_factory=dict)
-    ref_amp: str = "auto"
-    ds_config: Dict[str, Any] = field(default_factory=dict)
-    sides: List[str] = field(default_factory=lambda: ["fastdeit", "baseline"])
+    teacher: str = opt("none", "a timm model name: distilled DeiT (the student's distillation token, hard "
+                       "distillation) against the DeiT reference step; none: the student alone")
+    teacher_kwargs: Dict[str, Any] = opt({}, "JSON of extra timm args for the teacher")
+    ref_amp: str = opt("auto", "with --teacher, the reference step's autocast dtype; auto: fp16 on GPU (as "
+                       "published), bf16 on CPU", choices=["auto", "fp16", "bf16"])
+    ds_config: Dict[str, Any] = opt({}, "JSON merged into fastdeit's DeepSpeed config")
+    sides: List[str] = opt(["fastdeit", "baseline"], choices=["fastdeit", "baseline"])
+
+    def __post_init__(self):
+        if self.batch < 2 or self.batch % 2:
+            raise ValueError("--batch must be even (Mixup pairs images)")
 
     def step_settings(self, num_classes: int) -> StepSettings:
         """The slice of the step benchmark's settings its variants read."""
@@ -349,41 +357,19 @@ def chart(record: Dict[str, Any], path: Path) -> Path:
 def parse_args(argv: Optional[Sequence[str]]) -> E2ERun:
     p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="folder with train/<class>/*.jpg; default: generated JPEGs")
-    p.add_argument("--generate", default="10x300", help="classes x images per class to generate when --data is unset")
-    p.add_argument("--model", choices=sorted(SIZES), default="b")
-    p.add_argument("--model-kwargs", default=None, help="JSON of extra timm args, e.g. tiny debug models")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DALI threads for fastdeit, DataLoader worker processes for the baseline")
-    p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--teacher", default="none",
-                   help="a timm model name: distilled DeiT (the student's distillation token, hard "
-                        "distillation) against the DeiT reference step; none: the student alone")
-    p.add_argument("--teacher-kwargs", default=None, help="JSON of extra timm args for the teacher")
-    p.add_argument("--ref-amp", choices=["auto", "fp16", "bf16"], default="auto",
-                   help="with --teacher, the reference step's autocast dtype; auto: fp16 on GPU (as "
-                        "published), bf16 on CPU")
-    p.add_argument("--ds-config", default=None, help="JSON merged into fastdeit's DeepSpeed config")
-    p.add_argument("--sides", nargs="+", default=["fastdeit", "baseline"], choices=["fastdeit", "baseline"])
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per side after building it")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per side per round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds alternating the sides")
-    p.add_argument("--rewarm", type=int, default=3,
-                   help="untimed steps per side at the start of each round: they drain the batches "
-                        "its loader prefetched while the other side ran")
-    common.RunSettings.add_args(p)
+    common.add_fields(p, E2ESettings)
+    common.add_fields(p, common.Rounds, defaults={"warmup": 5, "rewarm": 3}, help={
+        "warmup": "untimed steps per side after building it", "steps": "timed steps per side per round",
+        "rounds": "rounds alternating the sides",
+        "rewarm": "untimed steps per side at the start of each round: they drain the batches its loader "
+                  "prefetched while the other side ran"})
+    common.add_fields(p, common.RunSettings)
     a = p.parse_args(argv)
-    if a.batch < 2 or a.batch % 2:
-        p.error("--batch must be even (Mixup pairs images)")
-    settings = E2ESettings(
-        data=a.data, generate=a.generate, model=a.model, model_kwargs=json.loads(a.model_kwargs) if a.model_kwargs else {},
-        batch=a.batch, img_size=a.img_size, workers=a.workers, zero_stage=a.zero_stage, compile=a.compile,
-        teacher=a.teacher, teacher_kwargs=json.loads(a.teacher_kwargs) if a.teacher_kwargs else {},
-        ref_amp=a.ref_amp, ds_config=json.loads(a.ds_config) if a.ds_config else {}, sides=a.sides)
-    return E2ERun(settings, common.Rounds.from_args(a), common.RunSettings.from_args(a))
+    try:
+        settings = common.from_args(E2ESettings, a)
+    except ValueError as e:
+        p.error(str(e))
+    return E2ERun(settings, common.from_args(common.Rounds, a), common.from_args(common.RunSettings, a))
 
 
 def ensure_data(args: E2ESettings) -> None:

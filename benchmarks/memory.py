@@ -27,13 +27,14 @@ import dataclasses
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from benchmarks import common
+from benchmarks.common import opt
 
 GIB = 2**30
 
@@ -42,27 +43,27 @@ GIB = 2**30
 class PipelineSettings:
     """``memory pipeline``: one rank's train loader over a few epochs."""
 
-    data: str
+    data: str = opt(dataclasses.MISSING, "folder holding train/<class>/*.jpg")
     batch: int = 256
     img_size: int = 224
-    batches: int = 20                  # per epoch
+    batches: int = opt(20, "batches per epoch")
     epochs: int = 3
-    threads: Optional[int] = None      # DALI threads (None: the rank's budget)
-    no_prealloc: bool = False          # data.decoder_preallocate=false
+    threads: Optional[int] = opt(None, "DALI threads (default: the rank's budget)")
+    no_prealloc: bool = opt(False, "data.decoder_preallocate=false")
 
 
 @dataclass
 class StepMemorySettings:
     """``memory step``: the distilled training step alone."""
 
-    model: str = "b"
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    model: str = opt("b", choices=["ti", "s", "b"])
+    model_kwargs: Dict[str, Any] = opt({})
     teacher: str = "regnety_160"
-    teacher_kwargs: Dict[str, Any] = field(default_factory=dict)
+    teacher_kwargs: Dict[str, Any] = opt({})
     batch: int = 256
     img_size: int = 224
     classes: int = 1000
-    zero_stage: int = 1
+    zero_stage: int = opt(1, choices=[0, 1, 2])
     warmup: int = 3
     steps: int = 5
 
@@ -197,12 +198,11 @@ def summary_line(rec: Dict[str, Any]) -> str:
             f"GiB, process max RSS {rec['max_rss_gib']:.2f} GiB")
 
 
-# Each subcommand: its settings and what measures them (a new one adds a subparser and an entry).
-MEASURES: Dict[str, Tuple[type, Callable[[Any, torch.device], Dict[str, Any]]]] = {
-    "pipeline": (PipelineSettings, measure_pipeline),
-    "step": (StepMemorySettings, measure_step),
+# Each subcommand: its settings and what measures them (a new one adds an entry here).
+MEASURES: Dict[str, Tuple[type, Callable[[Any, torch.device], Dict[str, Any]], str]] = {
+    "pipeline": (PipelineSettings, measure_pipeline, "one train loader over three epochs"),
+    "step": (StepMemorySettings, measure_step, "the distilled training step alone"),
 }
-JSON_FIELDS = ("model_kwargs", "teacher_kwargs")
 
 
 @dataclass
@@ -216,35 +216,13 @@ class MemoryRun:
 def parse_args(argv: Optional[Sequence[str]]) -> MemoryRun:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
-    pipe = sub.add_parser("pipeline", help="one train loader over three epochs")
-    pipe.add_argument("--data", required=True, help="folder holding train/<class>/*.jpg")
-    pipe.add_argument("--batch", type=int, default=256)
-    pipe.add_argument("--img-size", type=int, default=224)
-    pipe.add_argument("--batches", type=int, default=20, help="batches per epoch")
-    pipe.add_argument("--epochs", type=int, default=3)
-    pipe.add_argument("--threads", type=int, default=None, help="DALI threads (default: the rank's budget)")
-    pipe.add_argument("--no-prealloc", action="store_true", help="data.decoder_preallocate=false")
-    st = sub.add_parser("step", help="the distilled training step alone")
-    st.add_argument("--model", default="b", choices=["ti", "s", "b"])
-    st.add_argument("--model-kwargs", default=None)
-    st.add_argument("--teacher", default="regnety_160")
-    st.add_argument("--teacher-kwargs", default=None)
-    st.add_argument("--batch", type=int, default=256)
-    st.add_argument("--img-size", type=int, default=224)
-    st.add_argument("--classes", type=int, default=1000)
-    st.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
-    st.add_argument("--warmup", type=int, default=3)
-    st.add_argument("--steps", type=int, default=5)
-    for q in (pipe, st):
+    for what, (cls, _, about) in MEASURES.items():
+        q = sub.add_parser(what, help=about)
+        common.add_fields(q, cls)
         q.add_argument("--device", default="auto")
         q.add_argument("--out", default=None, help="JSON file to write")
     a = p.parse_args(argv)
-    cls = MEASURES[a.what][0]
-    values = {f.name: getattr(a, f.name) for f in dataclasses.fields(cls)}
-    for key in JSON_FIELDS:
-        if key in values:
-            values[key] = json.loads(values[key]) if values[key] else {}
-    return MemoryRun(a.what, cls(**values), device=a.device, out=a.out)
+    return MemoryRun(a.what, common.from_args(MEASURES[a.what][0], a), device=a.device, out=a.out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

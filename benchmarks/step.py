@@ -57,7 +57,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from benchmarks import common
-from benchmarks.variants import KINDS, SIZES, Setup, StepSettings, Variant, factories, reference_amp
+from benchmarks.variants import Setup, StepSettings, Variant, factories, reference_amp
 from fastdeit import engine as engine_lib
 
 
@@ -260,53 +260,14 @@ def markdown(record: Dict[str, Any]) -> str:
 def parse_args(argv: Optional[Sequence[str]]) -> StepRun:
     p = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(SIZES), default="b", help="DeiT size: ti, s or b (ViT-Ti/S/B for baseline A)")
-    p.add_argument("--model-kwargs", default=None, help="JSON of extra timm args for every ViT, e.g. tiny debug models")
-    p.add_argument("--batch", type=int, default=256, help="images per step (per device)")
-    p.add_argument("--img-size", type=int, nargs="+", default=[224],
-                   help="image side; several: every variant at each side in one interleaved run, the "
-                        "fastdeit students built at --native-size and resampling their position "
-                        "embedding per forward (data.size_schedule), plus speed ratios between sides")
-    p.add_argument("--native-size", type=int, default=None,
-                   help="with several --img-size: the students' native side (default: the largest)")
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--zero-stage", type=int, nargs="+", default=[1], choices=[0, 1, 2])
-    p.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
-                   help="compile the students and the teacher (not baseline B): on, or both = every variant "
-                        "eager and compiled in the same run; fastdeit variants compile as the trainer does")
-    p.add_argument("--compile-mode", default="default",
-                   choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"])
-    p.add_argument("--teacher", default="regnety_160")
-    p.add_argument("--teacher-kwargs", default=None, help="JSON of extra timm args for the teacher")
-    p.add_argument("--teacher-format", choices=["channels_last", "contiguous"], default="channels_last",
-                   help="memory format of fastdeit's teacher (baseline B's is always NCHW)")
-    p.add_argument("--mixing", action="store_true", help="Mixup/CutMix (+ erasing for fastdeit) inside the step")
-    p.add_argument("--ref-amp", choices=["auto", "fp16", "bf16"], default="auto",
-                   help="baseline B's autocast dtype; auto: fp16 on GPU (as published), bf16 on CPU")
-    p.add_argument("--variants", nargs="+", default=StepSettings().variants, choices=KINDS)
-    p.add_argument("--ds-config", default=None,
-                   help="JSON merged into fastdeit's DeepSpeed config (engine.deepspeed), e.g. "
-                        "'{\"zero_optimization\": {\"overlap_comm\": true}}'")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the rounds")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all variants")
-    p.add_argument("--rewarm", type=int, default=1, help="untimed steps per variant at the start of each round")
-    common.RunSettings.add_args(p, help={
-        "peak_tflops": "MFU denominator per device; default: as training runs (data sheet, else measured)",
-        "out": "directory for the JSON / markdown / PNG record", "name": "suffix of the record's file name",
-        "readme": "also splice the table into this markdown file"})
+    for cls in (StepSettings, common.Rounds, common.RunSettings):
+        common.add_fields(p, cls)
     a = p.parse_args(argv)
     try:
-        settings = StepSettings(
-            model=a.model, model_kwargs=json.loads(a.model_kwargs) if a.model_kwargs else {}, batch=a.batch,
-            img_size=a.img_size, native_size=a.native_size, classes=a.classes, zero_stage=a.zero_stage,
-            compile=a.compile, compile_mode=a.compile_mode, teacher=a.teacher,
-            teacher_kwargs=json.loads(a.teacher_kwargs) if a.teacher_kwargs else {},
-            teacher_format=a.teacher_format, mixing=a.mixing, ref_amp=a.ref_amp, variants=a.variants,
-            ds_config=json.loads(a.ds_config) if a.ds_config else {})
+        settings = common.from_args(StepSettings, a)
     except ValueError as e:
         p.error(str(e))
-    return StepRun(settings, common.Rounds.from_args(a), common.RunSettings.from_args(a))
+    return StepRun(settings, common.from_args(common.Rounds, a), common.from_args(common.RunSettings, a))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

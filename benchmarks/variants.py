@@ -16,7 +16,7 @@ import dataclasses
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import timm
@@ -26,6 +26,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from benchmarks import common
+from benchmarks.common import opt
 from fastdeit import build, flops as flops_lib
 from fastdeit.config import Config
 from fastdeit.data.config import DataConfig
@@ -46,25 +47,32 @@ IMAGENET_STEPS_PER_EPOCH = 1251
 
 @dataclass
 class StepSettings:
-    """What the variants are built from (benchmarks/step.py's options, less the harness's)."""
+    """What the variants are built from: benchmarks/step.py's options, less the harness's."""
 
-    model: str = "b"                          # DeiT size: ti, s or b
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)    # extra timm args of every ViT
-    batch: int = 256                          # images per step (per device)
-    img_size: List[int] = field(default_factory=lambda: [224])
-    native_size: Optional[int] = None         # several sizes: the students' native side (None: the largest)
+    model: str = opt("b", "DeiT size: ti, s or b (ViT-Ti/S/B for baseline A)", choices=sorted(SIZES))
+    model_kwargs: Dict[str, Any] = opt({}, "JSON of extra timm args for every ViT, e.g. tiny debug models")
+    batch: int = opt(256, "images per step (per device)")
+    img_size: List[int] = opt([224], "image side; several: every variant at each side in one interleaved run, "
+                               "the fastdeit students built at --native-size and resampling their position "
+                               "embedding per forward (data.size_schedule), plus speed ratios between sides")
+    native_size: Optional[int] = opt(None, "with several --img-size: the students' native side (default: the largest)")
     classes: int = 1000
-    zero_stage: List[int] = field(default_factory=lambda: [1])
-    compile: str = "off"                      # off | on | both
-    compile_mode: str = "default"
+    zero_stage: List[int] = opt([1], choices=[0, 1, 2])
+    compile: str = opt("off", "compile the students and the teacher (not baseline B): on, or both = every "
+                        "variant eager and compiled in the same run; fastdeit variants compile as the trainer does",
+                        nargs="?", const="on", choices=["off", "on", "both"])
+    compile_mode: str = opt("default", choices=["default", "max-autotune-no-cudagraphs", "max-autotune",
+                                                 "reduce-overhead"])
     teacher: str = "regnety_160"
-    teacher_kwargs: Dict[str, Any] = field(default_factory=dict)
-    teacher_format: str = "channels_last"     # fastdeit's teacher; baseline B's is always NCHW
-    mixing: bool = False                      # Mixup/CutMix (+ erasing for fastdeit) inside the step
-    ref_amp: str = "auto"                     # baseline B's autocast dtype
-    variants: List[str] = field(default_factory=lambda: ["fastdeit", "fastdeit-student", "bare", "baseline-a",
-                                                         "baseline-b"])
-    ds_config: Dict[str, Any] = field(default_factory=dict)      # merged into fastdeit's DeepSpeed config
+    teacher_kwargs: Dict[str, Any] = opt({}, "JSON of extra timm args for the teacher")
+    teacher_format: str = opt("channels_last", "memory format of fastdeit's teacher (baseline B's is always NCHW)",
+                               choices=["channels_last", "contiguous"])
+    mixing: bool = opt(False, "Mixup/CutMix (+ erasing for fastdeit) inside the step")
+    ref_amp: str = opt("auto", "baseline B's autocast dtype; auto: fp16 on GPU (as published), bf16 on CPU",
+                        choices=["auto", "fp16", "bf16"])
+    variants: List[str] = opt(["fastdeit", "fastdeit-student", "bare", "baseline-a", "baseline-b"], choices=KINDS)
+    ds_config: Dict[str, Any] = opt({}, "JSON merged into fastdeit's DeepSpeed config (engine.deepspeed), e.g. "
+                                     "'{\"zero_optimization\": {\"overlap_comm\": true}}'")
 
     def __post_init__(self):
         if self.batch < 2 or self.batch % 2:
