@@ -65,13 +65,9 @@ class Trainer:
         check_signals(cfg.stop_signals)            # before any work: a ConfigError naming the value
         self.cfg = cfg
         self.engine = parts.engine
-        self.scheduler = parts.scheduler
-        self.mixer = parts.mixer
-        self.criterion = parts.criterion
-        self.teacher = parts.teacher
-        self.ema = parts.ema
+        self.ema = parts.ema                    # evaluated next to the live model
         self.dtype = parts.dtype
-        # The per-batch work (fastdeit.step): the same object the benchmarks time.
+        # The per-batch work (fastdeit.step): the code the benchmarks time; the rest is the loop's.
         self.train_step = TrainStep(parts, run.device)
         # MFU and data-wait share next to img/s (metrics.StepTelemetry): next() is timed.
         self.telemetry = run.telemetry
