@@ -232,7 +232,7 @@ class FastdeitStep(Variant):
 
     def __init__(self, s: Setup, stage: int, distill: bool, ds_defaults: bool = False, compiled: bool = False,
                  ema: bool = False, wrap: bool = False, lamb: bool = False,
-                 steps_per_epoch: int = IMAGENET_STEPS_PER_EPOCH, cfg: Optional[Config] = None):
+                 steps_per_epoch: int = IMAGENET_STEPS_PER_EPOCH):
         self.kind = ("fastdeit" if distill else "ds-defaults" if ds_defaults else "fastdeit-ema" if ema
                      else "wrap-compiled" if wrap else "fastdeit-lamb" if lamb else "fastdeit-student")
         self.stage = stage
@@ -247,8 +247,8 @@ class FastdeitStep(Variant):
                       f"{f', engine.compile() ({mode})' if compiled and not wrap else ''}"
                       f"{f', torch.compile ({mode}) before deepspeed.initialize' if wrap else ''}")
         self.s = s
-        self.cfg = cfg or s.fastdeit_config(stage, distill, ds_defaults, compiled and not wrap, ema, lamb)
-        global_batch, micro, _ = build.resolve_batch(self.cfg, world_size=1)   # what the trainer refuses
+        self.cfg = s.fastdeit_config(stage, distill, ds_defaults, compiled and not wrap, ema, lamb)
+        micro = build.resolve_batch(self.cfg, world_size=1)[1]      # refusing what the trainer refuses
         models = build.build_models(self.cfg, s.device, s.num_classes, micro)
         teacher = models.teacher.module if models.teacher is not None else None
         self.flops_per_image = s.count("fastdeit" if distill else "fastdeit-student",
