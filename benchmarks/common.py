@@ -1,5 +1,7 @@
-"""What every benchmark shares: step clocks, statistics, peak memory, the run record, JSON and
-markdown writers, the README splice and the images/sec bar chart.
+"""The harness every benchmark runs on: its settings (``RunSettings``, ``Rounds``), the
+single-process DeepSpeed world (``world_of_one``), interleaved rounds (``Interleaved``), step
+clocks, statistics, peak memory and FLOP/s, the run record, JSON and markdown writers, the
+README splice and the images/sec bar chart.
 
 Timing rules (the same in every benchmark):
 * on GPU, CUDA events recorded on the current stream at phase boundaries, read after one
@@ -10,6 +12,10 @@ Timing rules (the same in every benchmark):
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import copy
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -21,13 +27,115 @@ import statistics
 import subprocess
 import sys
 import time
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def opt(default: Any = None, help: Optional[str] = None, **argparse_kw: Any) -> Any:
+    """A settings field with its command-line help and argparse keywords (``add_fields``)."""
+    meta = {"help": help, **argparse_kw} if help else dict(argparse_kw)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def add_fields(p: argparse.ArgumentParser, cls: type, defaults: Optional[Dict[str, Any]] = None,
+               help: Optional[Dict[str, str]] = None) -> None:
+    """One ``--flag`` per field of the settings dataclass ``cls``, so an option is declared once,
+    with its default: a bool is a switch, ``List[T]`` takes one or more values, a dict is a JSON
+    string; the field's metadata adds argparse keywords (help, choices, nargs, const).
+    ``defaults`` / ``help`` override them per field for one CLI."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if typing.get_origin(tp) is typing.Union:          # Optional[T]
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        kw: Dict[str, Any] = dict(f.metadata)
+        if defaults and f.name in defaults:
+            kw["default"] = defaults[f.name]
+        elif f.default is not dataclasses.MISSING:
+            kw["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            kw["default"] = f.default_factory()
+        else:
+            kw["required"] = True
+        if help and f.name in help:
+            kw["help"] = help[f.name]
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kw["action"] = "store_true"
+        elif origin is list:
+            kw.update(type=typing.get_args(tp)[0], nargs=kw.get("nargs", "+"))
+        elif origin is dict:
+            kw["type"] = json.loads
+        else:
+            kw["type"] = tp
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def from_args(cls: type, ns: argparse.Namespace) -> Any:
+    """The settings dataclass ``cls`` from a namespace parsed with ``add_fields``."""
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class RunSettings:
+    """Where a benchmark runs and what it writes (the options every benchmark CLI shares)."""
+
+    peak_tflops: Optional[float] = field(default=None, metadata={
+        "help": "MFU denominator per device; default: as training runs (data sheet, else measured)"})
+    device: str = "auto"
+    threads: Optional[int] = field(default=None, metadata={
+        "help": "torch intra-op threads (default: torch's choice); on a shared CPU host one thread per "
+                "free core avoids OpenMP threads waiting on a descheduled peer"})
+    out: str = field(default=str(RESULTS), metadata={"help": "directory for the JSON / markdown / PNG record"})
+    name: Optional[str] = field(default=None, metadata={"help": "suffix of the record's file name"})
+    readme: Optional[str] = field(default=None, metadata={"help": "also splice the table into this markdown file"})
+
+
+@dataclass
+class Rounds:
+    """How the items of a run are timed: ``warmup`` untimed steps each after building it, then
+    ``rounds`` rounds over all of them, each ``rewarm`` untimed + ``steps`` timed steps."""
+
+    warmup: int = field(default=3, metadata={"help": "untimed steps per variant before the rounds"})
+    steps: int = field(default=10, metadata={"help": "timed steps per variant per round"})
+    rounds: int = field(default=3, metadata={"help": "interleaved rounds over all variants"})
+    rewarm: int = field(default=1, metadata={"help": "untimed steps per variant at the start of each round"})
+
+
+@contextlib.contextmanager
+def world_of_one() -> Iterator[None]:
+    """The single-process distributed world DeepSpeed engines need, for the ``with`` block: made
+    here (whatever RANK/WORLD_SIZE a launcher set) and torn down on exit, unless
+    the process already has one."""
+    import torch.distributed as dist
+
+    from fastdeit import distributed
+
+    if dist.is_available() and dist.is_initialized():
+        yield
+        return
+    # No port chosen here: distributed.init gives a lone process a free one (distributed.free_port).
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)         # a benchmark is one process, whatever launched it
+    distributed.init(distributed.env_from(os.environ))
+    try:
+        yield
+    finally:
+        distributed.teardown()
 
 
 # --------------------------------------------------------------------------- device and clocks
@@ -60,8 +168,6 @@ class PhaseClock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
-        self._peak_allocated = 0     # whole run, all variants together (CUDA)
-        self._peak_reserved = 0
 
     def mark(self):
         if self.cuda:
@@ -197,6 +303,52 @@ class MemoryProbe:
             return {"kind": "device", "allocated_gib": self._peak_allocated / 2**30,
                     "reserved_gib": self._peak_reserved / 2**30}
         return {"kind": "process max RSS", "rss_gib": max_rss_bytes() / 2**30}
+
+
+class Interleaved:
+    """Items (variants, pipelines) built one by one, then timed in rounds that rotate their
+    order, so drifting clocks and noisy neighbours hit all of them alike. Per item (by
+    ``.name``): its resident memory after warm-up and the largest transient rise above the
+    resting total during its own windows (MemoryProbe; None on CPU)."""
+
+    def __init__(self, device: torch.device, log: Callable[..., None] = None):
+        self.probe = MemoryProbe(device)
+        self.log = log or print_flush
+        self.built: List[Any] = []
+        self.memory: Dict[str, Dict[str, Any]] = {}
+
+    def build(self, factory: Callable[[], Any], warm: Callable[[Any], None]) -> Any:
+        """``factory()`` (seeded alike for every item), then ``warm(item)`` untimed."""
+        before = self.probe.allocated()
+        torch.manual_seed(0)
+        item = factory()
+        self.built.append(item)
+        warm(item)                            # allocator, kernels, DeepSpeed buffers, loader start-up
+        after = self.probe.allocated()
+        self.memory[item.name] = {"resident": after - before if before is not None else None, "transient": 0}
+        return item
+
+    def run(self, rounds: int, window: Callable[[Any], None], peak: "PeakFlops",
+            on_round: Optional[Callable[[int], None]] = None) -> None:
+        """``rounds`` rounds of ``window(item)`` over every item; ``on_round(rounds_done)``
+        after each, so a run stopped from outside keeps what it measured."""
+        for r in range(rounds):
+            k = r % len(self.built)
+            for item in self.built[k:] + self.built[:k]:     # rotate: no item always goes first
+                start = self.probe.start()
+                window(item)
+                transient = self.probe.transient(start)
+                if transient is not None:
+                    mem = self.memory[item.name]
+                    mem["transient"] = max(mem["transient"], transient)
+            peak.sample()
+            self.log(f"  round {r + 1}/{rounds} done")
+            if on_round is not None:
+                on_round(r + 1)
+
+    def peak_mem_gib(self, name: str) -> Optional[float]:
+        mem = self.memory[name]
+        return (mem["resident"] + mem["transient"]) / 2**30 if mem["resident"] is not None else None
 
 
 def max_rss_bytes() -> int:
@@ -437,24 +589,6 @@ def deit_train_transform(img_size: int):
         re_prob=0.25, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def ensure_distributed() -> bool:
-    """A world of one for DeepSpeed engines in this process; True if this call started it."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return False
-    from fastdeit import distributed
-
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        os.environ.pop(key, None)         # a benchmark is one process, whatever launched it
-    distributed.init(distributed.env_from(os.environ))
-    return True
-
-
 def quiet_deepspeed() -> None:
     """DeepSpeed logs every engine it builds at INFO; benchmarks build several."""
     import logging
@@ -496,7 +630,7 @@ def write_partial(record: Dict[str, Any], device, args) -> Path:
     return path
 
 
-def start_run(kind: str, args, argv):
+def start_run(kind: str, args: RunSettings, argv):
     """The device, the thread count and a fresh record (commit and time now) for a benchmark run."""
     device = pick_device(args.device)
     if args.threads:

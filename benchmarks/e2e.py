@@ -13,7 +13,7 @@ number of loader workers:
              (on the GPU when there is one), batched RandAugment rand-m9-mstd0.5-inc1 and
              normalise, repeated augmentation x3, then BatchMixer on the device (random
              erasing, Mixup/CutMix, label smoothing) and fastdeit's engine step
-             (benchmarks/step.py, ZeRO --zero-stage, bf16): the student alone, or with
+             (benchmarks/variants.py: the trainer's own step, ZeRO --zero-stage, bf16): the student alone, or with
              --teacher the distilled student and the frozen channels-last bf16 teacher.
   baseline   torchvision ImageFolder + PIL + timm.data.create_transform with DeiT's settings
              (RandomResizedCrop bicubic, flip, RandAugment, random erasing 0.25 'pixel', in
@@ -39,25 +39,69 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from benchmarks import common
-from benchmarks.step import SIZES, DeiTReferenceStep, FastdeitStep, Setup, ViTRecipeStep, reference_amp
+from benchmarks.common import opt
+from benchmarks.variants import SIZES, DeiTReferenceStep, FastdeitStep, Setup, StepSettings, ViTRecipeStep, reference_amp
 from fastdeit.data import DataConfig, build_loader, scan_image_folder
 
 DEFAULT_DATA = common.ROOT / "data" / "bench-synthetic"
 
 
+@dataclass
+class E2ESettings:
+    """What the two sides are built from: the CLI's options, less the harness's."""
+
+    data: Optional[str] = opt(None, "folder with train/<class>/*.jpg; default: generated JPEGs")
+    generate: str = opt("10x300", "classes x images per class to generate when --data is unset")
+    model: str = opt("b", choices=sorted(SIZES))
+    model_kwargs: Dict[str, Any] = opt({}, "JSON of extra timm args, e.g. tiny debug models")
+    batch: int = 256
+    img_size: int = 224
+    workers: int = opt(lambda: min(8, os.cpu_count() or 1),
+                       "DALI threads for fastdeit, DataLoader worker processes for the baseline")
+    zero_stage: int = opt(1, choices=[0, 1, 2])
+    compile: bool = False
+    teacher: str = opt("none", "a timm model name: distilled DeiT (the student's distillation token, hard "
+                       "distillation) against the DeiT reference step; none: the student alone")
+    teacher_kwargs: Dict[str, Any] = opt({}, "JSON of extra timm args for the teacher")
+    ref_amp: str = opt("auto", "with --teacher, the reference step's autocast dtype; auto: fp16 on GPU (as "
+                       "published), bf16 on CPU", choices=["auto", "fp16", "bf16"])
+    ds_config: Dict[str, Any] = opt({}, "JSON merged into fastdeit's DeepSpeed config")
+    sides: List[str] = opt(["fastdeit", "baseline"], choices=["fastdeit", "baseline"])
+
+    def __post_init__(self):
+        if self.batch < 2 or self.batch % 2:
+            raise ValueError("--batch must be even (Mixup pairs images)")
+
+    def step_settings(self, num_classes: int) -> StepSettings:
+        """The slice of the step benchmark's settings its variants read."""
+        return StepSettings(
+            model=self.model, model_kwargs=self.model_kwargs, batch=self.batch, img_size=[self.img_size],
+            classes=num_classes, teacher=self.teacher, teacher_kwargs=self.teacher_kwargs, mixing=True,
+            ds_config=self.ds_config, compile="on" if self.compile else "off", ref_amp=self.ref_amp)
+
+
+@dataclass
+class E2ERun:
+    settings: E2ESettings
+    rounds: common.Rounds
+    run: common.RunSettings
+
+
 # --------------------------------------------------------------------------- loaders
 
 
-def fastdeit_loader(args: argparse.Namespace, device: torch.device):
+def fastdeit_loader(args: E2ESettings, device: torch.device):
     # --workers DALI threads (decode, crop, resize) and, on CPU placement, as many host threads
     # for batched RandAugment + normalise; the DeiT recipe otherwise (repeated augmentation x3).
     cfg = DataConfig(root=args.data, img_size=args.img_size, num_threads=args.workers,
@@ -65,7 +109,7 @@ def fastdeit_loader(args: argparse.Namespace, device: torch.device):
     return build_loader(cfg, "train", args.batch, rank=0, world_size=1, seed=0, device=device)
 
 
-def baseline_loader(args: argparse.Namespace, device: torch.device):
+def baseline_loader(args: E2ESettings, device: torch.device):
     """What a PyTorch DeiT/ViT user writes: ImageFolder + timm's DeiT transform + DataLoader."""
     from torchvision.datasets import ImageFolder
 
@@ -88,11 +132,11 @@ class Side:
     boundary is seen: ``window`` never lets one fall inside a timed window, and the host time
     blocked at each epoch's first batch (after the first epoch) is kept apart."""
 
-    def __init__(self, name: str, args: argparse.Namespace, device: torch.device):
+    def __init__(self, name: str, args: E2ESettings, device: torch.device):
         self.name, self.device = name, device
         self.loader = fastdeit_loader(args, device) if name == "fastdeit" else baseline_loader(args, device)
         self.num_classes = self.loader.num_classes if name == "fastdeit" else len(self.loader.dataset.classes)
-        self.setup = Setup(step_args(args, self.num_classes), device)
+        self.setup = Setup(args.step_settings(self.num_classes), device)
         self.distilled = args.teacher != "none"
         torch.manual_seed(0)
         if name == "fastdeit":
@@ -146,9 +190,7 @@ class Side:
         if images.device != self.device:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-        self.variant.forward(images, labels)
-        self.variant.backward()
-        self.variant.update()
+        self.variant(images, labels)
         return images.shape[0], wait
 
     def run(self, n: int, timed: bool) -> None:
@@ -192,57 +234,45 @@ class Side:
         gc.collect()
 
 
-def measure(args: argparse.Namespace, device: torch.device, peak: common.PeakFlops,
+def measure(cli: E2ERun, device: torch.device, peak: common.PeakFlops,
             log=common.print_flush, on_round=None) -> List[Dict[str, Any]]:
     """A row per side; ``on_round(rows, rounds_done)`` gets the rows so far after every round."""
-    probe = common.MemoryProbe(device)
-    sides: List[Side] = []
-    mem: Dict[str, Dict[str, Any]] = {}
+    args, rd = cli.settings, cli.rounds
+    runs = common.Interleaved(device, log)
+
+    def warm(side: Side) -> None:
+        if side.per_epoch < rd.steps + max(rd.rewarm, 1):
+            raise SystemExit(f"--steps {rd.steps} + --rewarm {max(rd.rewarm, 1)}: more than one epoch of "
+                             f"{args.data}/train for {side.name} ({side.per_epoch} batches of {args.batch}); "
+                             "a timed window must fit inside an epoch: more images or fewer steps")
+        t0 = time.perf_counter()
+        side.run(rd.warmup, timed=False)             # loader start-up, allocator, kernels
+        log(f"  {side.name}: built and warmed up ({rd.warmup} steps, {time.perf_counter() - t0:.1f} s)")
+
     try:
         for name in args.sides:
-            before = probe.allocated()
-            t0 = time.perf_counter()
-            side = Side(name, args, device)
-            sides.append(side)
-            if side.per_epoch < args.steps + max(args.rewarm, 1):
-                raise SystemExit(f"--steps {args.steps} + --rewarm {max(args.rewarm, 1)}: more than one epoch of "
-                                 f"{args.data}/train for {name} ({side.per_epoch} batches of {args.batch}); "
-                                 "a timed window must fit inside an epoch: more images or fewer steps")
-            side.run(args.warmup, timed=False)             # loader start-up, allocator, kernels
-            mem[name] = {"resident": probe.allocated() - before if before is not None else None, "transient": 0}
-            log(f"  {name}: built and warmed up ({args.warmup} steps, {time.perf_counter() - t0:.1f} s)")
-        for r in range(args.rounds):
-            k = r % len(sides)
-            for side in sides[k:] + sides[:k]:             # rotate: no side always goes first
-                start = probe.start()
-                side.window(args.rewarm, args.steps)
-                transient = probe.transient(start)
-                if transient is not None:
-                    mem[side.name]["transient"] = max(mem[side.name]["transient"], transient)
-            peak.sample()
-            log(f"  round {r + 1}/{args.rounds} done")
-            if on_round is not None:
-                on_round(side_rows(sides, mem), r + 1)
-        rows = side_rows(sides, mem)
+            runs.build(lambda name=name: Side(name, args, device), warm)
+        runs.run(rd.rounds, lambda side: side.window(rd.rewarm, rd.steps), peak,
+                 on_round and (lambda done: on_round(side_rows(runs), done)))
+        rows = side_rows(runs)
         for row in rows:
             log(f"  {row['name']}: {row['img_per_sec']:,.1f} img/s, data wait {100 * row['data_wait']:.0f}%")
         return rows
     finally:
-        for side in sides:
+        for side in runs.built:
             side.close()
 
 
-def side_rows(sides: List[Side], mem: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+def side_rows(runs: common.Interleaved) -> List[Dict[str, Any]]:
     rows = []
-    for side in sides:
+    for side in runs.built:
         rate = side.images / side.wall
-        resident = mem[side.name]["resident"]
         boundary = common.summarize(side.boundary_ms)["median"] if side.boundary_ms else None
         rows.append({
             "name": side.name, "about": side.about, "img_per_sec": rate, "wall_s": side.wall,
             "images": side.images, "ms_per_step": common.summarize(side.step_ms)["median"],
             "data_wait": min(side.waited / side.wall, 1.0),
-            "peak_mem_gib": (resident + mem[side.name]["transient"]) / 2**30 if resident is not None else None,
+            "peak_mem_gib": runs.peak_mem_gib(side.name),
             "flops_per_image": side.variant.flops_per_image, "compute_dtype": side.compute_dtype,
             "distilled": side.distilled,
             "tflops_per_sec": rate * side.variant.flops_per_image / 1e12,
@@ -252,15 +282,6 @@ def side_rows(sides: List[Side], mem: Dict[str, Dict[str, Any]]) -> List[Dict[st
             "steady_wait_ms": common.summarize(side.waits_ms)["median"],
         })
     return rows
-
-
-def step_args(args: argparse.Namespace, num_classes: int) -> argparse.Namespace:
-    """The slice of benchmarks.step's options its variants read."""
-    return argparse.Namespace(
-        model=args.model, model_kwargs=args.model_kwargs, batch=args.batch, img_size=args.img_size,
-        classes=num_classes, teacher=args.teacher, teacher_kwargs=args.teacher_kwargs, teacher_format="channels_last",
-        mixing=True, ds_config=args.ds_config, compile="on" if args.compile else "off", compile_mode="default",
-        ref_amp=args.ref_amp)
 
 
 # --------------------------------------------------------------------------- report
@@ -333,49 +354,25 @@ def chart(record: Dict[str, Any], path: Path) -> Path:
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]]) -> E2ERun:
     p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="folder with train/<class>/*.jpg; default: generated JPEGs")
-    p.add_argument("--generate", default="10x300", help="classes x images per class to generate when --data is unset")
-    p.add_argument("--model", choices=sorted(SIZES), default="b")
-    p.add_argument("--model-kwargs", default=None, help="JSON of extra timm args, e.g. tiny debug models")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DALI threads for fastdeit, DataLoader worker processes for the baseline")
-    p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--teacher", default="none",
-                   help="a timm model name: distilled DeiT (the student's distillation token, hard "
-                        "distillation) against the DeiT reference step; none: the student alone")
-    p.add_argument("--teacher-kwargs", default=None, help="JSON of extra timm args for the teacher")
-    p.add_argument("--ref-amp", choices=["auto", "fp16", "bf16"], default="auto",
-                   help="with --teacher, the reference step's autocast dtype; auto: fp16 on GPU (as "
-                        "published), bf16 on CPU")
-    p.add_argument("--ds-config", default=None, help="JSON merged into fastdeit's DeepSpeed config")
-    p.add_argument("--sides", nargs="+", default=["fastdeit", "baseline"], choices=["fastdeit", "baseline"])
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per side after building it")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per side per round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds alternating the sides")
-    p.add_argument("--rewarm", type=int, default=3,
-                   help="untimed steps per side at the start of each round: they drain the batches "
-                        "its loader prefetched while the other side ran")
-    p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's choice); on a shared CPU host one "
-                        "thread per free core avoids OpenMP threads waiting on a descheduled peer")
-    p.add_argument("--out", default=str(common.RESULTS))
-    p.add_argument("--name", default=None)
-    p.add_argument("--readme", default=None)
-    args = p.parse_args(argv)
-    if args.batch < 2 or args.batch % 2:
-        p.error("--batch must be even (Mixup pairs images)")
-    return args
+    common.add_fields(p, E2ESettings)
+    common.add_fields(p, common.Rounds, defaults={"warmup": 5, "rewarm": 3}, help={
+        "warmup": "untimed steps per side after building it", "steps": "timed steps per side per round",
+        "rounds": "rounds alternating the sides",
+        "rewarm": "untimed steps per side at the start of each round: they drain the batches its loader "
+                  "prefetched while the other side ran"})
+    common.add_fields(p, common.RunSettings)
+    a = p.parse_args(argv)
+    try:
+        settings = common.from_args(E2ESettings, a)
+    except ValueError as e:
+        p.error(str(e))
+    return E2ERun(settings, common.from_args(common.Rounds, a), common.from_args(common.RunSettings, a))
 
 
-def ensure_data(args: argparse.Namespace) -> None:
+def ensure_data(args: E2ESettings) -> None:
     if args.data is not None:
         if not os.path.isdir(os.path.join(args.data, "train")):
             raise SystemExit(f"{args.data}/train does not exist (expected class sub-folders of JPEGs)")
@@ -390,32 +387,28 @@ def ensure_data(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    device, record = common.start_run("e2e", args, argv)   # commit and time as the run starts
+    cli = parse_args(argv)
+    args = cli.settings
+    device, record = common.start_run("e2e", cli.run, argv)   # commit and time as the run starts
     ensure_data(args)
-    started = common.ensure_distributed()
-    try:
-        peak = common.PeakFlops(device, args.peak_tflops, torch.bfloat16)     # both sides train in bf16
+    with common.world_of_one():
+        peak = common.PeakFlops(device, cli.run.peak_tflops, torch.bfloat16)     # both sides train in bf16
         common.print_flush(f"e2e benchmark on {device}: {args.data}, deit_{SIZES[args.model]} at {args.img_size}px, "
                            f"batch {args.batch}, {args.workers} workers")
-        rows = measure(args, device, peak, on_round=lambda rows, done: common.write_partial(
-            fill_record(record, args, peak, rows, done), device, args))
-    finally:
-        if started:
-            from fastdeit import distributed
-
-            distributed.teardown()
-    fill_record(record, args, peak, rows, args.rounds)
+        rows = measure(cli, device, peak, on_round=lambda rows, done: common.write_partial(
+            fill_record(record, cli, peak, rows, done), device, cli.run))
+    fill_record(record, cli, peak, rows, cli.rounds.rounds)
     common.print_flush("\n" + common.text_table(COLUMNS, table_rows(rows)))
     common.print_flush("\n".join(boundary_lines(rows)))
     if record["ratios"]:
         common.print_flush("\n" + common.text_table(["ratio", "value", "of", "meaning"], ratio_rows(record["ratios"])))
-    return common.save_record(record, markdown(record), chart, args, device, "e2e")
+    return common.save_record(record, markdown(record), chart, cli.run, device, "e2e")
 
 
-def fill_record(record: Dict[str, Any], args: argparse.Namespace, peak: common.PeakFlops,
+def fill_record(record: Dict[str, Any], cli: E2ERun, peak: common.PeakFlops,
                 rows: List[Dict[str, Any]], rounds_done: int) -> Dict[str, Any]:
-    """The record of the rows so far: complete once ``rounds_done`` is args.rounds."""
+    """The record of the rows so far: complete once ``rounds_done`` is the rounds asked for."""
+    args, rd = cli.settings, cli.rounds
     for r in rows:
         r["mfu"] = r["tflops_per_sec"] * 1e12 / peak.flops
     by = {r["name"]: r for r in rows}
@@ -429,13 +422,14 @@ def fill_record(record: Dict[str, Any], args: argparse.Namespace, peak: common.P
     record.update(
         settings={"data": args.data, "model": f"deit_{SIZES[args.model]}", "model_kwargs": args.model_kwargs,
                   "batch": args.batch, "img_size": args.img_size, "workers": args.workers,
-                  "zero_stage": args.zero_stage, "compile": args.compile, "ds_config": args.ds_config,
+                  "zero_stage": args.zero_stage, "compile": args.compile,
+                  "ds_config": json.dumps(args.ds_config) if args.ds_config else None,
                   "teacher": args.teacher, "teacher_kwargs": args.teacher_kwargs,
-                  "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "rewarm": args.rewarm,
+                  "warmup": rd.warmup, "steps": rd.steps, "rounds": rd.rounds, "rewarm": rd.rewarm,
                   "classes": rows[0]["num_classes"],
                   "train_images": record.get("settings", {}).get("train_images")
                   or len(scan_image_folder(os.path.join(args.data, "train"))[0])},
-        peak=peak.record(), sides=rows, ratios=ratios, rounds_done=rounds_done, partial=rounds_done < args.rounds)
+        peak=peak.record(), sides=rows, ratios=ratios, rounds_done=rounds_done, partial=rounds_done < rd.rounds)
     if record["hardware"]["device"] != "cuda":
         record["notes"] = ["On CPU the loaders and the training step share the same cores, so this measures "
                            "total CPU cost per image; DALI runs its CPU graph here (no GPU decode). "

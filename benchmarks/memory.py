@@ -13,7 +13,7 @@ buffers are resident). The first epoch shows the cost of a pipeline against the
 preallocation predicted by fastdeit.data.loading.pipeline.preallocated_bytes; later epochs should add
 nothing (DALI's pools hand the freed buffers to the next epoch's pipeline).
 
-``step``: the trainer's step (benchmarks.step.FastdeitStep: distilled student, frozen
+``step``: the trainer's step (benchmarks.variants.FastdeitStep: distilled student, frozen
 RegNetY-16GF teacher, DeepSpeed ZeRO bf16 with buckets sized from the student) alone in the
 process: memory after building (weights, teacher, engine), after the warm-up steps (plus
 optimizer state, ZeRO buckets, allocator cache) and the peak during the timed steps. On CPU
@@ -24,17 +24,56 @@ Writes one JSON record to ``--out`` (a file path) and prints a summary line per 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from benchmarks import common
+from benchmarks.common import opt
 
 GIB = 2**30
+
+
+@dataclass
+class PipelineSettings:
+    """``memory pipeline``: one rank's train loader over a few epochs."""
+
+    data: str = opt(dataclasses.MISSING, "folder holding train/<class>/*.jpg")
+    batch: int = 256
+    img_size: int = 224
+    batches: int = opt(20, "batches per epoch")
+    epochs: int = 3
+    threads: Optional[int] = opt(None, "DALI threads (default: the rank's budget)")
+    no_prealloc: bool = opt(False, "data.decoder_preallocate=false")
+
+
+@dataclass
+class StepMemorySettings:
+    """``memory step``: the distilled training step alone."""
+
+    model: str = opt("b", choices=["ti", "s", "b"])
+    model_kwargs: Dict[str, Any] = opt({})
+    teacher: str = "regnety_160"
+    teacher_kwargs: Dict[str, Any] = opt({})
+    batch: int = 256
+    img_size: int = 224
+    classes: int = 1000
+    zero_stage: int = opt(1, choices=[0, 1, 2])
+    warmup: int = 3
+    steps: int = 5
+
+    def step_settings(self):
+        from benchmarks.variants import StepSettings
+
+        return StepSettings(model=self.model, model_kwargs=self.model_kwargs, batch=self.batch,
+                            img_size=[self.img_size], classes=self.classes, zero_stage=[self.zero_stage],
+                            teacher=self.teacher, teacher_kwargs=self.teacher_kwargs, variants=["fastdeit"])
 
 
 def snapshot(device: torch.device) -> Dict[str, Optional[float]]:
@@ -66,7 +105,7 @@ def diff(after: Dict[str, Optional[float]], before: Dict[str, Optional[float]], 
 # --------------------------------------------------------------------------- pipeline
 
 
-def measure_pipeline(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+def measure_pipeline(args: PipelineSettings, device: torch.device) -> Dict[str, Any]:
     from fastdeit.data import DataConfig, build_loader
     from fastdeit.data.loading.pipeline import preallocated_bytes
 
@@ -109,41 +148,28 @@ def measure_pipeline(args: argparse.Namespace, device: torch.device) -> Dict[str
 # --------------------------------------------------------------------------- step
 
 
-def measure_step(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    from benchmarks import step as step_bench
+def measure_step(args: StepMemorySettings, device: torch.device) -> Dict[str, Any]:
+    from benchmarks.variants import FastdeitStep, Setup
 
-    step_args = step_bench.parse_args(
-        ["--model", args.model, "--batch", str(args.batch), "--img-size", str(args.img_size),
-         "--classes", str(args.classes), "--teacher", args.teacher, "--zero-stage", str(args.zero_stage)]
-        + (["--model-kwargs", args.model_kwargs] if args.model_kwargs else [])
-        + (["--teacher-kwargs", args.teacher_kwargs] if args.teacher_kwargs else []))
-    started = common.ensure_distributed()
-    s = step_bench.Setup(step_args, device)
+    s = Setup(args.step_settings(), device)
     try:
-        start = snapshot(device)
-        v = step_bench.FastdeitStep(s, args.zero_stage, distill=True)
-        built = snapshot(device)
-        for _ in range(args.warmup):
-            v.forward(s.fresh_images(), s.labels)
-            v.backward()
-            v.update()
-        warm = snapshot(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(args.steps):
-            v.forward(s.fresh_images(), s.labels)
-            v.backward()
-            v.update()
-        end = snapshot(device)
-        zero = getattr(v.engine, "optimizer", None)
-        buckets = {k: getattr(zero, k, None) for k in ("reduce_bucket_size", "allgather_bucket_size")}
-        params = sum(p.numel() for p in v.engine.module.parameters())
+        with common.world_of_one():
+            start = snapshot(device)
+            v = FastdeitStep(s, args.zero_stage, distill=True)
+            built = snapshot(device)
+            for _ in range(args.warmup):
+                v(s.fresh_images(), s.labels)
+            warm = snapshot(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(args.steps):
+                v(s.fresh_images(), s.labels)
+            end = snapshot(device)
+            zero = getattr(v.engine, "optimizer", None)
+            buckets = {k: getattr(zero, k, None) for k in ("reduce_bucket_size", "allgather_bucket_size")}
+            params = sum(p.numel() for p in v.engine.module.parameters())
     finally:
         s.close()
-        if started:
-            from fastdeit import distributed
-
-            distributed.teardown()
     cuda = device.type == "cuda"
     return {
         "what": "step", "model": s.distilled, "teacher": args.teacher, "batch": args.batch,
@@ -173,55 +199,57 @@ def summary_line(rec: Dict[str, Any]) -> str:
             f"GiB, process max RSS {rec['max_rss_gib']:.2f} GiB")
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+# Each subcommand: its settings and what measures them (a new one adds an entry here).
+MEASURES: Dict[str, Tuple[type, Callable[[Any, torch.device], Dict[str, Any]], str]] = {
+    "pipeline": (PipelineSettings, measure_pipeline, "one train loader over three epochs"),
+    "step": (StepMemorySettings, measure_step, "the distilled training step alone"),
+}
+
+
+@dataclass
+class MemoryRun:
+    what: str                          # a key of MEASURES
+    settings: Any                      # its settings dataclass
+    device: str = "auto"
+    out: Optional[str] = None          # JSON file to write
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> MemoryRun:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
-    pipe = sub.add_parser("pipeline", help="one train loader over three epochs")
-    pipe.add_argument("--data", required=True, help="folder holding train/<class>/*.jpg")
-    pipe.add_argument("--batch", type=int, default=256)
-    pipe.add_argument("--img-size", type=int, default=224)
-    pipe.add_argument("--batches", type=int, default=20, help="batches per epoch")
-    pipe.add_argument("--epochs", type=int, default=3)
-    pipe.add_argument("--threads", type=int, default=None, help="DALI threads (default: the rank's budget)")
-    pipe.add_argument("--no-prealloc", action="store_true", help="data.decoder_preallocate=false")
-    st = sub.add_parser("step", help="the distilled training step alone")
-    st.add_argument("--model", default="b", choices=["ti", "s", "b"])
-    st.add_argument("--model-kwargs", default=None)
-    st.add_argument("--teacher", default="regnety_160")
-    st.add_argument("--teacher-kwargs", default=None)
-    st.add_argument("--batch", type=int, default=256)
-    st.add_argument("--img-size", type=int, default=224)
-    st.add_argument("--classes", type=int, default=1000)
-    st.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
-    st.add_argument("--warmup", type=int, default=3)
-    st.add_argument("--steps", type=int, default=5)
-    from benchmarks import memplan   # the plan before the job: its own module, dispatched from here
-
-    memplan.add_arguments(sub.add_parser("plan", help="predicted per-GPU memory per ZeRO stage and checkpointing"))
-    for q in (pipe, st):
+    for what, (cls, _, about) in MEASURES.items():
+        q = sub.add_parser(what, help=about)
+        common.add_fields(q, cls)
         q.add_argument("--device", default="auto")
         q.add_argument("--out", default=None, help="JSON file to write")
-    return p.parse_args(argv)
+    # The plan before the job: its own module (benchmarks/memplan.py), dispatched from main.
+    from benchmarks import memplan
+
+    memplan.add_arguments(sub.add_parser("plan", help="predicted per-GPU memory per ZeRO stage and checkpointing"))
+    a = p.parse_args(argv)
+    if a.what == "plan":
+        return a
+    return MemoryRun(a.what, common.from_args(MEASURES[a.what][0], a), device=a.device, out=a.out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    if args.what == "plan":
+    cli = parse_args(argv)
+    if cli.what == "plan":
         from benchmarks import memplan
 
-        return memplan.run(args)
-    device = common.pick_device(args.device)
+        return memplan.run(cli)
+    device = common.pick_device(cli.device)
     common.quiet_deepspeed()
     record = common.base_record("memory", device, argv)
-    common.print_flush(f"memory of one {args.what} on {device}")
-    record.update((measure_pipeline if args.what == "pipeline" else measure_step)(args, device))
+    common.print_flush(f"memory of one {cli.what} on {device}")
+    record.update(MEASURES[cli.what][1](cli.settings, device))
     line = summary_line(record)
     record["summary"] = line
     common.print_flush(line)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2))
+    if cli.out:
+        Path(cli.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cli.out).write_text(json.dumps(record, indent=2))
     return record
 
 

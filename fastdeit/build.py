@@ -8,24 +8,29 @@ from __future__ import annotations
 import dataclasses
 import random
 from pathlib import Path
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
+from torch import nn
 
-from fastdeit import distributed, ema as ema_lib, threads as threads_lib, engine as engine_lib, flops as flops_lib, precision as precision_lib
+from fastdeit import distributed, ema as ema_lib, engine as engine_lib, flops as flops_lib, precision as precision_lib
+from fastdeit import threads as threads_lib
 from fastdeit.checkpoint import Checkpointer
 from fastdeit.config import Config, save_config, to_dict
 from fastdeit.data import build_loader
-from fastdeit.data.loading.loader import resolve_placement
 from fastdeit.data.augment.mixing import BatchMixer
-from fastdeit.data.loading.schedule import size_schedule
+from fastdeit.data.loading.loader import resolve_placement
+from fastdeit.data.loading.schedule import SizeSchedule, size_schedule
 from fastdeit.data.stage import stage_data
 from fastdeit.errors import CheckpointMismatchError, ConfigError, DataError
 from fastdeit.losses import DeiTLoss, check_loss_targets
 from fastdeit.metrics import RunLogger, StepTelemetry
-from fastdeit.models import build_student, build_teacher, compile_mode_for, count_params, is_distilled, size_multiple
+from fastdeit.models import (FrozenTeacher, build_student, build_teacher, compile_mode_for, count_params, is_distilled,
+                             size_multiple)
 from fastdeit.optim import build_optimizer, build_scheduler, check_clipping, check_zero_stage, scaled_lr
-from fastdeit.trainer import RunServices, StepParts, Trainer
+from fastdeit.step import StepParts
+from fastdeit.trainer import RunServices, Trainer
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -58,6 +63,94 @@ def resolve_precisions(cfg: Config, device: torch.device):
     return cfg, chosen
 
 
+# --------------------------------------------------------------------------- the step's parts
+# What fastdeit.step.TrainStep computes with, in two halves so that a benchmark can count FLOPs
+# or wrap the student between them exactly where build_trainer does (benchmarks/variants.py).
+
+
+@dataclasses.dataclass
+class StepModels:
+    """The step's parts before DeepSpeed: the plain student on the device, the frozen teacher,
+    the batch mixer, the loss, the EMA's eval copy and the training sizes."""
+
+    student: nn.Module
+    teacher: Optional[FrozenTeacher]     # None without distillation
+    mixer: BatchMixer
+    criterion: DeiTLoss
+    ema_module: Optional[nn.Module]      # None with ema.decay = 0
+    sizes: SizeSchedule
+    dtype: torch.dtype                   # the engine's compute dtype
+    device: torch.device
+    load_notes: List[str] = dataclasses.field(default_factory=list)   # what model.init_weights loaded
+
+
+def resolve_batch(cfg: Config, world_size: int) -> Tuple[int, int, int]:
+    """(global, micro, accumulation) for ``world_size``, refusing the combinations the step
+    cannot run (CUDA graphs over accumulated gradients, LAMB clipped twice)."""
+    global_batch, micro, accum = engine_lib.resolve_batch(cfg.engine, world_size)
+    engine_lib.check_cuda_graphs(cfg.model.compile_mode if cfg.model.compile is not False else None,
+                                 cfg.engine.zero_stage, accum)
+    check_clipping(cfg.optim, cfg.engine.gradient_clipping)
+    return global_batch, micro, accum
+
+
+def build_models(cfg: Config, device: torch.device, num_classes: int, micro: int) -> StepModels:
+    """The student, teacher, mixer and loss of a resolved ``cfg`` (engine.precision and
+    teacher.dtype decided), in the order that fixes what the seeded generators give each."""
+    dtype = engine_lib.model_dtype(cfg.engine)
+    mixer = BatchMixer(cfg.mixing, num_classes, device, dtype=dtype)
+    mixer.check_batch_size(micro)
+    check_loss_targets(cfg.loss, cfg.mixing.label_smoothing, num_classes)
+    criterion = DeiTLoss(cfg.distill, cfg.loss)
+
+    # Other training sizes than data.img_size: the student resamples its position embedding.
+    # What model.init_weights loaded, logged once the run's logger exists.
+    notes: List[str] = []
+    model = build_student(cfg.model, cfg.data.img_size, num_classes,
+                          dynamic_img_size=cfg.data.size_schedule is not None, log=notes.append).to(device)
+    sizes = size_schedule(cfg.data, size_multiple(model))
+    if is_distilled(model) != criterion.needs_teacher:
+        raise ConfigError(
+            f"model.name={cfg.model.name} {'has' if is_distilled(model) else 'has no'} distillation "
+            f"head but distill.type={cfg.distill.type}: use a *_distilled_* model with soft/hard, "
+            "a plain one with none"
+        )
+    teacher = build_teacher(cfg.teacher, num_classes, device) if criterion.needs_teacher else None
+    ema_lib.check_config(cfg.ema)
+    if cfg.trainer.best_of == "ema" and not cfg.ema.decay:
+        raise ConfigError("trainer.best_of=ema needs an EMA: set ema.decay (e.g. 0.99996)")
+    # The EMA's eval module is copied from the plain student before DeepSpeed owns its weights.
+    ema_module = ema_lib.eval_copy(model, dtype) if cfg.ema.decay else None
+    return StepModels(student=model, teacher=teacher, mixer=mixer, criterion=criterion, ema_module=ema_module,
+                      sizes=sizes, dtype=dtype, device=device, load_notes=notes)
+
+
+def build_engine(cfg: Config, models: StepModels, world_size: int, steps_per_epoch: int,
+                 student: Optional[nn.Module] = None) -> StepParts:
+    """The DeepSpeed engine (compiled as model.compile says), its EMA and the per-step LR around
+    ``models``: the parts fastdeit.step.TrainStep runs. ``student``: the module to wrap when it
+    is not ``models.student`` itself (a benchmark's torch.compile wrapper of it)."""
+    model = student if student is not None else models.student
+    global_batch = engine_lib.resolve_batch(cfg.engine, world_size)[0]
+    # After the student exists (and before ZeRO-3 empties its tensors): ZeRO's buckets are sized
+    # from its parameter count.
+    ds_config = engine_lib.deepspeed_config(cfg.engine, world_size, num_params=count_params(model))
+    check_zero_stage(cfg.optim, cfg.engine.zero_stage)
+    optimizer = build_optimizer(cfg.optim, model, global_batch)
+    compile_mode = compile_mode_for(cfg.model.compile, cfg.model.compile_mode, models.device)
+    # One static graph per training size (the eval pass runs eager): the recompile limit.
+    engine = engine_lib.initialize(model, optimizer, ds_config, compile_mode,
+                                   shapes=len(models.sizes.sizes(cfg.trainer.epochs)),
+                                   grad_checkpointing=cfg.model.grad_checkpointing)
+    ema = ema_lib.ModelEma(cfg.ema, engine, models.ema_module) if models.ema_module is not None else None
+    scheduler = build_scheduler(cfg.schedule, engine.optimizer, steps_per_epoch, cfg.trainer.epochs)
+    return StepParts(engine=engine, scheduler=scheduler, mixer=models.mixer, criterion=models.criterion,
+                     teacher=models.teacher, ema=ema, dtype=models.dtype)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
 def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     device = distributed.device_for(env)
     cfg, precisions = resolve_precisions(cfg, device)
@@ -72,10 +165,7 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")      # with the precisions chosen, not 'auto'
 
-    global_batch, micro, accum = engine_lib.resolve_batch(cfg.engine, env.world_size)
-    engine_lib.check_cuda_graphs(cfg.model.compile_mode if cfg.model.compile is not False else None,
-                                 cfg.engine.zero_stage, accum)
-    check_clipping(cfg.optim, cfg.engine.gradient_clipping)
+    global_batch, micro, accum = resolve_batch(cfg, env.world_size)
 
     loader_args = dict(rank=env.rank, world_size=env.world_size, seed=cfg.trainer.seed, device=device,
                        threads=threads)
@@ -89,47 +179,18 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
                          f"but val has {val_loader.num_classes}")
     num_classes = train_loader.num_classes
 
-    mixer = BatchMixer(cfg.mixing, num_classes, device, dtype=dtype)
-    mixer.check_batch_size(micro)
-    check_loss_targets(cfg.loss, cfg.mixing.label_smoothing, num_classes)
-    criterion = DeiTLoss(cfg.distill, cfg.loss)
-
-    # Other training sizes than data.img_size: the student resamples its position embedding.
-    # What model.init_weights loaded, logged once the run's logger exists.
-    notes: list = []
-    model = build_student(cfg.model, cfg.data.img_size, num_classes,
-                          dynamic_img_size=cfg.data.size_schedule is not None, log=notes.append).to(device)
-    sizes = size_schedule(cfg.data, size_multiple(model))
+    models = build_models(cfg, device, num_classes, micro)
+    sizes, teacher = models.sizes, models.teacher
     train_loader.sizes = sizes      # rounded to the student's patch size, known only now
-    if is_distilled(model) != criterion.needs_teacher:
-        raise ConfigError(
-            f"model.name={cfg.model.name} {'has' if is_distilled(model) else 'has no'} distillation "
-            f"head but distill.type={cfg.distill.type}: use a *_distilled_* model with soft/hard, "
-            "a plain one with none"
-        )
-    teacher = build_teacher(cfg.teacher, num_classes, device) if criterion.needs_teacher else None
-    ema_lib.check_config(cfg.ema)
-    if cfg.trainer.best_of == "ema" and not cfg.ema.decay:
-        raise ConfigError("trainer.best_of=ema needs an EMA: set ema.decay (e.g. 0.99996)")
-    # The EMA's eval module is copied from the plain student before DeepSpeed owns its weights.
-    ema_module = ema_lib.eval_copy(model, dtype) if cfg.ema.decay else None
-
     # Counted on meta-device copies before DeepSpeed wraps the student: no memory, no hooks.
     flops_by_size = flops_lib.train_flops_by_size(
-        model, [cfg.data.img_size, *sizes.sizes(cfg.trainer.epochs)], teacher.module if teacher is not None else None)
+        models.student, [cfg.data.img_size, *sizes.sizes(cfg.trainer.epochs)],
+        teacher.module if teacher is not None else None)
     flops_per_image = flops_by_size[cfg.data.img_size]
-    # After the student exists: ZeRO's buckets are sized from its parameter count.
-    num_params = count_params(model)      # before ZeRO-3 empties the module's tensors
-    ds_config = engine_lib.deepspeed_config(cfg.engine, env.world_size, num_params=num_params)
-    check_zero_stage(cfg.optim, cfg.engine.zero_stage)
-    optimizer = build_optimizer(cfg.optim, model, global_batch)
+    num_params = count_params(models.student)
+    parts = build_engine(cfg, models, env.world_size, len(train_loader) // accum)
+    ema = parts.ema
     compile_mode = compile_mode_for(cfg.model.compile, cfg.model.compile_mode, device)
-    # One static graph per training size (the eval pass runs eager): the recompile limit.
-    engine = engine_lib.initialize(model, optimizer, ds_config, compile_mode,
-                                   shapes=len(sizes.sizes(cfg.trainer.epochs)),
-                                   grad_checkpointing=cfg.model.grad_checkpointing)
-    ema = ema_lib.ModelEma(cfg.ema, engine, ema_module) if ema_module is not None else None
-    scheduler = build_scheduler(cfg.schedule, engine.optimizer, len(train_loader) // accum, cfg.trainer.epochs)
 
     logger = RunLogger(cfg.logging, str(run_dir), env.is_main, config=to_dict(cfg))
     peak, peak_source = flops_lib.peak_flops(device, cfg.logging.peak_tflops, dtype)
@@ -147,7 +208,7 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
         f"{len(train_loader) // accum} steps/epoch | distill {cfg.distill.type} | {device.type}"
         f" | compile {compile_mode or 'off'}" + (f" | EMA {cfg.ema.decay}" if ema is not None else "")
     )
-    for note in notes:
+    for note in models.load_notes:
         logger.info(note)
     logger.info(threads.describe())
     for key, chosen in precisions.items():
@@ -165,8 +226,6 @@ def build_trainer(cfg: Config, env: distributed.DistEnv) -> Trainer:
         logger.info(f"training resolution: {sizes.describe(cfg.trainer.epochs)}; evaluation at "
                     f"{cfg.data.img_size} px; GFLOPs per trained image: "
                     + ", ".join(f"{s} px {f / 1e9:.2f}" for s, f in sorted(flops_by_size.items())))
-    parts = StepParts(engine=engine, scheduler=scheduler, mixer=mixer, criterion=criterion, teacher=teacher,
-                      ema=ema, dtype=dtype)
     run = RunServices(train_loader=train_loader, val_loader=val_loader, logger=logger, checkpointer=checkpointer,
                       telemetry=telemetry, device=device, world_size=env.world_size,
                       log_every=cfg.logging.log_every)

@@ -15,15 +15,14 @@ import torch
 import torch.distributed as dist
 
 from fastdeit.checkpoint import Checkpointer
-from fastdeit.data.augment.mixing import BatchMixer
-from fastdeit.ema import ModelEma
 from fastdeit.errors import FastDeitError
 from fastdeit.evaluate import evaluate
 from fastdeit.export import export_checkpoint
-from fastdeit.losses import DeiTLoss
 from fastdeit.metrics import DeviceMeter, RunLogger, StepTelemetry, Throughput
-from fastdeit.models import FrozenTeacher
 from fastdeit.preemption import DEFAULT_STOP_SIGNALS, SignalWatch, Stopped, check_signals
+from fastdeit.step import StepParts, TrainStep
+
+__all__ = ["NonFiniteLossError", "RunServices", "StepParts", "Trainer", "TrainerConfig"]
 
 
 class NonFiniteLossError(FastDeitError, RuntimeError):
@@ -46,19 +45,6 @@ class TrainerConfig:
 
 
 @dataclass
-class StepParts:
-    """What a training step computes with (built by fastdeit.build)."""
-
-    engine: Any                         # DeepSpeed engine around the (compiled) student
-    scheduler: Any                      # per-step LR (fastdeit.optim)
-    mixer: BatchMixer
-    criterion: DeiTLoss
-    teacher: Optional[FrozenTeacher]    # None without distillation
-    ema: Optional[ModelEma]             # None with ema.decay = 0
-    dtype: torch.dtype                  # the engine's compute dtype
-
-
-@dataclass
 class RunServices:
     """What the loop reads batches from and reports to (built by fastdeit.build)."""
 
@@ -77,12 +63,10 @@ class Trainer:
         check_signals(cfg.stop_signals)            # before any work: a ConfigError naming the value
         self.cfg = cfg
         self.engine = parts.engine
-        self.scheduler = parts.scheduler
-        self.mixer = parts.mixer
-        self.criterion = parts.criterion
-        self.teacher = parts.teacher
-        self.ema = parts.ema
+        self.ema = parts.ema                    # evaluated next to the live model
         self.dtype = parts.dtype
+        # The per-batch work (fastdeit.step): the code the benchmarks time; the rest is the loop's.
+        self.train_step = TrainStep(parts, run.device)
         # MFU and data-wait share next to img/s (metrics.StepTelemetry): next() is timed.
         self.telemetry = run.telemetry
         self.train_loader = run.telemetry.timed(run.train_loader)
@@ -171,37 +155,23 @@ class Trainer:
         self.train_loader.set_epoch(epoch, skip_batches=skip)
         size = self.train_loader.img_size
         self.telemetry.set_img_size(size)                    # MFU from this size's FLOPs
-        meter = DeviceMeter(self.device)
         clock = Throughput()
-        # First optimizer step whose loss was non-finite on this rank, -1 if none: on device.
-        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        step = self.train_step
+        step.start_epoch(skip)
         sums: Dict[str, float] = {}
         logged = 0
         self.logger.start_epoch(epoch, self.cfg.epochs, self.steps_per_epoch)
-        micro = skip
-        for micro, (images, labels) in enumerate(self.train_loader, start=skip + 1):
-            step = engine.global_steps
-            self.scheduler.step_update(step)                  # host-side: sets param-group LRs
-            images, targets = self.mixer(images, labels)
-            images = images.to(self.dtype)
-            teacher_logits = self.teacher(images) if self.teacher is not None else None
-            outputs = engine(images)
-            loss, parts = self.criterion(outputs, targets, teacher_logits)
-            engine.backward(loss)
-            engine.step()
-            meter.update({"loss": loss, **parts})
+        for images, labels in self.train_loader:
+            boundary = step(images, labels)
             clock.add(images.shape[0])
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
-                                    torch.full_like(first_bad, step), first_bad)
-            if micro % self.accum:
+            if not boundary:
                 continue
-            if self.ema is not None:
-                self.ema.update(engine.global_steps)          # from the fp32 masters just written
+            micro = step.micro
             done = micro // self.accum
             end_of_epoch = micro == len(self.train_loader)
             if engine.global_steps % self.log_every == 0 or end_of_epoch or \
                     engine.global_steps == self.cfg.stop_after_steps:    # stops land on logging steps
-                values = self._log_step(meter, clock, first_bad)
+                values = self._log_step(step.meter, clock, step.first_bad)
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 logged += 1
@@ -211,7 +181,7 @@ class Trainer:
                     "img/s": f"{values['img_per_sec']:.0f}"})
                 self._maybe_stop(epoch, done, end_of_epoch)
         self.logger.end_epoch()
-        if micro == skip:
+        if step.micro == skip:
             raise RuntimeError("the training loader yielded no batch: the dataset is smaller than one global batch")
         return {"img_size": size, **{f"train/{k}": v / max(logged, 1) for k, v in sums.items()}}
 

@@ -4,7 +4,6 @@ Structure and positivity only: the numbers of a 32-pixel model on a shared CPU s
 The benchmarks run as subprocesses, exactly as documented (python -m benchmarks.<name>).
 """
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +12,12 @@ import pytest
 import torch
 
 from benchmarks import common
+from fastdeit.distributed import free_port
 from tests.childenv import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = '{"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}'
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_module(module, *args, timeout=300):
@@ -235,3 +229,71 @@ def test_finetune_record_pairs_seeds_and_says_what_was_loaded():
     text = finetune.markdown(record)
     assert "| finetune | 96.2 (1.3) |" in text and "+21.2 points on average (from +19.0 to +23.5)" in text
     assert "`model.init_weights for x: 1 tensors loaded`" in text
+
+
+@pytest.fixture(scope="module")
+def world():
+    from fastdeit import distributed
+
+    env = distributed.init()
+    yield env
+    distributed.teardown()
+
+
+@pytest.mark.slow
+def test_fastdeit_variant_runs_the_trainers_step(world, jpeg_tree, tmp_path):
+    """The step benchmark's fastdeit variant (distilled, Mixup/CutMix + erasing, EMA, ZeRO-1
+    bf16) and a real run built by build_trainer execute the same code: same initial weights,
+    the same loss bit for bit at every step when fed the trainer's batches with the generator
+    states the trainer had, and the same weights and EMA at the end."""
+    import dataclasses
+
+    import numpy as np
+
+    from benchmarks.variants import FastdeitStep, Setup, StepSettings
+    from fastdeit.build import build_trainer, seed_everything
+    from fastdeit.config import load_config
+    from tests.launching import TINY
+
+    s = Setup(StepSettings(model="ti", model_kwargs=json.loads(TINY_VIT), batch=8, img_size=[32], classes=4,
+                           teacher="resnet10t", mixing=True), torch.device("cpu"))
+    try:
+        # The step's sections are the benchmark's; the run's (data folder, run dir, logging) a tiny run's.
+        bench = s.fastdeit_config(1, distill=True, ema=True)
+        run = load_config(None, [*TINY, f"data.root={jpeg_tree}", f"trainer.run_dir={tmp_path}", "logging.log_every=3"])
+        cfg = dataclasses.replace(
+            bench, data=dataclasses.replace(run.data, img_size=bench.data.img_size),
+            trainer=dataclasses.replace(run.trainer, epochs=bench.trainer.epochs),
+            logging=run.logging, checkpoint=run.checkpoint, runtime=run.runtime)
+        trainer = build_trainer(cfg, world)
+        start = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
+        fed = []
+        forward = trainer.train_step.forward
+
+        def recorded(images, labels):
+            fed.append([images.clone(), labels.clone(), torch.get_rng_state(), np.random.get_state()])
+            loss = forward(images, labels)
+            fed[-1].append(loss.detach().clone())
+            return loss
+
+        trainer.train_step.forward = recorded
+        trainer.train_epoch(0)
+        trainer.train_loader.close()
+        assert len(fed) == trainer.steps_per_epoch == 8
+
+        seed_everything(cfg.trainer.seed, 0)           # as build_trainer seeds before building
+        v = FastdeitStep(s, 1, distill=True, ema=True, steps_per_epoch=trainer.steps_per_epoch)
+        assert v.name == "fastdeit[z1]" and v.cfg.ema.decay == 0.99996 and v.step.parts.teacher is not None
+        got = v.engine.module.state_dict()
+        assert all(torch.equal(got[k], t) for k, t in start.items())
+        for images, labels, torch_rng, numpy_rng, loss in fed:
+            torch.set_rng_state(torch_rng)
+            np.random.set_state(numpy_rng)
+            v(images.clone(), labels)
+            assert torch.equal(v.step.loss, loss)
+        assert len({round(float(x[-1]), 6) for x in fed}) > 1          # the steps did differ
+        for a, b in ((trainer.engine.module.state_dict(), v.engine.module.state_dict()),
+                     (trainer.ema.state_dict(), v.step.parts.ema.state_dict())):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    finally:
+        s.close()

@@ -8,10 +8,16 @@ import pytest
 import torch
 
 from fastdeit import distributed, engine as engine_lib
+from fastdeit.build import build_engine, build_models
 from fastdeit.checkpoint import CheckpointConfig, Checkpointer, ema_state_dict
-from fastdeit.ema import EmaConfig, ModelEma, decay_at, eval_copy, update_weight
-from fastdeit.models import CheckpointMismatchError, ModelConfig, build_student
-from fastdeit.optim import OptimConfig, build_optimizer
+from fastdeit.config import Config
+from fastdeit.data.config import DataConfig
+from fastdeit.data.augment.mixing import MixingConfig
+from fastdeit.ema import EmaConfig, decay_at, update_weight
+from fastdeit.losses import DistillConfig
+from fastdeit.models import CheckpointMismatchError, ModelConfig
+from fastdeit.optim import OptimConfig, ScheduleConfig
+from fastdeit.step import TrainStep
 
 
 def test_decay_schedule_by_hand():
@@ -34,26 +40,26 @@ def world():
 
 
 def make(zero_stage, precision, ema_cfg, seed=0):
-    """A tiny distilled DeiT in a DeepSpeed engine, with its EMA."""
+    """A tiny DeiT in a DeepSpeed engine with its EMA, built as the trainer builds them
+    (fastdeit.build), and the trainer's step over them (fastdeit.step.TrainStep: the EMA
+    updates at every optimizer-step boundary). Returns (engine, ema, step)."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(name="deit_tiny_distilled_patch16_224", drop_path=0.0,
-                      kwargs=dict(patch_size=8, embed_dim=32, depth=1, num_heads=2))
-    model = build_student(cfg, 32, 5)
-    dtype = engine_lib.model_dtype(engine_lib.EngineConfig(precision=precision))
-    shadow = eval_copy(model, dtype)
-    optimizer = build_optimizer(OptimConfig(lr=1e-2, lr_base_batch=8), model, 8)
-    ds = engine_lib.deepspeed_config(engine_lib.EngineConfig(global_batch_size=8, zero_stage=zero_stage,
-                                                             precision=precision), 1)
-    engine = engine_lib.initialize(model, optimizer, ds)
-    return engine, ModelEma(ema_cfg, engine, shadow), dtype
+    cfg = Config(data=DataConfig(img_size=32), mixing=MixingConfig(prob=0.0, erase_prob=0.0),
+                 model=ModelConfig(name="deit_tiny_patch16_224", drop_path=0.0,
+                                   kwargs=dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)),
+                 distill=DistillConfig(type="none"), optim=OptimConfig(lr=1e-2, lr_base_batch=8),
+                 schedule=ScheduleConfig(warmup_epochs=0),
+                 engine=engine_lib.EngineConfig(global_batch_size=8, zero_stage=zero_stage, precision=precision),
+                 ema=ema_cfg)
+    device = torch.device("cpu")
+    models = build_models(cfg, device, num_classes=5, micro=8)
+    train = TrainStep(build_engine(cfg, models, world_size=1, steps_per_epoch=1), device)
+    return train.engine, train.parts.ema, train
 
 
-def step(engine, dtype, seed):
+def step(train, seed):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(8, 3, 32, 32, generator=g).to(dtype)
-    cls, dist = engine(x)
-    engine.backward(cls.float().square().mean() + dist.float().mean())
-    engine.step()
+    train(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g))
 
 
 def masters(engine):
@@ -79,11 +85,11 @@ def masters(engine):
 def test_update_against_hand_computation(world, zero_stage, precision):
     """Three optimizer steps with every=2 and warmup, on each layout of the fp32 masters."""
     cfg = EmaConfig(decay=0.9, every=2, warmup=True, warmup_gamma=1.0, warmup_power=0.75)
-    engine, ema, dtype = make(zero_stage, precision, cfg)
+    engine, ema, train = make(zero_stage, precision, cfg)
+    dtype = train.parts.dtype
     expected = masters(engine)                                # the EMA starts as the weights
     for t in (1, 2, 3):
-        step(engine, dtype, seed=t)
-        ema.update(engine.global_steps)
+        step(train, seed=t)                                   # updates the EMA at the boundary
         if t % 2 == 0:
             d = (1 - (1 + (t - 1)) ** -0.75) ** 2             # warmup decay at step t, for 2 steps
             w = masters(engine)
@@ -104,8 +110,8 @@ def test_update_against_hand_computation(world, zero_stage, precision):
 def test_update_reads_the_optimizers_own_fp32_partition(world):
     """ZeRO-1: the EMA's sources are views into the optimizer's fp32 partition (what the step
     just wrote), not copies and not the bf16 parameters."""
-    engine, ema, dtype = make(1, "bf16", EmaConfig(decay=0.5))
-    step(engine, dtype, seed=1)
+    engine, ema, train = make(1, "bf16", EmaConfig(decay=0.5))
+    step(train, seed=1)
     partition = engine.optimizer.single_partition_of_fp32_groups
     spans = [(p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in partition]
     assert ema.masters and all(m.dtype == torch.float32 for m in ema.masters)
@@ -118,8 +124,8 @@ def test_update_reads_the_optimizers_own_fp32_partition(world):
 
 @pytest.mark.gpu
 def test_update_makes_no_host_sync(world):
-    engine, ema, dtype = make(1, "bf16", EmaConfig(decay=0.9, every=2, warmup=True))
-    step(engine, dtype, seed=1)
+    engine, ema, train = make(1, "bf16", EmaConfig(decay=0.9, every=2, warmup=True))
+    step(train, seed=1)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")          # any synchronising call raises
     try:
@@ -131,11 +137,10 @@ def test_update_makes_no_host_sync(world):
 
 def test_checkpoint_roundtrip_is_bitwise(world, tmp_path):
     cfg = EmaConfig(decay=0.7)
-    engine, ema, dtype = make(1, "bf16", cfg)
+    engine, ema, train = make(1, "bf16", cfg)
     ckpt = Checkpointer(CheckpointConfig(), str(tmp_path), {"m": 1}, True, ema=ema)
     for t in (1, 2):
-        step(engine, dtype, seed=t)
-        ema.update(engine.global_steps)
+        step(train, seed=t)
     path = ckpt.save(engine, {"epoch": 0, "epoch_step": 2})
     saved = ema.state_dict()
     on_disk = ema_state_dict(path)
@@ -144,15 +149,14 @@ def test_checkpoint_roundtrip_is_bitwise(world, tmp_path):
 
     # A fresh engine (other initial weights) restored from the checkpoint: EMA bit for bit,
     # and one more identical step keeps them identical.
-    engine2, ema2, _ = make(1, "bf16", cfg, seed=1)
+    engine2, ema2, train2 = make(1, "bf16", cfg, seed=1)
     ckpt2 = Checkpointer(CheckpointConfig(), str(tmp_path), {"m": 1}, True, ema=ema2)
     state = ckpt2.load(engine2, path)
     assert state["ema"] == "restored"
     restored = ema2.state_dict()
     assert all(torch.equal(restored[k], saved[k]) for k in saved)
-    for e, m in ((engine, ema), (engine2, ema2)):
-        step(e, dtype, seed=3)
-        m.update(e.global_steps)
+    for t in (train, train2):
+        step(t, seed=3)
     a, b = ema.state_dict(), ema2.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
