@@ -221,6 +221,8 @@ class Checkpointer:
             engine._config.load_universal_checkpoint = False
         if loaded is None:
             raise CheckpointError(f"{path}: DeepSpeed found no checkpoint there")
+        if not same_world:
+            _untie_steps(engine.optimizer)
         if same_world:
             set_rng_state(torch.load(path / f"rng_rank{_rank()}.pt", weights_only=False))
         state["resharded_from"] = None if same_world else state["world_size"]
@@ -250,6 +252,18 @@ class Checkpointer:
             os.replace(tmp, out)
         _barrier()
         return out
+
+
+def _untie_steps(wrapper) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 universal loader (load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+    puts one and the same ``step`` tensor into every sub-group's optimizer state; torch's AdamW
+    increments it in place once per sub-group, so after a resharded resume the step (and Adam's
+    bias correction) ran ahead by the number of groups each update (tests/test_zero3.py caught
+    14 after step 13). Each state gets its own copy; a no-op where they are distinct."""
+    optimizer = getattr(wrapper, "optimizer", wrapper)
+    for state in getattr(optimizer, "state", {}).values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def fp32_state_dict(checkpoint: Path) -> Dict[str, torch.Tensor]:

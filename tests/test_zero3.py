@@ -97,7 +97,9 @@ def universal_moments(ckpt):
 
     uni = Checkpointer(CheckpointConfig(), str(ckpt.parent.parent), {}, True)._universal(ckpt) / "zero"
     params = [p for p in uni.iterdir() if p.is_dir()]
-    return {p.name: load(p / "exp_avg_sq.pt") for p in params}, int(load(params[0] / "step.pt"))
+    # ZeRO-3's step is in the global optimizer state (what DeepSpeed's stage-3 loader reads)
+    state = torch.load(uni / "optimizer_state.pt", weights_only=False)["optimizer_state_dict"]["state"]
+    return {p.name: load(p / "exp_avg_sq.pt") for p in params}, int(state[0]["step"])
 
 
 def test_zero3_reshards_to_one_rank(dataset, teacher, full):
