@@ -7,6 +7,7 @@ import torch
 
 from fastdeit.engine import set_grad_checkpointing
 from fastdeit.errors import ConfigError
+from tests.savedbytes import saved_tensor_bytes
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=4)
 
@@ -22,17 +23,8 @@ def distilled(checkpointing):
 def step(model, images):
     """(loss, gradients, bytes autograd saved for the backward): storages counted once,
     parameters not counted."""
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s._cdata not in params:
-            saved[s._cdata] = s.nbytes()
-        return t
-
     torch.manual_seed(1)                      # the same drop-path masks in both runs
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_tensor_bytes(model) as saved:
         cls, dist = model(images)
     loss = torch.nn.functional.cross_entropy(cls, torch.arange(4)) + dist.logsumexp(1).mean()
     loss.backward()

@@ -7,22 +7,14 @@ import timm
 import torch
 
 from benchmarks import memplan
+from tests.savedbytes import saved_tensor_bytes
 
 KW = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=4)
 
 
 def measured_saved_bytes(model, images):
     """A real CPU forward: bytes autograd saves (storages once, parameters not)."""
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s._cdata not in params:
-            saved[s._cdata] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_tensor_bytes(model) as saved:
         model.train()(images)
     return sum(saved.values())
 
