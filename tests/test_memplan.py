@@ -1,6 +1,5 @@
 """benchmarks/memplan.py: the activation count on the meta device against a measured CPU run,
 ZeRO's partition arithmetic by hand, and the command line."""
-import dataclasses
 
 import pytest
 import timm
