@@ -163,6 +163,7 @@ class PeerWatch:
         import threading
 
         self.env, self.every = env, every
+        self.failed_since: Dict[int, float] = {}     # rank 0: when each failed peer was seen
         self.stop_event = threading.Event()
         self.store = torch.distributed.TCPStore(env.master_addr, env.master_port, env.world_size,
                                                 is_master=False, timeout=__import__("datetime").timedelta(seconds=timeout))
@@ -207,6 +208,13 @@ class PeerWatch:
             if r == self.env.rank or self.store.check([self._key("left", r)]):
                 continue
             if self.store.check([self._key("failed", r)]):
+                # A mistake in the command (an every-rank FastDeitError) meets rank 0 too, which
+                # reports it in one line: give this rank's own thread a few beats to get there
+                # before naming the peer instead.
+                shared = self.store.get(self._key("failed", r)) == b"every_rank"
+                first = self.failed_since.setdefault(r, now)
+                if shared and now - first <= _MISSED_BEATS * self.every:
+                    continue
                 message = f"rank {r} left with an error (its own message says which)"
                 self.store.set(self.PREFIX + "dead", message)
                 self._die(message)
@@ -220,11 +228,16 @@ class PeerWatch:
                 self.store.set(self.PREFIX + "dead", message)
                 self._die(message)
 
-    def close(self, failed: bool = False) -> None:
-        """Stop beating; a rank leaving cleanly says so (else it would be reported dead)."""
+    def close(self, failed=False) -> None:
+        """Stop beating; a rank leaving cleanly says so (else it would be reported dead).
+        ``failed``: False, True, or the error this rank leaves on."""
+        from fastdeit.errors import FastDeitError
+
         self.stop_event.set()
+        shared = isinstance(failed, FastDeitError) and failed.every_rank
         try:
-            self.store.set(self._key("failed" if failed else "left", self.env.rank), "1")
+            self.store.set(self._key("failed" if failed else "left", self.env.rank),
+                           "every_rank" if shared else "1")
         except Exception:
             pass
         self.thread.join(timeout=self.every + 1)
@@ -331,9 +344,11 @@ def _forget_deepspeed_groups() -> None:
             setattr(groups, name, {})
 
 
-def teardown(env: Optional[DistEnv] = None, failed: bool = False) -> None:
-    """Leave the process group. ``failed``: this rank leaves on an error (the others may be
-    waiting for it in a collective): the heartbeat stops without a goodbye, so rank 0 names it."""
+def teardown(env: Optional[DistEnv] = None, failed=False) -> None:
+    """Leave the process group. ``failed`` (True, or the error itself): this rank leaves on an
+    error (the others may be waiting for it in a collective): the heartbeat stops without a
+    goodbye, so rank 0 names it, unless it is a mistake in the command every rank meets
+    (an every-rank FastDeitError), which rank 0 reports itself."""
     global _WATCH
     if _WATCH is not None:
         _WATCH.close(failed)

@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
         distributed.name_dead_peer(error)
         raise
     finally:
-        distributed.teardown(failed=sys.exc_info()[0] is not None)
+        distributed.teardown(failed=sys.exc_info()[1] or False)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def main(argv=None) -> dict:
         failed = False                      # every rank stops at the same step, checkpoint written
         sys.exit(stop.exit_code)
     except Exception as error:
+        failed = error                      # teardown tells rank 0 what kind of error it was
         distributed.name_dead_peer(error)   # a dead rank: exits here naming it (status 1)
         raise
     finally:

@@ -260,3 +260,30 @@ def test_a_killed_rank_is_named_and_the_others_exit(dataset, tmp_path, victim):
     assert waited < 60, waited                                  # 3 beats of 1 s, not the 5 min timeout
     if victim == 1:
         assert "collective timeout 5 min (distributed.timeout_minutes)" in out
+
+
+@pytest.mark.parametrize("kind, dies", [("every_rank", False), ("1", True)])
+def test_rank_0_waits_for_its_own_report_of_an_every_rank_mistake(monkeypatch, kind, dies):
+    """A peer that left on a mistake every rank meets (a config or path error) does not get rank 0
+    killed before rank 0's own thread reports the same mistake in one line (CI saw a 2-rank
+    bad-resume run exit 1, 'rank 1 left with an error', where the error line and status 2 were
+    expected); a peer that left on any other error is named at the next beat."""
+    import time
+
+    from fastdeit.distributed import PeerWatch, free_port
+    from fastdeit.errors import ConfigError
+
+    died = []
+    monkeypatch.setattr(PeerWatch, "_die", lambda self, message: died.append(message))
+    port = free_port()
+    master = torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
+    watch = PeerWatch(DistEnv(rank=0, world_size=2, master_addr="127.0.0.1", master_port=port), 0.05, 5)
+    try:
+        master.set(PeerWatch.PREFIX + "failed/1", kind)
+        time.sleep(0.1)                     # two beats: within the grace of three
+        assert bool(died) == dies, died
+        watch.close(failed=ConfigError("checkpoint.resume=x: not a run"))   # rank 0 reports it
+        assert master.get(PeerWatch.PREFIX + "failed/0") == b"every_rank"
+        assert bool(died) == dies, died
+    finally:
+        watch.close()
