@@ -13,6 +13,13 @@ to every task at about the same time; ranks may still see it on different steps,
 trainer all-reduces the request on a logging step (where it syncs anyway) and every rank stops
 after the same optimizer step, writes the checkpoint, and exits with ``PREEMPTED_EXIT_CODE``.
 The sbatch templates requeue the job on that code.
+
+``launch/train.py`` holds one watch for the whole life of the process (``until_exit=True``),
+from just after the config is read until the interpreter leaves: a signal that lands while the
+models are being built is honoured at the first logging step, and one that lands after the last
+step (final evaluation, export, teardown, interpreter shutdown) is noted and otherwise ignored.
+With only the training loop watched, SLURM's ``USR2@300`` arriving during the final export killed
+the finished run with the default action (exit 140) and SLURM marked the job FAILED.
 """
 from __future__ import annotations
 
@@ -54,11 +61,15 @@ def check_signals(names: Sequence[str], key: str = "trainer.stop_signals") -> No
 
 
 class SignalWatch:
-    """Records that a stop signal arrived; installs its handlers only on the main thread."""
+    """Records that a stop signal arrived; installs its handlers only on the main thread.
 
-    def __init__(self, signals: Sequence[str] = DEFAULT_STOP_SIGNALS):
+    ``until_exit``: the watch spans the rest of the process, so on leaving it the signals are
+    ignored rather than given back their previous (default: terminate) action."""
+
+    def __init__(self, signals: Sequence[str] = DEFAULT_STOP_SIGNALS, until_exit: bool = False):
         check_signals(signals)
         self.signals = tuple(signals)
+        self.until_exit = until_exit
         self.received: Optional[str] = None
         self._previous: Dict[int, object] = {}
 
@@ -77,7 +88,7 @@ class SignalWatch:
         # PREEMPTED_EXIT_CODE. Ranks leave moments apart, and srun --kill-on-bad-exit answers
         # the first exit 75 with SIGTERM to the others: ignored from now on, so every rank
         # still exits 75 (not 143) and the template requeues the job.
-        leaving = isinstance(exc, Stopped) and exc.preempted
+        leaving = self.until_exit or (isinstance(exc, Stopped) and exc.preempted)
         for sig, previous in self._previous.items():
             signal.signal(sig, signal.SIG_IGN if leaving else previous)
         self._previous.clear()

@@ -7,6 +7,7 @@ non-finite-loss detector accumulate in device tensors; on a logging step one sma
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional
@@ -85,9 +86,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self) -> Dict[str, Any]:
+    def fit(self, signals: Optional[SignalWatch] = None) -> Dict[str, Any]:
+        """Train to the end (or to a stop: ``Stopped``). ``signals``: a watch the caller already
+        holds (launch/train.py, for the whole process); without one, the loop installs its own."""
         try:
-            summary = self._fit()
+            summary = self._fit(signals)
         except Stopped:
             self.logger.close()                 # preempted: the resumed run continues the tracker run
             raise
@@ -97,11 +100,12 @@ class Trainer:
         self.logger.close()
         return summary
 
-    def _fit(self) -> Dict[str, Any]:
+    def _fit(self, signals: Optional[SignalWatch]) -> Dict[str, Any]:
         epoch, epoch_step = self._maybe_resume()
         last = self.cfg.epochs - 1
         metrics: Dict[str, float] = {}
-        with SignalWatch(self.cfg.stop_signals) as self.signals:
+        watch = nullcontext(signals) if signals is not None else SignalWatch(self.cfg.stop_signals)
+        with watch as self.signals:
             while epoch < self.cfg.epochs:
                 train_stats = self.train_epoch(epoch, epoch_step)
                 epoch_step = 0

@@ -17,10 +17,12 @@ from fastdeit.build import build_trainer  # noqa: E402
 from fastdeit.config import load_config  # noqa: E402
 from fastdeit.cli import reported  # noqa: E402
 from fastdeit.export import record_command  # noqa: E402
-from fastdeit.preemption import Stopped  # noqa: E402
+from fastdeit.preemption import SignalWatch, Stopped  # noqa: E402
 
 
-def main(argv=None) -> dict:
+def main(argv=None, whole_process: bool = False) -> dict:
+    """``whole_process``: this call is the program (the ``__main__`` block), so the stop signals
+    stay caught, then ignored, until the interpreter exits; in-process callers get theirs back."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (see configs/); omitted: the built-in defaults")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -31,13 +33,23 @@ def main(argv=None) -> dict:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
     cfg = load_config(args.config, args.overrides)
+    # Stop signals are watched from here until the process leaves (fastdeit.preemption): one
+    # that lands while the models build stops the run at its first logging step, one that lands
+    # after the last step is ignored, so a finished run never dies of it mid-export.
+    with SignalWatch(cfg.trainer.stop_signals, until_exit=whole_process) as signals:
+        return _run(cfg, signals)
+
+
+def _run(cfg, signals: SignalWatch) -> dict:
     env = distributed.init(cfg=cfg.distributed)
     failed = True
     try:
         if env.is_main:      # for the model card of the exported folder (fastdeit.export)
             record_command(Path(cfg.trainer.run_dir))
-        summary = build_trainer(cfg, env).fit()
+        summary = build_trainer(cfg, env).fit(signals)
         failed = False
+        if signals.received and env.is_main:
+            print(f"{signals.received} arrived after the last training step: nothing left to stop", flush=True)
         return summary
     except Stopped as stop:
         failed = False                      # every rank stops at the same step, checkpoint written
@@ -52,4 +64,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     with reported():
-        main()
+        main(whole_process=True)

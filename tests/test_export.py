@@ -4,10 +4,13 @@ preprocessing; launch/export.py writes the same; teacher.weights and model.init_
 
 One in-process run on one CPU rank (a tiny distilled DeiT, hard distillation from the shared
 resnet10t teacher, EMA on), shared by the tests; it also logs to W&B (offline) and MLflow (a
-file store), whose records are checked against log.jsonl (fastdeit/trackers.py).
+file store), whose records are checked against log.jsonl (fastdeit/trackers.py). A stop signal
+lands in the middle of its final export (SLURM's USR2@300 near a job's limit): the finished run
+must neither die of it nor stop, and every file the tests read must be complete.
 """
 import json
 import os
+import signal
 
 import pytest
 import timm
@@ -16,11 +19,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fastdeit import distributed
+from fastdeit import trainer as trainer_module
 from fastdeit.build import build_trainer
 from fastdeit.config import load_config
 from fastdeit.data.loading.folder import scan_image_folder
 from fastdeit.errors import WeightsError
 from fastdeit.models import ModelConfig, TeacherConfig, build_student, build_teacher, eval_heads
+from fastdeit.preemption import SignalWatch
 from tests.launching import ROOT, TINY, records
 
 KWARGS = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
@@ -41,12 +46,22 @@ def trained(dataset, teacher, tmp_path_factory):
     # MLflow 3 keeps its file store behind this switch (it prefers a database); offline either way.
     saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_SILENT", "MLFLOW_ALLOW_FILE_STORE")}
     os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", MLFLOW_ALLOW_FILE_STORE="true")
+    real_export = trainer_module.export_checkpoint
+
+    def export_under_a_stop_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        return real_export(*args, **kwargs)
+
     env = distributed.init()
+    trainer_module.export_checkpoint = export_under_a_stop_signal
     try:
         trainer = build_trainer(cfg, env)
-        trainer.fit()
+        with SignalWatch(cfg.trainer.stop_signals) as watch:      # as launch/train.py holds it
+            trainer.fit(watch)
+        assert watch.received == "SIGUSR2"
         yield run, trainer
     finally:
+        trainer_module.export_checkpoint = real_export
         distributed.teardown()
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

@@ -1,5 +1,6 @@
 """SignalWatch: the configured stop signals (trainer.stop_signals, default SIGUSR2/SIGTERM)
 recorded while training; others left alone; ignored once a preempted rank leaves."""
+import contextlib
 import os
 import signal
 
@@ -72,3 +73,17 @@ def test_a_preempted_rank_ignores_the_kill_of_its_peers_exit(restore_signals, pr
         assert signal.getsignal(s) is (signal.SIG_IGN if preempted else before[s])
     if preempted:
         os.kill(os.getpid(), signal.SIGTERM)        # would end this process if not ignored
+
+
+@pytest.mark.parametrize("stop", [None, Stopped("signal SIGUSR2", 12, "ckpt", preempted=False)])
+def test_a_watch_held_until_exit_leaves_the_signals_ignored(restore_signals, stop):
+    # launch/train.py holds one watch for the process: after it (teardown, interpreter shutdown)
+    # a late SIGUSR2/SIGTERM must not turn a finished run into a job killed by a signal.
+    with pytest.raises(Stopped) if stop else contextlib.nullcontext():
+        with SignalWatch(until_exit=True) as watch:
+            if stop:
+                raise stop
+    assert watch.received is None
+    for s in DEFAULT_STOP_SIGNALS:
+        assert signal.getsignal(getattr(signal, s)) is signal.SIG_IGN
+    os.kill(os.getpid(), signal.SIGUSR2)            # would end this process if not ignored
