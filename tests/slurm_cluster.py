@@ -247,7 +247,10 @@ class SlurmCluster:
             if predicate(info):
                 return info
             if time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id}: timed out waiting for {what}; last state {info}")
+                out = Path(info.get("StdOut", ""))
+                tail = out.read_text(errors="replace")[-3000:] if out.is_file() else "(no job output)"
+                raise AssertionError(f"job {job_id}: timed out waiting for {what}; last state {info}\n"
+                                     f"--- job output\n{tail}")
             time.sleep(1)
 
     def wait_done(self, job_id: int, timeout: float = 300) -> Dict[str, str]:
@@ -257,7 +260,16 @@ class SlurmCluster:
 
     def release(self, job_id: int) -> None:
         """Start a requeued job now: SLURM holds it back for about two minutes otherwise
-        (its begin time is set past the step credentials' lifetime, AuthInfo cred_expire)."""
+        (its begin time is set past the step credentials' lifetime, AuthInfo cred_expire).
+
+        Not at once: slurmd revokes the job's credential when the previous run's batch step ends
+        and refuses any credential created in the same second or before (whole seconds), which
+        fails the job ("Killing non-startable batch job: Job credential revoked"). So: wait until
+        no node is still completing a job, then for the second to turn."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "COMPLETING" in self.run(["scontrol", "show", "node", "-o"]).stdout:
+            time.sleep(0.2)
+        time.sleep(1.5)
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
 
