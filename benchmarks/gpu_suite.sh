@@ -184,6 +184,10 @@ if [ "$DRY" = 1 ]; then
          --rewarm 1 --threads 1)
     STEP=("${MODEL[@]}" "${TEACHER[@]}" "${SMALL[@]}" --variants fastdeit)
     STEP_COMPILE=("${MODEL[@]}" "${TEACHER[@]}" "${SMALL[@]}" --variants fastdeit-student --compile both)
+    # Dynamo off for this stage: inductor's C++ build of the tiny graphs took 25 of the dry run's
+    # 85 s on 2 cores, and the compiled path of benchmarks.step has its own test
+    # (tests/test_benchmarks.py, compiled and eager in one run); here every line still runs.
+    COMPILE_ENV=(env TORCH_COMPILE_DISABLE=1)
     STEP_EXTRAS=("${MODEL[@]}" "${TEACHER[@]}" --img-size 32 16 --batch 4 --classes 5 --threads 1 --warmup 1
                  --steps 1 --rounds 1 --rewarm 0 --variants fastdeit-student fastdeit-ema fastdeit-lamb)
     DATA=(--batch 8 --workers 1 --epochs 2 --img-size 32 --three-augment)
@@ -205,6 +209,7 @@ else
           --warmup 3 --steps 10 --rounds 3)
     # Student-only: inductor compiling DeiT-B fits the cap; the distilled step would compile the
     # teacher and a second student too (~2x), which does not.
+    COMPILE_ENV=()
     STEP_COMPILE=("${MODEL[@]}" --img-size 224 --batch 256 --variants fastdeit-student
                   --compile both --warmup 3 --steps 10 --rounds 2)
     STEP_EXTRAS=("${MODEL[@]}" "${TEACHER[@]}" --img-size 224 160 --batch 256
@@ -262,7 +267,7 @@ wait "$GEN_PID"       # the generator's own timeout ends it at the latest as the
 
 stage e2e "$PY" -m benchmarks.e2e --data "$IMAGES" "${E2E[@]}" --out "$REC" --name suite
 stage step "$PY" -m benchmarks.step "${STEP[@]}" --out "$REC" --name suite
-stage step_compile "$PY" -m benchmarks.step "${STEP_COMPILE[@]}" --out "$REC" --name compile
+stage step_compile "${COMPILE_ENV[@]}" "$PY" -m benchmarks.step "${STEP_COMPILE[@]}" --out "$REC" --name compile
 stage data "$PY" benchmarks/data.py --data "$IMAGES" "${DATA[@]}" --out "$REC/data"
 # The step's memory, then one train pipeline's (two processes, one cap; MEMSTEP's length first).
 stage memory bash -c 'n=$1; shift; "$PY" -m benchmarks.memory step "${@:1:n}" --out "$REC/memory-step.json"; rc=$?
