@@ -1,7 +1,14 @@
 """One-line errors: the entry points print a FastDeitError as `fastdeit: error: ...` (rank 0
 only under a launcher, unless only one rank can meet it) and exit 2; anything else keeps its
-traceback."""
+traceback.
+
+The single-process mistakes run through the scripts as `__main__` in one child interpreter
+(`mistakes`: ~5 s of imports once instead of once per mistake); the launcher's and the
+interpreter's own exit paths (a traceback, status 1) keep a process each."""
+import json
 import subprocess
+import sys
+from typing import NamedTuple
 
 import pytest
 
@@ -19,6 +26,63 @@ def run(script, *args, ranks=1):
         release_shm(cmd)
 
 
+class Ran(NamedTuple):
+    """What one entry-point call left: as subprocess.CompletedProcess has it."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+# Each case: launch/<script> run as __main__ with these arguments, its exit status the
+# SystemExit it raised (as the interpreter would turn it into one), its output captured.
+DRIVER = r"""
+import contextlib, io, json, runpy, sys
+cases, out_file = json.loads(sys.argv[1]), sys.argv[2]
+results = {}
+for name, (script, args) in cases.items():
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = [script, *args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    results[name] = [code, out.getvalue(), err.getvalue()]
+with open(out_file, "w") as f:
+    json.dump(results, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def mistakes(dataset, tmp_path_factory):
+    """{case: Ran} for every single-process mistake, from one child interpreter."""
+    tmp = tmp_path_factory.mktemp("mistakes")
+    run_dir = tmp / "notarun"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("{}\n")
+    nocheckpoints = tmp / "nocheckpoints"
+    (nocheckpoints / "checkpoints").mkdir(parents=True)
+    (nocheckpoints / "config.yaml").write_text("{}\n")
+    cases = {
+        "unknown key": ("train.py", ["--config", "configs/deit_ti.yaml", "optim.lrr=1", f"trainer.run_dir={tmp}"]),
+        "missing config": ("train.py", ["--config", str(tmp / "missing.yaml")]),
+        "missing data": ("train.py", [*TINY, f"data.root={tmp / 'nowhere'}", f"trainer.run_dir={tmp / 'run'}",
+                                      "model.name=deit_tiny_patch16_224", "distill.type=none"]),
+        "missing weights": ("eval.py", ["--config", "configs/deit_ti.yaml", "--weights", str(tmp / "nope.pth"),
+                                        *TINY, f"data.root={dataset}", "model.name=deit_tiny_patch16_224",
+                                        "--out", str(tmp / "e.json")]),
+        "not a checkpoint": ("export.py", [str(run_dir)]),
+        "no best": ("export.py", [str(nocheckpoints), "--best"]),
+    }
+    cases = {k: (str(ROOT / "launch" / script), args) for k, (script, args) in cases.items()}
+    out_file = tmp / "results.json"
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases), str(out_file)], cwd=ROOT, env=env(1),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and out_file.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"tmp": tmp, **{k: Ran(*v) for k, v in json.loads(out_file.read_text()).items()}}
+
+
 def error_lines(proc):
     return [line for line in (proc.stdout + proc.stderr).splitlines() if "fastdeit: error:" in line]
 
@@ -34,32 +98,25 @@ def assert_one_line(proc, *fragments):
     return lines[0]
 
 
-def test_config_mistake(tmp_path):
-    proc = run("train.py", "--config", "configs/deit_ti.yaml", "optim.lrr=1", f"trainer.run_dir={tmp_path}")
-    assert_one_line(proc, "configs/deit_ti.yaml", "unknown key 'optim.lrr' (did you mean 'lr'?)")
-    proc = run("train.py", "--config", str(tmp_path / "missing.yaml"))
-    assert_one_line(proc, f"config file {tmp_path / 'missing.yaml'} does not exist")
+def test_config_mistake(mistakes):
+    assert_one_line(mistakes["unknown key"], "configs/deit_ti.yaml", "unknown key 'optim.lrr' (did you mean 'lr'?)")
+    missing = mistakes["tmp"] / "missing.yaml"
+    assert_one_line(mistakes["missing config"], f"config file {missing} does not exist")
 
 
-def test_data_folder_mistake(tmp_path):
-    proc = run("train.py", *TINY, f"data.root={tmp_path / 'nowhere'}", f"trainer.run_dir={tmp_path / 'run'}",
-               "model.name=deit_tiny_patch16_224", "distill.type=none")
-    assert_one_line(proc, f"image folder does not exist or is not a directory: {tmp_path / 'nowhere' / 'train'}")
+def test_data_folder_mistake(mistakes):
+    nowhere = mistakes["tmp"] / "nowhere"
+    assert_one_line(mistakes["missing data"], f"image folder does not exist or is not a directory: {nowhere / 'train'}")
 
 
-def test_weights_mistake(dataset, tmp_path):
-    proc = run("eval.py", "--config", "configs/deit_ti.yaml", "--weights", str(tmp_path / "nope.pth"),
-               *TINY, f"data.root={dataset}", "model.name=deit_tiny_patch16_224", "--out", str(tmp_path / "e.json"))
-    assert_one_line(proc, f"weights file {tmp_path / 'nope.pth'} does not exist")
+def test_weights_mistake(mistakes):
+    assert_one_line(mistakes["missing weights"], f"weights file {mistakes['tmp'] / 'nope.pth'} does not exist")
 
 
-def test_checkpoint_mistakes(tmp_path):
-    (tmp_path / "config.yaml").write_text("{}\n")
-    proc = run("export.py", str(tmp_path))
-    assert_one_line(proc, f"{tmp_path}: no trainer_state.json; not a complete fastdeit checkpoint")
-    (tmp_path / "checkpoints").mkdir()
-    proc = run("export.py", str(tmp_path), "--best")
-    assert_one_line(proc, "no 'best' checkpoint recorded")
+def test_checkpoint_mistakes(mistakes):
+    assert_one_line(mistakes["not a checkpoint"],
+                    f"{mistakes['tmp'] / 'notarun'}: no trainer_state.json; not a complete fastdeit checkpoint")
+    assert_one_line(mistakes["no best"], "no 'best' checkpoint recorded")
 
 
 @pytest.mark.slow
