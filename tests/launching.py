@@ -5,7 +5,11 @@ More than one rank starts under torchrun, one of the launchers fastdeit supports
 about 12 s for deepspeed's launcher, which imports DeepSpeed twice (its runner, then its
 per-node launcher) before any rank starts. The tests about that launcher itself (the user's
 command line, exit status 2 passed through, a signal to one of its ranks) ask for it with
-launcher="deepspeed"."""
+launcher="deepspeed".
+
+`train_in_process` does launch/train.py's work in the test's own process on one rank, for
+tests where neither the rank count nor the launcher is what is tested (~5 s of imports saved
+per run)."""
 import json
 import os
 import subprocess
@@ -76,3 +80,21 @@ def launch(*overrides, ranks: int = 2, check: bool = True, tiny: bool = True, sc
 def records(run_dir, kind):
     rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
     return [r for r in rows if r["kind"] == kind]
+
+
+def train_in_process(*overrides, tiny: bool = True, config=None) -> dict:
+    """load_config(config, TINY + overrides) -> build_trainer -> fit on a world of one, in this
+    process: the summary; a mistake raises its FastDeitError as the entry point would report it,
+    a stop (trainer.stop_after_steps) raises Stopped."""
+    from fastdeit import distributed
+    from fastdeit.build import build_trainer
+    from fastdeit.config import load_config
+
+    cfg = load_config(config, [*(TINY if tiny else []), *overrides])
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
+    env = distributed.init(cfg=cfg.distributed)
+    try:
+        return build_trainer(cfg, env).fit()
+    finally:
+        distributed.teardown()

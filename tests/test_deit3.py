@@ -10,6 +10,7 @@ from fastdeit.config import load_config
 from fastdeit.data.loading.schedule import size_schedule
 from fastdeit.models import build_student, count_params, size_multiple
 from fastdeit.optim import scaled_lr
+from fastdeit.preemption import Stopped
 
 
 @pytest.mark.parametrize("path, model, lr, size, drop_path, params", [
@@ -108,45 +109,54 @@ STEPS = 6        # 4 classes x 48 images / global batch 32
 
 
 def recipe(dataset, run):
-    """configs/deit3_s.yaml at toy size: 3-Augment, BCE, LAMB under ZeRO-1, and a schedule
-    that trains epoch 0 at 32 px and epoch 1 at 48 px (the native and evaluation size)."""
-    return ["--config", "configs/deit3_s.yaml", f"data.root={dataset}", f"trainer.run_dir={run}",
+    """configs/deit3_s.yaml at toy size (overrides to it): 3-Augment, BCE, LAMB under ZeRO-1, and
+    a schedule that trains epoch 0 at 32 px and epoch 1 at 48 px (the native and evaluation size).
+    One rank, in this process (tests.launching.train_in_process): the rank count is not what
+    these tests are about (tests/test_scale.py resumes two ranks exactly)."""
+    return [f"data.root={dataset}", f"trainer.run_dir={run}",
             "data.img_size=48", "data.size_schedule=[[0,32],[1,48]]", "data.repeated_aug=1", "data.num_threads=1",
             "data.scale=[0.35,1.0]", "model.kwargs={patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2, init_values: 1.0e-4}",
             "engine.global_batch_size=32", "optim.lr_base_batch=32", "schedule.warmup_epochs=0.5",
             "trainer.epochs=2", "trainer.eval_every=2", "logging.log_every=1", "logging.progress=lines"]
 
 
+def train(*overrides):
+    from tests.launching import train_in_process
+
+    return train_in_process(*overrides, tiny=False, config="configs/deit3_s.yaml")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(dataset, tmp_path_factory):
-    from tests.launching import launch
-
     run = tmp_path_factory.mktemp("deit3-full")
-    launch(*recipe(dataset, run), tiny=False)
+    train(*recipe(dataset, run))
     return run
 
 
 @pytest.mark.slow
-def test_resume_across_a_size_change_is_exact(dataset, uninterrupted, tmp_path):
+def test_resume_across_a_size_change_is_exact(dataset, uninterrupted, tmp_path, capsys):
     """Stopped mid-epoch at 32 px, resumed: the rest of epoch 0 at 32 px and epoch 1 at 48 px
     give the uninterrupted run's losses and LRs bit for bit; the checkpoints keep the native
     6x6 position grid (48 px, patch 8) whatever the training size."""
-    from tests.launching import launch, records
+    from tests.launching import records
 
     epochs = records(uninterrupted, "epoch")
     assert [(r["epoch"], r["img_size"]) for r in epochs] == [(0, 32), (1, 48)]
     assert epochs[-1]["val/cls_top1"] >= 0 and "train/loss" in epochs[-1]
     split = tmp_path / "split"
-    stopped = launch(*recipe(dataset, split), "trainer.stop_after_steps=3", tiny=False)
-    assert "stopping after optimizer step 3" in stopped.stdout
-    assert "training resolution: 32 px (epoch 1), 48 px (epoch 2)" in stopped.stdout
+    capsys.readouterr()
+    with pytest.raises(Stopped):
+        train(*recipe(dataset, split), "trainer.stop_after_steps=3")
+    stopped = capsys.readouterr().out
+    assert "stopping after optimizer step 3" in stopped
+    assert "training resolution: 32 px (epoch 1), 48 px (epoch 2)" in stopped
     ckpt = split / "checkpoints" / "step_00000003"
     assert (Checkpointer.read_state(ckpt)["epoch"], Checkpointer.read_state(ckpt)["epoch_step"]) == (0, 3)
     # written during the 32 px epoch: the position embedding at the native 48 px grid
     # (6 x 6 patches of 8; DeiT III has no class slot in it)
     assert fp32_state_dict(ckpt)["pos_embed"].shape == (1, 36, 64)
-    resumed = launch(*recipe(dataset, split), tiny=False)
-    assert "resumed from" in resumed.stdout
+    train(*recipe(dataset, split))
+    assert "resumed from" in capsys.readouterr().out
     full = {r["step"]: (r["loss"], r["lr"]) for r in records(uninterrupted, "step")}
     again = {r["step"]: (r["loss"], r["lr"]) for r in records(split, "step")}
     assert sorted(full) == sorted(again) == list(range(1, 2 * STEPS + 1))
@@ -161,14 +171,14 @@ def test_recipe_composes_with_hard_distillation(dataset, tmp_path):
     """3-Augment + BCE + LAMB + a schedule with a distilled student and a convnet teacher."""
     import timm
 
-    from tests.launching import launch, records
+    from tests.launching import records
 
     teacher = tmp_path / "teacher.pth"
     torch.save(timm.create_model("resnet10t", num_classes=4).state_dict(), teacher)
     run = tmp_path / "run"
-    launch(*recipe(dataset, run), "model.name=deit_tiny_distilled_patch16_224", "model.drop_path_mode=linear",
-           "model.kwargs={patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2}", "distill.type=hard",
-           "teacher.name=resnet10t", f"teacher.weights={teacher}", "trainer.epochs=2", tiny=False)
+    train(*recipe(dataset, run), "model.name=deit_tiny_distilled_patch16_224", "model.drop_path_mode=linear",
+          "model.kwargs={patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2}", "distill.type=hard",
+          "teacher.name=resnet10t", f"teacher.weights={teacher}", "trainer.epochs=2")
     last = records(run, "epoch")[-1]
     assert last["img_size"] == 48 and {"val/cls_top1", "val/dist_top1", "val/avg_top1"} <= set(last)
     assert torch.isfinite(torch.tensor([last["train/loss"], last["train/loss_dist"]])).all()

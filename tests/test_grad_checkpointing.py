@@ -7,6 +7,7 @@ import torch
 
 from fastdeit.engine import set_grad_checkpointing
 from fastdeit.errors import ConfigError
+from fastdeit.preemption import Stopped
 from tests.savedbytes import saved_tensor_bytes
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=4)
@@ -63,10 +64,10 @@ def test_refused_for_a_model_without_it():
     set_grad_checkpointing(torch.nn.Linear(2, 2), False)              # off: nothing asked of it
 
 
-@pytest.mark.slow
-def test_train_py_losses_identical_with_checkpointing(dataset, tmp_path):
-    """One rank, fp32, drop path, mixing and erasing on: the logged losses are the same floats."""
-    from tests.launching import launch, records
+def test_trainer_losses_identical_with_checkpointing(dataset, tmp_path):
+    """One rank, fp32, drop path, mixing and erasing on: the logged losses are the same floats
+    (the trainer in this process: launch/train.py's build and fit, without the launch)."""
+    from tests.launching import records, train_in_process
 
     common = [f"data.root={dataset}", "model.name=deit_tiny_patch16_224", "distill.type=none",
               "engine.precision=fp32", "model.drop_path=0.1", "mixing.prob=1.0", "mixing.erase_prob=0.5",
@@ -74,6 +75,7 @@ def test_train_py_losses_identical_with_checkpointing(dataset, tmp_path):
     runs = {}
     for on in (False, True):
         run = tmp_path / f"ckpt-{on}"
-        launch(*common, f"trainer.run_dir={run}", f"model.grad_checkpointing={str(on).lower()}", ranks=1)
+        with pytest.raises(Stopped):
+            train_in_process(*common, f"trainer.run_dir={run}", f"model.grad_checkpointing={str(on).lower()}")
         runs[on] = [(r["step"], r["loss"]) for r in records(run, "step")]
     assert len(runs[False]) == 3 and runs[False] == runs[True]
