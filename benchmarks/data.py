@@ -61,9 +61,11 @@ from fastdeit.data.augment.mixing import BatchMixer, MixingConfig  # noqa: E402
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
 
-def run_ours(args, device, root=None, three_augment=False):
+def run_ours(args, device, root=None, three_augment=False, ahead=True):
     # Thread counts: --dali-threads / --host-threads, else this process's budget for a data
-    # path with no training step (fastdeit.threads.thread_budget).
+    # path with no training step (fastdeit.threads.thread_budget). ahead: each epoch's
+    # set_epoch names the next (as the trainer does), whose batches are then made while this
+    # one's last are taken; False: epoch by epoch, each started from nothing (--compare-ahead).
     augment = dict(rand_augment=None, three_augment=True, color_jitter=0.3) if three_augment else \
         dict(rand_augment=RAND_AUGMENT)
     cfg = DataConfig(root=root or args.folder, img_size=args.img_size, num_threads=args.dali_threads,
@@ -76,7 +78,7 @@ def run_ours(args, device, root=None, three_augment=False):
         start, start_cpu = time.perf_counter(), time.process_time()  # all our threads
         if epoch == 1:  # steady epochs only: context switches of all our threads, per image
             switches, images_seen = _context_switches(), 0
-        loader.set_epoch(epoch)
+        loader.set_epoch(epoch, then=epoch + 1 if ahead and epoch + 1 < args.epochs else None)
         n = 0
         for images, labels in loader:
             images, targets = mixer(images, labels)
@@ -88,8 +90,8 @@ def run_ours(args, device, root=None, three_augment=False):
             images_seen += n
     loader.close()
     if args.epochs > 1:
-        # ours' figure stays ours: the shards' run (root given) goes to its own list
-        (args.shard_switches if root else args.context_switches).append(
+        # ours' figure stays ours: the shards' and the epoch-by-epoch runs go to their own lists
+        (args.shard_switches if root else args.context_switches if ahead else args.epochwise_switches).append(
             (_context_switches() - switches) / images_seen)
     return rates, cpu
 
@@ -267,7 +269,7 @@ def _write_partial(args, device, runs, current):
     """What is measured so far, where the final JSON goes (the GPU suite caps each stage: a
     stopped run keeps its figures). The finished run overwrites it."""
     done = runs + [current]
-    names = list(dict.fromkeys(k for run in done for k in run if k not in ("ratio", "shards_over_folder")))
+    names = list(dict.fromkeys(k for run in done for k in run if k not in ("ratio", "shards_over_folder", "ahead_over_epochwise")))
     partial = {"partial": True, "date": datetime.date.today().isoformat(), "commit": commit(),
                "images_per_sec_steady": {k: statistics.median(steady(run[k]) for run in done if k in run)
                                          for k in names}}
@@ -339,6 +341,8 @@ def main(argv=None):
                    "accelerator, this rank's GPU), else cpu / cuda")
     p.add_argument("--dali-ra", action="store_true", help="also time DALI's own rand_augment")
     p.add_argument("--three-augment", action="store_true", help="also time ours with DeiT III's 3-Augment")
+    p.add_argument("--compare-ahead", action="store_true",
+                   help="also time ours epoch by epoch (no next epoch made ahead): what set_epoch's `then` gives")
     p.add_argument("--out", default=None, help="results path prefix (default "
                    "benchmarks/results/<date>-<cpu|gpu>-data)")
     args = p.parse_args(argv)
@@ -357,7 +361,7 @@ def main(argv=None):
                                       data_on_gpu, None, args.dali_threads, args.host_threads)
     torch.set_num_threads(args.budget.torch)
     print(args.budget.describe(), flush=True)
-    args.context_switches, args.shard_switches = [], []
+    args.context_switches, args.shard_switches, args.epochwise_switches = [], [], []
 
     loaders = {"ours": run_ours, "baseline": run_baseline}
     if args.three_augment:
@@ -366,6 +370,8 @@ def main(argv=None):
         loaders["dali-ra"] = run_dali_ra
     if packed:
         loaders["shards"] = lambda args, device: run_ours(args, device, packed)
+    if args.compare_ahead:
+        loaders["ours-epochwise"] = lambda args, device: run_ours(args, device, ahead=False)
     runs, cpu_runs = [], []
     for r in range(args.repeats):
         # alternate the order, so that a drift in the machine's load favours neither
@@ -379,6 +385,8 @@ def main(argv=None):
         row["ratio"] = steady(row["ours"]) / steady(row["baseline"])
         if packed:
             row["shards_over_folder"] = steady(row["shards"]) / steady(row["ours"])
+        if args.compare_ahead:
+            row["ahead_over_epochwise"] = steady(row["ours"]) / steady(row["ours-epochwise"])
         runs.append(row)
         print(f"repeat {r + 1}: " + " | ".join(
             f"{k} {' '.join(f'{v:.0f}' for v in row[k])} img/s "
@@ -399,7 +407,8 @@ def main(argv=None):
     record = {
         "date": date, "commit": commit(), "hardware": hardware(device),
         "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-        "args": {k: v for k, v in vars(args).items() if k not in ("budget", "context_switches", "shard_switches")},
+        "args": {k: v for k, v in vars(args).items()
+                 if k not in ("budget", "context_switches", "shard_switches", "epochwise_switches")},
         "threads": dataclasses.asdict(args.budget),
         "ours_context_switches_per_image": args.context_switches,
         "images_per_sec_steady": summary, "ratio_ours_over_baseline": ratio,
@@ -430,6 +439,15 @@ def main(argv=None):
               f"Ours: {args.budget.describe()}; steady epochs of all repeats span "
               f"{_spread(runs, 'ours')}; context switches per image (all threads, steady "
               f"epochs): {', '.join(f'{v:.1f}' for v in args.context_switches) or 'n/a'}.", ""]
+    if args.compare_ahead:
+        record.update(ratio_ahead_over_epochwise=statistics.median(run["ahead_over_epochwise"] for run in runs),
+                      epochwise_context_switches_per_image=args.epochwise_switches)
+        per_repeat = ", ".join(f"{run['ahead_over_epochwise']:.2f}" for run in runs)
+        lines += [f"Next epoch made ahead (the trainer's set_epoch(e, then=e + 1)) against epoch by epoch "
+                  f"(each epoch's pipeline and producer started when the epoch starts), both ours: "
+                  f"**{record['ratio_ahead_over_epochwise']:.2f}x** (per repeat: {per_repeat}); context "
+                  f"switches per image epoch by epoch: "
+                  f"{', '.join(f'{v:.1f}' for v in args.epochwise_switches) or 'n/a'}.", ""]
     if packed:
         per_repeat = ", ".join(f"{run['shards_over_folder']:.2f}" for run in runs)
         lines += [f"Shards ({packed}) against the folder they were packed from ({args.folder}), "

@@ -92,7 +92,7 @@ def main(argv=None):
             dali_ns.clear()
             wall, cpu = time.perf_counter(), time.process_time()
         start = time.perf_counter()
-        loader.set_epoch(epoch)
+        loader.set_epoch(epoch, then=epoch + 1 if epoch + 1 < args.epochs else None)   # as the trainer
         last = start
         for i, (x, y) in enumerate(loader):
             now = time.perf_counter()

@@ -175,7 +175,9 @@ class Side:
         boundary = self.left == 0
         if boundary:
             self.epoch += 1
-            if hasattr(self.loader, "set_epoch"):
+            if self.name == "fastdeit":      # as the trainer: the next epoch's batches made ahead
+                self.loader.set_epoch(self.epoch, then=self.epoch + 1)
+            elif hasattr(self.loader, "set_epoch"):
                 self.loader.set_epoch(self.epoch)
             self.batches, self.left = iter(self.loader), self.per_epoch
         images, labels = next(self.batches)

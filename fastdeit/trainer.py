@@ -156,7 +156,8 @@ class Trainer:
         skip = start_step * self.accum
         # The side of this epoch comes from the loader's schedule (data.size_schedule, a pure
         # function of the epoch); evaluation always runs at data.img_size.
-        self.train_loader.set_epoch(epoch, skip_batches=skip)
+        # `then`: the next epoch's batches are made while this one's last are trained on.
+        self.train_loader.set_epoch(epoch, skip_batches=skip, then=epoch + 1 if epoch + 1 < self.cfg.epochs else None)
         size = self.train_loader.img_size
         self.telemetry.set_img_size(size)                    # MFU from this size's FLOPs
         clock = Throughput()

@@ -232,6 +232,72 @@ def test_resume_mid_epoch_yields_the_same_batches(synthetic_tree):
     loader.close()
 
 
+def test_next_epoch_made_ahead_is_the_one_set_epoch_would_make(synthetic_tree):
+    """set_epoch(e, then=e + 1): the feeder goes on into epoch e + 1 once it has read e's last
+    batch; those batches are bit for bit a fresh set_epoch(e + 1)'s, through a change of side
+    (data.size_schedule) and with RandAugment on. Anything but the planned call (another
+    epoch, a skip, an epoch not read to its end) drops them and starts afresh, the same."""
+    cfg = cfg_for(synthetic_tree, rand_augment="rand-m9-mstd0.5-inc1", size_schedule=[[0, 32], [1, 48]],
+                  size_multiple=16)
+
+    def fresh(e, skip=0):
+        loader = build_loader(cfg, "train", 8, 0, 1, 0, CPU)
+        loader.set_epoch(e, skip_batches=skip)
+        out = list(loader)
+        loader.close()
+        return out
+
+    def same(a, b):
+        return len(a) == len(b) and all(torch.equal(x, fx) and torch.equal(y, fy) for (x, y), (fx, fy) in zip(a, b))
+
+    want = {e: fresh(e) for e in (0, 1, 2)}
+    assert [x.shape[-1] for x, _ in want[0][:1] + want[1][:1]] == [32, 48]
+    loader = build_loader(cfg, "train", 8, 0, 1, 0, CPU)
+    loader.set_epoch(0, then=1)
+    assert same(list(loader), want[0])
+    ahead = loader._background
+    loader.set_epoch(1, then=2)                       # the producer of epoch 0 carries on
+    assert loader._background is ahead and loader.img_size == 48
+    assert same(list(loader), want[1])
+    loader.set_epoch(2)                               # planned, and the plan ends with it
+    assert loader._background is ahead and same(list(loader), want[2])
+    with pytest.raises(RuntimeError, match="set_epoch"):
+        iter(loader)
+
+    loader.set_epoch(0, then=1)
+    next(iter(loader))                                # epoch 0 abandoned after one batch
+    loader.set_epoch(1)
+    assert loader._background is not ahead and same(list(loader), want[1])
+    loader.set_epoch(1, then=2)
+    list(loader)
+    loader.set_epoch(2, skip_batches=3)               # a resume: not what was planned
+    assert same(list(loader), want[2][3:])
+    loader.set_epoch(0, then=1)
+    list(loader)
+    loader.set_epoch(2)                               # another epoch than the planned one
+    assert same(list(loader), want[2])
+    loader.close()
+
+
+def test_background_batches_follow_an_extendable_plan():
+    from fastdeit.data.loading.host import BackgroundBatches
+
+    made = []
+    bg = BackgroundBatches(lambda key, run_all: made.append(key) or key, lambda key, raw: raw * 10,
+                           [1, 2], depth=2, open=True)
+    assert [bg.get(), bg.get()] == [10, 20]
+    assert bg.extend([3]) and bg.get() == 30
+    bg.end_plan()
+    assert not bg.extend([4])                         # the plan is over: the caller starts afresh
+    with pytest.raises(RuntimeError, match="more batches asked for than were planned"):
+        bg.get()
+    bg.close()
+    assert made == [1, 2, 3]
+    closed = BackgroundBatches(lambda key, run_all: key, lambda key, raw: raw, [], depth=1, open=True)
+    closed.close()                                    # a feeder waiting for keys still ends
+    assert not closed._thread.is_alive()
+
+
 def test_train_resize_matches_pil(tmp_path):
     """Square images with scale and ratio pinned to 1: the crop is the whole image, so the
     train output is the bicubic resize alone; on CPU it is torch's antialiased uint8 kernel,

@@ -25,6 +25,7 @@ then trains and evaluates exactly as `data.root: ROOT` did (same images, labels 
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import multiprocessing
@@ -268,6 +269,10 @@ def _run_pool(jobs, workers: int, bar) -> List[Tuple[str, str]]:
     # fork: the workers need nothing but this module's functions, and spawn would re-import
     # the package (torch and DALI come with fastdeit.data) in every worker.
     ctx = multiprocessing.get_context("fork")
+    # Nothing left for the children's garbage collector: an object waiting in a reference cycle
+    # with a finaliser that joins threads (a DALI pipeline kept by an error's traceback) would be
+    # finalised in each child, where its threads were never copied, and hang it.
+    gc.collect()
     updates = ctx.Queue()
     bad: List[Tuple[str, str]] = []
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,

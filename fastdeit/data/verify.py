@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import multiprocessing
 import os
 import sys
@@ -46,6 +47,7 @@ def find_bad(root: str, splits: Iterable[str] = ("train", "val"), workers: Optio
         files += scan_image_folder(os.path.join(root, split))[0]
     workers = max(1, min(workers or default_workers(), len(files)))
     bad = []
+    gc.collect()        # nothing for the forked workers to finalise (fastdeit.data.pack._run_pool)
     with multiprocessing.get_context("fork").Pool(workers) as pool, \
             tqdm(total=len(files), desc=f"decoding ({workers} workers)", unit="img", disable=not progress,
                  file=sys.stderr, mininterval=1.0) as bar:

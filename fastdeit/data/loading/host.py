@@ -9,12 +9,13 @@ thread and the trainer keep the cores busy together instead of taking turns.
 """
 from __future__ import annotations
 
+import collections
 import inspect
 import queue
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -48,43 +49,78 @@ def resize_crops(crops, flips: np.ndarray, size: int, pin: bool = False, slices:
 
 
 class BackgroundBatches:
-    """Produces the batches of steps [start, stop) ahead of the consumer, in order.
+    """Produces the batches of a plan of keys, in order, ahead of the consumer.
 
-    read(step, run_all) runs in one feeder thread, step after step (it drives DALI, whose
+    read(key, run_all) runs in one feeder thread, key after key (it drives DALI, whose
     pipeline is not thread-safe and whose output buffers are only valid until its next run);
     run_all(calls) lets it spread independent work on those buffers (the resizes) over
-    itself and the pool's threads, and returns when all of it is done. Then finish(step,
+    itself and the pool's threads, and returns when all of it is done. Then finish(key,
     read's result) runs in the pool of `workers` threads, so consecutive batches are finished
-    in parallel. At most `depth` batches wait ahead of get(). An exception in
-    read or finish is re-raised by the get() of that step. close() stops the feeder, waits for
-    the calls in flight and joins every thread.
+    in parallel. At most `depth` batches wait ahead of get(). An exception in read or finish
+    is re-raised by the get() of that key. close() stops the feeder, waits for the calls in
+    flight and joins every thread.
+
+    The plan is `keys`, then whatever extend() adds while it is open (`open=True`): the train
+    loader plans the next epoch's batches this way, so the feeder goes on into them as soon as
+    it has read the last of the current epoch, instead of the cores idling while the trainer
+    takes the last batches and a new producer starts from nothing. end_plan() says nothing more
+    comes; the feeder then ends after the last planned key.
 
     Bound methods are held weakly by the threads, so an owner dropped without close() is still
     collected (its finaliser closes this) instead of being kept alive by its own threads.
     """
 
-    def __init__(self, read: Callable[[int], Any], finish: Callable[[int, Any], Any],
-                 start: int, stop: int, depth: int, workers: int = 1):
+    def __init__(self, read: Callable[[Any, Callable], Any], finish: Callable[[Any, Any], Any],
+                 keys: Iterable, depth: int, workers: int = 1, open: bool = False):
         self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
+        self._plan = collections.deque(keys)
+        self._plan_open = open
+        self._planned = threading.Condition()
+        self._waiting = False           # the feeder has read every planned key and waits for more
         self._pool_threads: set = set()  # idents, so close() never waits on its own thread
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="fastdeit-finish",
                                         initializer=_remember_thread, initargs=(self._pool_threads,))
         refs = tuple(weakref.WeakMethod(f) if inspect.ismethod(f) else (lambda f=f: f)
                      for f in (read, finish))
-        self._thread = threading.Thread(target=self._run, args=(refs, start, stop),
-                                        name="fastdeit-read", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(refs,), name="fastdeit-read", daemon=True)
         self._thread.start()
 
-    def _run(self, refs, start: int, stop: int) -> None:
+    def extend(self, keys: Iterable, open: bool = True) -> bool:
+        """Add keys to an open plan (False, nothing added, when the plan was ended or the feeder
+        has stopped: then the caller starts a new producer). `open=False`: these are the last."""
+        with self._planned:
+            if not self._plan_open or not self._thread.is_alive() or self._stop.is_set():
+                return False
+            self._plan.extend(keys)
+            self._plan_open = open
+            self._planned.notify_all()
+            return True
+
+    def end_plan(self) -> None:
+        with self._planned:
+            self._plan_open = False
+            self._planned.notify_all()
+
+    def _next_key(self):
+        """The next planned key, or None when the plan is over or the producer is closing."""
+        with self._planned:
+            while not self._plan and self._plan_open and not self._stop.is_set():
+                self._waiting = True
+                self._planned.wait(0.05)
+            self._waiting = False
+            return self._plan.popleft() if self._plan and not self._stop.is_set() else None
+
+    def _run(self, refs) -> None:
         read_ref, finish_ref = refs
-        for step in range(start, stop):
+        while True:
+            key = self._next_key()
             read = read_ref()
-            if self._stop.is_set() or read is None:
+            if key is None or read is None:
                 return
             try:
-                raw = read(step, self._run_all)
-                item = (self._pool.submit(_call, finish_ref, step, raw), None)
+                raw = read(key, self._run_all)
+                item = (self._pool.submit(_call, finish_ref, key, raw), None)
             except BaseException as e:  # handed to the consumer, which re-raises it
                 item = (None, e)
             del read
@@ -115,8 +151,10 @@ class BackgroundBatches:
                 future, error = self._queue.get(timeout=0.5)
                 break
             except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():  # never hang
-                    raise RuntimeError("the batch producer thread ended without a batch")
+                # never hang: the feeder ended, or waits for keys nobody planned
+                if self._queue.empty() and (not self._thread.is_alive() or self._waiting):
+                    raise RuntimeError("the batch producer has no batch left to give (more batches "
+                                       "asked for than were planned)")
         if error is not None:
             raise error
         return future.result()
@@ -125,6 +163,8 @@ class BackgroundBatches:
         """Also safe from the threads themselves: the owner's finaliser runs in whichever
         thread drops the last reference to it, one of the pool's included."""
         self._stop.set()
+        with self._planned:
+            self._planned.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join()
         own = threading.get_ident() in self._pool_threads
@@ -135,8 +175,8 @@ def _remember_thread(idents: set) -> None:
     idents.add(threading.get_ident())
 
 
-def _call(ref, step: int, raw: Any) -> Any:
+def _call(ref, key: Any, raw: Any) -> Any:
     finish = ref()
     if finish is None:
         raise RuntimeError("the loader was released")
-    return finish(step, raw)
+    return finish(key, raw)

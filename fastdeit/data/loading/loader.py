@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import traceback
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -270,6 +271,9 @@ class Loader:
         hi = (step + self.cfg.prefetch + 2) * self.batch_size
         candidates = order[lo:hi]
         self.close()
+        # The error's finished frames (DALI's run, the feeder's read) hold the pipeline: cleared,
+        # so that it goes now rather than with a later garbage collection (pack.py's note).
+        traceback.clear_frames(error.__traceback__)
         if isinstance(error, shards.ShardError):
             raise error
         bad = self._source.first_bad(candidates)
@@ -306,6 +310,9 @@ class TrainLoader(Loader):
         self._background: Optional[BackgroundBatches] = None   # CPU layout
         self._ready = False   # set_epoch built a pipeline not yet iterated
         self._epoch = 0
+        self._delivered = 0   # batches of the current epoch handed out (skipped ones included)
+        self._ahead: Optional[int] = None   # the epoch the CPU feeder goes on into (set_epoch's `then`)
+        self._feeding = None  # feeder thread only: (epoch, its DALI pipeline, its side)
         self._normalize = imageops.Normalize(cfg.mean, cfg.std)  # constants kept on the device
         # CPU placement feeding a device: host batches are made in pinned memory (transfer.py)
         self._pin = pins_for(device)
@@ -340,7 +347,7 @@ class TrainLoader(Loader):
     def sizes(self, schedule: SizeSchedule) -> None:
         self._sizes = schedule
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0, then: Optional[int] = None) -> None:
         """Prepare epoch `epoch` at side `sizes(epoch)`; iteration then yields its batches
         skip_batches, skip_batches + 1, ..., len() - 1, identical to those of an uninterrupted
         epoch.
@@ -348,28 +355,56 @@ class TrainLoader(Loader):
         Skipped batches are decoded and discarded by DALI (its random crop and flip state
         only advances by running), at the cost of that much data loading. The DALI graph is
         built per epoch anyway, so a new size costs nothing extra.
+
+        `then`: the epoch that follows this one (the trainer passes epoch + 1 unless this is the
+        last). On the CPU layout its batches are produced ahead: the feeder builds its pipeline
+        and goes on into it as soon as it has read this epoch's last batch, while the trainer
+        still takes the last ones. They are the batches set_epoch(then) would make (everything
+        in them is a function of (seed, epoch, rank, batch)); if the next call asks for anything
+        else, or this epoch was not read to its end, they are dropped and it starts afresh.
         """
         if not 0 <= skip_batches <= self._num_batches:
             raise ValueError(f"skip_batches must be in [0, {self._num_batches}], got {skip_batches}")
+        if (self._background is not None and self._ahead == epoch and skip_batches == 0
+                and self._delivered == self._num_batches):
+            self._enter(epoch, 0)               # its batches are on their way already
+            self._plan_after(then)
+            return
         self.close()
-        order = train_indices(len(self._source), self.rank, self.world_size, self.seed, epoch,
-                              self.repeats)[: self.num_samples]
-        self.img_size = self.sizes(epoch)
+        self._enter(epoch, skip_batches)
         # Ragged crops on the CPU layout (pipeline.py): the pipeline is run directly.
-        self._start(order, build_train_pipeline, self.cfg, self.batch_size,
+        self._start(self._order, build_train_pipeline, self.cfg, self.batch_size,
                     dali_seed(self.seed, epoch, self.rank), self.placement, self.img_size,
                     iterate=self.placement.gpu_layout)
-        self._epoch, self._skip = epoch, skip_batches
         for step in range(skip_batches):  # decode and discard: see the module docstring
             try:
                 self._run_dali(step)
             except RuntimeError as e:
                 self._fail(step, e)
         if self._it is None:  # CPU: produce the coming batches in the background (host.py)
+            self._feeding, self._pipe = (epoch, self._pipe, self.img_size), None   # the feeder's now
             self._background = BackgroundBatches(
-                self._read_host, self._finish_host, skip_batches, self._num_batches,
-                depth=self.cfg.prefetch, workers=self.cfg.host_threads)
+                self._read_host, self._finish_host, [(epoch, s) for s in range(skip_batches, self._num_batches)],
+                depth=self.cfg.prefetch, workers=self.cfg.host_threads, open=True)
+            self._plan_after(then)
         self._ready = True
+
+    def _enter(self, epoch: int, skip_batches: int) -> None:
+        """The consumer's side of a new epoch: its order (for naming a bad file), side, skip."""
+        self._order = train_indices(len(self._source), self.rank, self.world_size, self.seed, epoch,
+                                    self.repeats)[: self.num_samples]
+        self.img_size = self.sizes(epoch)
+        self._epoch, self._skip = epoch, skip_batches
+        self._delivered = skip_batches
+        self._ready = True
+
+    def _plan_after(self, then: Optional[int]) -> None:
+        """Plan epoch `then`'s batches after the current ones (None: the plan ends here)."""
+        self._ahead = None
+        if then is None:
+            self._background.end_plan()
+        elif self._background.extend([(then, s) for s in range(self._num_batches)]):
+            self._ahead = then
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         if not self._ready:
@@ -379,47 +414,62 @@ class TrainLoader(Loader):
         return self._batches()
 
     def _next(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self._background is not None:
-            return self._background.get()
-        return super()._next(step)
+        batch = self._background.get() if self._background is not None else super()._next(step)
+        self._delivered = step + 1
+        return batch
 
     def _finish(self, images: torch.Tensor, step: int) -> torch.Tensor:
         # Still uint8: not yet augmented (the CPU layout augments CPU batches in its pool).
-        return self._augment(images, step) if images.dtype == torch.uint8 else images
+        return self._augment(images, self._epoch, step) if images.dtype == torch.uint8 else images
 
-    def _augment(self, images: torch.Tensor, step: int) -> torch.Tensor:
+    def _augment(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
         """uint8 [B, 3, S, S] -> RandAugment -> normalised float32, on the images' device."""
         if self.randaug is not None:
             gen = torch.Generator().manual_seed(
-                augment_seed(self.seed, self._epoch, self.rank, step))
+                augment_seed(self.seed, epoch, self.rank, step))
             b, _, h, w = images.shape
             plan = self.randaug.sample(b, h, w, gen).to(images.device)
             images = self.randaug.apply(images, plan)
         return self._normalize(images)
 
-    def _read_host(self, step: int, run_all) -> Tuple[torch.Tensor, torch.Tensor]:
-        """CPU placement, feeder thread: DALI's crops, resized and flipped (uint8 NCHW in
-        channels-last memory) before DALI's next run reuses their buffers; the resizes are
-        shared out over this thread and the host pool (host_threads slices), so that no single
-        thread carries them as a serial stage while DALI decodes the next batches."""
-        crops, labels, flips = self._run_dali(step)
-        images = resize_crops(crops, flips.as_array(), self.img_size, pin=self._pin,
+    def _read_host(self, key: Tuple[int, int], run_all) -> Tuple[torch.Tensor, torch.Tensor]:
+        """CPU placement, feeder thread: DALI's crops for batch `key` = (epoch, step), resized and
+        flipped (uint8 NCHW in channels-last memory) before DALI's next run reuses their buffers;
+        the resizes are shared out over this thread and the host pool (host_threads slices), so
+        that no single thread carries them as a serial stage while DALI decodes the next batches.
+        The first batch of a planned next epoch builds that epoch's pipeline here, once the
+        previous one has given its last batch (and is released first)."""
+        epoch, step = key
+        if self._feeding[0] != epoch:
+            self._feeding = None          # the finished epoch's pipeline goes first ...
+            self._source.close()          # ... and a packed source's read-ahead for it
+            order = train_indices(len(self._source), self.rank, self.world_size, self.seed, epoch,
+                                  self.repeats)[: self.num_samples]
+            size = self.sizes(epoch)
+            pipe = build_train_pipeline(*self._inputs(order), self.cfg, self.batch_size,
+                                        dali_seed(self.seed, epoch, self.rank), self.placement, size)
+            self._feeding = (epoch, pipe, size)
+        _, pipe, size = self._feeding
+        crops, labels, flips = pipe.run()
+        images = resize_crops(crops, flips.as_array(), size, pin=self._pin,
                               slices=self.cfg.host_threads, run_all=run_all)
         labels = torch.from_numpy(labels.as_array().reshape(-1))
         return images.permute(0, 3, 1, 2), (labels.pin_memory() if self._pin else labels)
 
-    def _finish_host(self, step: int, batch):
+    def _finish_host(self, key: Tuple[int, int], batch):
         """CPU placement, pool thread: RandAugment + normalisation when the batches are for the
         CPU (for a GPU they are augmented there, in the training thread)."""
         images, labels = batch
         if self.device.type == "cpu":
-            images = self._augment(images, step)
+            images = self._augment(images, *key)
         return images, labels
 
     def close(self) -> None:
         if self._background is not None:
             self._background.close()
             self._background = None
+        self._feeding = None
+        self._ahead = None
         super().close()
         self._ready = False
 
@@ -441,7 +491,7 @@ class ValLoader(Loader):
         self._num_batches = math.ceil(self.num_samples / batch_size)
         self._clean = False   # the kept pipeline sits at an epoch start
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0, then: Optional[int] = None) -> None:
         """Nothing to do: val order and transforms do not depend on the epoch (the signature is
         the train loader's, so that code walking both needs no branch)."""
         if skip_batches:
