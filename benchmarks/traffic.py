@@ -100,8 +100,8 @@ def augment_traffic(kind: str, batch: int, size: int, seed: int = 0) -> ByteCoun
         # stands in (the host-side copy is not device traffic either way).
         torch.Tensor.pin_memory = lambda t, *a, **k: t
     try:
-        loader._augment(images, 0)              # the device constants are made once
-        return count(lambda: loader._augment(images, 1))
+        loader._augment(images, 0, 0)           # the device constants are made once
+        return count(lambda: loader._augment(images, 0, 1))
     finally:
         torch.Tensor.pin_memory = pin
 

@@ -48,7 +48,7 @@ def test_loader_augment_copies_nothing_blocking(flat_tree):
         for step in range(4):
             images = torch.empty(256, 3, 32, 32, dtype=torch.uint8, device=META,
                                  memory_format=torch.channels_last)
-            out = loader._augment(images, step)
+            out = loader._augment(images, 0, step)
             per_batch.append(spy.take())
             assert out.device == META and out.dtype == torch.float32
             assert out.shape == (256, 3, 32, 32)
