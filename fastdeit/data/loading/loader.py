@@ -373,8 +373,7 @@ class TrainLoader(Loader):
         self.close()
         self._enter(epoch, skip_batches)
         # Ragged crops on the CPU layout (pipeline.py): the pipeline is run directly.
-        self._start(self._order, build_train_pipeline, self.cfg, self.batch_size,
-                    dali_seed(self.seed, epoch, self.rank), self.placement, self.img_size,
+        self._start(self._order, build_train_pipeline, *self._graph(epoch, self.img_size),
                     iterate=self.placement.gpu_layout)
         for step in range(skip_batches):  # decode and discard: see the module docstring
             try:
@@ -389,10 +388,18 @@ class TrainLoader(Loader):
             self._plan_after(then)
         self._ready = True
 
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """This rank's indices for `epoch` (sampler.py), cut to whole batches."""
+        return train_indices(len(self._source), self.rank, self.world_size, self.seed, epoch,
+                             self.repeats)[: self.num_samples]
+
+    def _graph(self, epoch: int, size: int) -> tuple:
+        """build_train_pipeline's arguments after the inputs, for `epoch` at side `size`."""
+        return self.cfg, self.batch_size, dali_seed(self.seed, epoch, self.rank), self.placement, size
+
     def _enter(self, epoch: int, skip_batches: int) -> None:
         """The consumer's side of a new epoch: its order (for naming a bad file), side, skip."""
-        self._order = train_indices(len(self._source), self.rank, self.world_size, self.seed, epoch,
-                                    self.repeats)[: self.num_samples]
+        self._order = self._epoch_order(epoch)
         self.img_size = self.sizes(epoch)
         self._epoch, self._skip = epoch, skip_batches
         self._delivered = skip_batches
@@ -443,11 +450,8 @@ class TrainLoader(Loader):
         if self._feeding[0] != epoch:
             self._feeding = None          # the finished epoch's pipeline goes first ...
             self._source.close()          # ... and a packed source's read-ahead for it
-            order = train_indices(len(self._source), self.rank, self.world_size, self.seed, epoch,
-                                  self.repeats)[: self.num_samples]
             size = self.sizes(epoch)
-            pipe = build_train_pipeline(*self._inputs(order), self.cfg, self.batch_size,
-                                        dali_seed(self.seed, epoch, self.rank), self.placement, size)
+            pipe = build_train_pipeline(*self._inputs(self._epoch_order(epoch)), *self._graph(epoch, size))
             self._feeding = (epoch, pipe, size)
         _, pipe, size = self._feeding
         crops, labels, flips = pipe.run()
