@@ -227,7 +227,9 @@ def count_successful_opens(lines, root, epochs):
         if "resumed>" in call and pid in pending:
             start, began = pending.pop(pid)
             call = start + call
-        if began >= 0 and under_root.search(call) and re.search(r"\) = \d+", call):
+        # strace pads a short line's result out to its column (`-a`, 40): a resumed call's
+        # `<... openat resumed>)` is short, so `)` and `= FD` may be spaces apart
+        if began >= 0 and under_root.search(call) and re.search(r"\)\s+= \d+", call):
             counts[began] += 1
     return counts
 

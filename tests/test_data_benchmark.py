@@ -75,7 +75,7 @@ def test_strace_opens_joined_across_interrupted_calls():
         '11 openat(AT_FDCWD, "/d/a.shard", O_RDONLY <unfinished ...>',
         '12 openat(AT_FDCWD, "/d/b.shard", O_RDONLY) = 7',
         '10 openat(AT_FDCWD, "/nonexistent/fastdeit-epoch-1", O_RDONLY) = -1 ENOENT (No such file)',
-        '11 <... openat resumed>) = 6',
+        '11 <... openat resumed>)                = 6',           # strace pads short lines' results
         '12 openat(AT_FDCWD, "/d/c.shard", O_RDONLY) = -1 ENOENT (No such file)',
         '12 openat(AT_FDCWD, "/elsewhere/x", O_RDONLY) = 8',
     ]
