@@ -86,11 +86,13 @@ class StepModels:
 
 def resolve_batch(cfg: Config, world_size: int) -> Tuple[int, int, int]:
     """(global, micro, accumulation) for ``world_size``, refusing the combinations the step
-    cannot run (CUDA graphs over accumulated gradients, LAMB clipped twice)."""
+    cannot run (CUDA graphs over accumulated gradients, LAMB clipped twice, an optimizer the ZeRO
+    stage cannot shard) before any data is staged or any model built."""
     global_batch, micro, accum = engine_lib.resolve_batch(cfg.engine, world_size)
     engine_lib.check_cuda_graphs(cfg.model.compile_mode if cfg.model.compile is not False else None,
                                  cfg.engine.zero_stage, accum)
     check_clipping(cfg.optim, cfg.engine.gradient_clipping)
+    check_zero_stage(cfg.optim, cfg.engine.zero_stage)
     return global_batch, micro, accum
 
 
@@ -135,7 +137,7 @@ def build_engine(cfg: Config, models: StepModels, world_size: int, steps_per_epo
     # After the student exists (and before ZeRO-3 empties its tensors): ZeRO's buckets are sized
     # from its parameter count.
     ds_config = engine_lib.deepspeed_config(cfg.engine, world_size, num_params=count_params(model))
-    check_zero_stage(cfg.optim, cfg.engine.zero_stage)
+    check_zero_stage(cfg.optim, cfg.engine.zero_stage)   # again for callers without resolve_batch
     optimizer = build_optimizer(cfg.optim, model, global_batch)
     compile_mode = compile_mode_for(cfg.model.compile, cfg.model.compile_mode, models.device)
     # One static graph per training size (the eval pass runs eager): the recompile limit.

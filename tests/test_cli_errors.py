@@ -69,6 +69,10 @@ def mistakes(dataset, tmp_path_factory):
         "missing config": ("train.py", ["--config", str(tmp / "missing.yaml")]),
         "missing data": ("train.py", [*TINY, f"data.root={tmp / 'nowhere'}", f"trainer.run_dir={tmp / 'run'}",
                                       "model.name=deit_tiny_patch16_224", "distill.type=none"]),
+        # Refused before the data is looked at (the folder does not exist either).
+        "lamb at zero 3": ("train.py", [*TINY, f"data.root={tmp / 'nowhere'}", f"trainer.run_dir={tmp / 'run3'}",
+                                        "model.name=deit_tiny_patch16_224", "distill.type=none", "optim.name=lamb",
+                                        "engine.zero_stage=3"]),
         "missing weights": ("eval.py", ["--config", "configs/deit_ti.yaml", "--weights", str(tmp / "nope.pth"),
                                         *TINY, f"data.root={dataset}", "model.name=deit_tiny_patch16_224",
                                         "--out", str(tmp / "e.json")]),
@@ -107,6 +111,10 @@ def test_config_mistake(mistakes):
 def test_data_folder_mistake(mistakes):
     nowhere = mistakes["tmp"] / "nowhere"
     assert_one_line(mistakes["missing data"], f"image folder does not exist or is not a directory: {nowhere / 'train'}")
+
+
+def test_optimizer_the_zero_stage_cannot_shard(mistakes):
+    assert_one_line(mistakes["lamb at zero 3"], "optim.name=lamb with engine.zero_stage=3", "engine.zero_stage=2")
 
 
 def test_weights_mistake(mistakes):
