@@ -81,7 +81,8 @@ def masters(engine):
     return out
 
 
-@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (0, "bf16"), (1, "bf16"), (2, "bf16")])
+@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16"),
+                                                   (3, "fp32")])
 def test_update_against_hand_computation(world, zero_stage, precision):
     """Three optimizer steps with every=2 and warmup, on each layout of the fp32 masters."""
     cfg = EmaConfig(decay=0.9, every=2, warmup=True, warmup_gamma=1.0, warmup_power=0.75)
@@ -118,6 +119,28 @@ def test_update_reads_the_optimizers_own_fp32_partition(world):
     assert all(any(lo <= m.data_ptr() < hi for lo, hi in spans) for m in ema.masters)
     before = [w.clone() for w in ema.weights]
     ema.update(engine.global_steps)
+    for b, a, m in zip(before, ema.weights, ema.masters):
+        torch.testing.assert_close(a, 0.5 * b + 0.5 * m)
+
+
+def test_zero3_update_reads_the_stage3_fp32_pieces_without_a_gather(world, monkeypatch):
+    """ZeRO-3: the EMA's sources are views into the optimizer's flat fp32 sub-group tensors
+    (the pieces this rank steps), and an update communicates nothing: no gather of the full
+    model per step, whatever the model size."""
+    import torch.distributed as dist
+    engine, ema, train = make(3, "bf16", EmaConfig(decay=0.5))
+    step(train, seed=1)
+    flats = engine.optimizer.fp32_partitioned_groups_flat
+    spans = [(f.data_ptr(), f.data_ptr() + f.numel() * f.element_size()) for f in flats]
+    assert ema.partitioned and ema.masters and all(m.dtype == torch.float32 for m in ema.masters)
+    assert all(any(lo <= m.data_ptr() < hi for lo, hi in spans) for m in ema.masters)
+    calls = []
+    for name in ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter_tensor"):
+        real = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _name=name, _real=real, **k: calls.append(_name) or _real(*a, **k))
+    before = [w.clone() for w in ema.weights]
+    ema.update(engine.global_steps)
+    assert calls == []
     for b, a, m in zip(before, ema.weights, ema.masters):
         torch.testing.assert_close(a, 0.5 * b + 0.5 * m)
 
