@@ -108,6 +108,9 @@ def test_dry_run_end_to_end(tmp_path):
     # Sane figures: no MFU above 100% is printed as one, and each names its dtype.
     for value in re.findall(r"MFU ([\d.]+)% \((\w+)\)", summary):
         assert 0 < float(value[0]) <= 100 and value[1] in ("bf16", "fp16", "fp32"), value
+    # ... nor withheld as one: suite_summary writes "MFU n/a (515% of the bf16 peak ...)" for a
+    # figure above the peak, which would mean a wrong peak or FLOP count, not a fast step.
+    assert "% of the" not in summary, summary
     suite_log = (out / "suite.log").read_text()
     assert "torch" in suite_log and "nvidia-smi: not found" in suite_log and ": fits (" in suite_log
 
