@@ -53,6 +53,7 @@ class _Tracker:
         self.cfg, self.run_dir, self.warn = cfg, run_dir, warn
         self.alive = True
         self._guard("start", self.start, config)
+        self.started = self.alive
 
     def _guard(self, what: str, fn, *args) -> None:
         if not self.alive:
@@ -73,7 +74,16 @@ class _Tracker:
         self._guard("artifact upload", self.log_folder, folder)
 
     def close(self, failed: bool) -> None:
-        self._guard("finish", self.finish, failed)
+        if self.alive:
+            self._guard("finish", self.finish, failed)
+        elif self.started:
+            # Off since a failure (already warned): still close its run, so that what it logged
+            # before is flushed (W&B writes through a service process) and the run is not left
+            # running; the service may well fail again, which changes nothing now.
+            try:
+                self.finish(failed)
+            except Exception:  # noqa: BLE001
+                pass
 
 
 class WandbTracker(_Tracker):

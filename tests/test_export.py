@@ -67,6 +67,46 @@ def trained(dataset, teacher, tmp_path_factory):
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
+def wandb_records(folder):
+    """The records an offline W&B run wrote (what `wandb sync` uploads), by type: its .wandb file
+    is a LevelDB-style log (a 7-byte ':W&B' header, 32 KiB blocks of [crc32, length, type]
+    chunks) of wandb_internal_pb2.Record messages; read here without wandb's own code so the
+    check does not share a reader with the code under test."""
+    import struct
+    from collections import defaultdict
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = folder.glob("run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, chunks, pending = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:                                    # the block's zero padding
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):                               # full, first
+            pending = chunk
+        else:                                            # middle, last
+            pending += chunk
+        if kind in (1, 4):
+            chunks.append(pending)
+    out = defaultdict(list)
+    for chunk in chunks:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(chunk)
+        out[record.WhichOneof("record_type")].append(record)
+    return out
+
+
+def wandb_history(records):
+    return [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+            for r in records["history"]]
+
+
 def loaded(folder, dtype=torch.bfloat16):
     return timm.create_model(f"local-dir:{folder}", pretrained=True).eval().to(dtype)
 
@@ -184,11 +224,31 @@ def test_trackers_get_the_log_records_config_and_model_folder(trained):
     assert {"config.yaml", "model", "model_ema"} <= artifacts
     assert {a.path for a in client.list_artifacts(ids["mlflow"], "model")} >= {
         "model/model.safetensors", "model/config.json", "model/README.md"}
-    # W&B offline: the run folder under the run dir carries the id kept for resuming
-    assert list((run / "wandb").glob(f"offline-run-*-{ids['wandb']}"))
+    # W&B, offline: the run folder under the run dir carries the id kept for resuming, and its
+    # log holds the same records, the resolved config, both model folders and a clean exit.
+    (folder,) = (run / "wandb").glob(f"offline-run-*-{ids['wandb']}")
+    wb = wandb_records(folder)
+    history = wandb_history(wb)
+    logged = [(h["trainer/step"], h["step/loss"]) for h in history if "step/loss" in h]
+    assert logged == [(r["step"], pytest.approx(r["loss"])) for r in steps]
+    assert [h["epoch/val/ema_avg_top1"] for h in history if "epoch/val/ema_avg_top1" in h] == [
+        pytest.approx(last["val/ema_avg_top1"])]
+    (wbrun,) = wb["run"]
+    config = {i.key: json.loads(i.value_json) for i in wbrun.run.config.update}
+    assert config["model"]["name"] == "deit_tiny_distilled_patch16_224"
+    assert wbrun.run.project == "ship-test" and wbrun.run.display_name == run.name
+    artifacts = {a.artifact.name: a.artifact for a in wb["artifact"]}
+    assert set(artifacts) == {f"model-{ids['wandb']}", f"model_ema-{ids['wandb']}"}
+    for artifact in artifacts.values():
+        assert artifact.type == "model"
+        assert {e.path for e in artifact.manifest.contents} >= {"model.safetensors", "config.json", "README.md"}
+    assert [r.exit.exit_code for r in wb["exit"]] == [0]
 
 
 def test_a_resumed_run_continues_the_tracker_run_and_a_failing_tracker_only_warns(trained, monkeypatch):
+    """What a resumed launch's logger does (fastdeit.metrics.RunLogger over the same run dir):
+    both trackers continue the run whose id the run dir kept; when a tracker's service then
+    fails, it warns once and stops, and log.jsonl and the other tracker go on."""
     from mlflow.tracking import MlflowClient
 
     from fastdeit.metrics import LoggingConfig, RunLogger
@@ -197,22 +257,41 @@ def test_a_resumed_run_continues_the_tracker_run_and_a_failing_tracker_only_warn
     run, trainer = trained
     uri = trainer.logger.cfg.mlflow.uri
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     before = json.loads((run / "trackers.json").read_text())
-    cfg = LoggingConfig(mlflow=TrackerConfig(enabled=True, uri=uri, project="ship-test"))
+    cfg = LoggingConfig(wandb=TrackerConfig(enabled=True, project="ship-test"),
+                        mlflow=TrackerConfig(enabled=True, uri=uri, project="ship-test"))
     warnings = []
     logger = RunLogger(cfg, str(run), True)
     logger.info = warnings.append
-    logger.trackers[0].warn = warnings.append
-    assert json.loads((run / "trackers.json").read_text())["mlflow"] == before["mlflow"]   # the same run
+    wandb_tracker, mlflow_tracker = logger.trackers
+    assert (wandb_tracker.name, mlflow_tracker.name) == ("wandb", "mlflow")
+    for tracker in logger.trackers:
+        tracker.warn = warnings.append
+    assert json.loads((run / "trackers.json").read_text()) == before                       # the same runs
+    assert wandb_tracker.run.id == before["wandb"]
     assert MlflowClient(tracking_uri=uri).get_run(before["mlflow"]).info.status == "RUNNING"
+    logger.record("step", 99, {"loss": 2.0})                     # both trackers up
 
     def down(*args, **kwargs):
         raise ConnectionError("network is unreachable")
 
-    logger.trackers[0].client.log_batch = down
+    mlflow_tracker.client.log_batch = down
     lines = len((run / "log.jsonl").read_text().splitlines())
     for step in (100, 101):
         logger.record("step", step, {"loss": 1.0})
     assert len((run / "log.jsonl").read_text().splitlines()) == lines + 2      # log.jsonl goes on
     assert len(warnings) == 1 and "mlflow failed in log" in warnings[0] and "training goes on" in warnings[0]
-    logger.close()          # the tracker is off: no further calls, no error
+    wandb_tracker.run.log = down
+    logger.record("step", 102, {"loss": 0.5})
+    assert len(warnings) == 2 and "wandb failed in log" in warnings[1]
+    logger.close()          # both trackers are off: no further calls, no error
+    history = [(m.step, m.value) for m in MlflowClient(tracking_uri=uri).get_metric_history(before["mlflow"], "step/loss")]
+    assert (99, 2.0) in history and (100, 1.0) not in history
+    # W&B: the resumed launch wrote a second offline folder of the same run, holding what it
+    # logged before its service failed (`wandb sync` appends it to the first).
+    folders = sorted((run / "wandb").glob(f"offline-run-*-{before['wandb']}"))
+    assert len(folders) == 2
+    logged = [(h["trainer/step"], h["step/loss"]) for h in wandb_history(wandb_records(folders[-1])) if "step/loss" in h]
+    assert logged == [(99, 2.0), (100, 1.0), (101, 1.0)]
