@@ -379,6 +379,11 @@ def _git(*args: str) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def commit() -> Optional[str]:
+    """This checkout's commit, short (None outside a git checkout)."""
+    return _git("rev-parse", "--short=12", "HEAD")
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -425,7 +430,7 @@ def base_record(benchmark: str, device: torch.device, argv: Sequence[str]) -> Di
         "benchmark": benchmark,
         "date": now.date().isoformat(),
         "time": now.isoformat(timespec="seconds"),
-        "commit": _git("rev-parse", "--short=12", "HEAD"),
+        "commit": commit(),
         "dirty": bool(dirty) if dirty is not None else None,
         "command": " ".join(["python", "-m", f"benchmarks.{benchmark}", *map(shlex.quote, argv)]),
         "hardware": hardware(device),

@@ -42,7 +42,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -53,7 +52,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import pick_device  # noqa: E402
+from benchmarks.common import commit, hardware, pick_device, software  # noqa: E402
 from fastdeit import threads  # noqa: E402
 from fastdeit.data import DataConfig, build_loader  # noqa: E402
 from fastdeit.data.augment.mixing import BatchMixer, MixingConfig  # noqa: E402
@@ -294,28 +293,6 @@ def steady(rates):
     return statistics.median(rates[1:]) if len(rates) > 1 else rates[0]
 
 
-def hardware(device):
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cores": os.cpu_count()}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                           if line.startswith("Model name"))
-    except Exception:
-        info["cpu"] = platform.processor()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="folder holding train/<class>/*.jpg, or a "
@@ -407,7 +384,7 @@ def main(argv=None):
     kind = "gpu" if device.type == "cuda" else "cpu"
     date = datetime.date.today().isoformat()
     record = {
-        "date": date, "commit": commit(), "hardware": hardware(device),
+        "date": date, "commit": commit(), "hardware": hardware(device), "software": software(),
         "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
         "args": {k: v for k, v in vars(args).items()
                  if k not in ("budget", "context_switches", "shard_switches", "epochwise_switches")},
@@ -424,7 +401,7 @@ def main(argv=None):
                           run["shards_over_folder"] for run in runs))
     lines = [
         f"# Data-path throughput, {kind.upper()} ({date}, commit {record['commit']})", "",
-        f"Hardware: {record['hardware'].get('cpu')} ({record['hardware']['cores']} cores)"
+        f"Hardware: {record['hardware'].get('cpu')} ({record['hardware']['cpu_cores']} cores)"
         + (f", {record['hardware']['gpu']}" if "gpu" in record["hardware"] else ""), "",
         f"Command: `{record['command']}`", "",
         "| loader | img/s per epoch (each repeat) | steady img/s (median) | CPU ms per image | cores busy |",

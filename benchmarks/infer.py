@@ -220,7 +220,7 @@ def measure(spec: Spec, args, device: torch.device, dtype: torch.dtype, peak: "c
                     raise
                 del x
                 batch //= 2                     # the largest batch that fits: halve and retry
-                print_flush(f"  {spec.name}: out of memory, batch {batch * 2} -> {batch}")
+                common.print_flush(f"  {spec.name}: out of memory, batch {batch * 2} -> {batch}")
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         mfu = timing["img_per_sec"] * gflops * 1e9 / peak.flops if peak.flops else None
         rows.append({
@@ -230,7 +230,7 @@ def measure(spec: Spec, args, device: torch.device, dtype: torch.dtype, peak: "c
             "mfu": mfu, "peak_mem_gib": peak_mem, "build_s": build_s, **timing,
             "top1": spec.top1, "top1_source": spec.source, "paper_img_per_sec_v100": spec.paper_img_s,
         })
-        print_flush(f"  {spec.label:<16} {side:<8} {img_size} px, batch {batch}: "
+        common.print_flush(f"  {spec.label:<16} {side:<8} {img_size} px, batch {batch}: "
                     f"{timing['img_per_sec']:,.1f} img/s ({timing['ms_per_batch']:,.1f} ms/batch"
                     + (f", first call {timing['first_call_s']:.1f} s" if side == "compiled" else "") + ")")
     del model
@@ -243,10 +243,6 @@ def common_dtype(dtype: torch.dtype) -> str:
     from fastdeit.flops import dtype_name
 
     return dtype_name(dtype)
-
-
-def print_flush(*args) -> None:
-    print(*args, flush=True)
 
 
 # --------------------------------------------------------------------------- ratios, tables, figure
@@ -312,7 +308,7 @@ def markdown(record: Dict[str, Any]) -> str:
         "",
         common.markdown_table(
             ["model", "px", "batch", "dtype", "eager img/s", "compiled img/s", "compile", "GFLOPs/img", "MFU",
-             "top-1 (paper)", f"img/s / {ref_label}", f"same, paper (V100)"], table),
+             "top-1 (paper)", f"img/s / {ref_label}", "same, paper (V100)"], table),
         "",
         f"Top-1 is the paper's, not measured here (random weights): {TABLE}. The last column divides the "
         f"paper's V100 throughputs the same way: ratios, not absolute figures, compare across devices.",
@@ -437,12 +433,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         top1_table={s.name: {"label": s.label, "top1": s.top1, "source": s.source, "img_size": s.img_size,
                              "paper_img_per_sec_v100": s.paper_img_s} for s in specs},
         rows=[], ratios=[], skipped=[], partial=True)
-    print_flush(f"infer: {len(specs)} models on {device} in {chosen.name} ({chosen.why}); "
+    common.print_flush(f"infer: {len(specs)} models on {device} in {chosen.name} ({chosen.why}); "
                 f"batch up to {args.batch_cap}, compile {args.compile}")
     for i, spec in enumerate(specs):
         if args.budget is not None and time.perf_counter() - start > args.budget:
             record["skipped"] = [s.name for s in specs[i:]]
-            print_flush(f"budget of {args.budget:g} s spent: not measured: {', '.join(record['skipped'])}")
+            common.print_flush(f"budget of {args.budget:g} s spent: not measured: {', '.join(record['skipped'])}")
             break
         record["rows"] += measure(spec, args, device, chosen.dtype, peak)
         record["ratios"] = ratios(record["rows"])
@@ -451,14 +447,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     record["wall_s"] = time.perf_counter() - start
     record["ratios"] = ratios(record["rows"])
     text = markdown(record)
-    print_flush(text)
+    common.print_flush(text)
     stem = common.result_stem(record, device, args.name)
     paths = common.write_record(record, text, Path(args.out), stem)
     paths["png"] = figure(record, Path(args.out) / f"{stem}.png")
     if args.readme:
         common.update_readme(Path(args.readme), "infer", text)
     record["files"] = {k: str(v) for k, v in paths.items()}
-    print_flush("wrote " + ", ".join(str(p) for p in paths.values()))
+    common.print_flush("wrote " + ", ".join(str(p) for p in paths.values()))
     return record
 
 
