@@ -231,8 +231,8 @@ def measure(spec: Spec, args, device: torch.device, dtype: torch.dtype, peak: "c
             "top1": spec.top1, "top1_source": spec.source, "paper_img_per_sec_v100": spec.paper_img_s,
         })
         common.print_flush(f"  {spec.label:<16} {side:<8} {img_size} px, batch {batch}: "
-                    f"{timing['img_per_sec']:,.1f} img/s ({timing['ms_per_batch']:,.1f} ms/batch"
-                    + (f", first call {timing['first_call_s']:.1f} s" if side == "compiled" else "") + ")")
+                           f"{timing['img_per_sec']:,.1f} img/s ({timing['ms_per_batch']:,.1f} ms/batch"
+                           + (f", first call {timing['first_call_s']:.1f} s" if side == "compiled" else "") + ")")
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -434,7 +434,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                              "paper_img_per_sec_v100": s.paper_img_s} for s in specs},
         rows=[], ratios=[], skipped=[], partial=True)
     common.print_flush(f"infer: {len(specs)} models on {device} in {chosen.name} ({chosen.why}); "
-                f"batch up to {args.batch_cap}, compile {args.compile}")
+                       f"batch up to {args.batch_cap}, compile {args.compile}")
     for i, spec in enumerate(specs):
         if args.budget is not None and time.perf_counter() - start > args.budget:
             record["skipped"] = [s.name for s in specs[i:]]

@@ -68,3 +68,31 @@ def test_cli_writes_record_and_figure(tmp_path):
     md = path.with_suffix(".md").read_text()
     assert "| DeiT-Ti | 32 | 2 | fp32 |" in md and "| ResNet-50 | 32 | 2 | fp32, NHWC |" in md
     assert path.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_compiled_side_beside_eager(tmp_path, monkeypatch):
+    """--compile both: each model eager, then through torch.compile at the same batch, with the
+    compile speed-up, the table's compiled column and the figure drawn from the faster side.
+    torch.compile runs with dynamo's eager backend here (the rows, ratios and record of the
+    compiled side, without inductor's C++ build); inductor's own speed-up on this CPU is a
+    record in benchmarks/results (python -m benchmarks.infer --compile both)."""
+    import pytest
+    import torch
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager", **kw))
+    try:
+        record = infer.main(["--models", "deit_tiny_patch16_224", "--img-size", "32", "--batch-cap", "2",
+                             "--compile", "both", "--warmup", "1", "--seconds", "0.1", "--precision", "fp32",
+                             "--out", str(tmp_path), "--name", "c"])
+    finally:
+        torch._dynamo.reset()
+    eager, compiled = record["rows"]
+    assert (eager["side"], compiled["side"]) == ("eager", "compiled") and compiled["batch"] == eager["batch"] == 2
+    assert compiled["first_call_s"] > 0 and compiled["img_per_sec"] > 0
+    (speedup,) = [r for r in record["ratios"] if r["kind"] == "compile_speedup"]
+    assert speedup["ours"] == pytest.approx(compiled["img_per_sec"] / eager["img_per_sec"])
+    md = Path(record["files"]["md"]).read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| DeiT-Ti |"))
+    assert f"| {infer.common.fmt(compiled['img_per_sec'])} |" in row and f"{speedup['ours']:.2f}x" in row
+    assert Path(record["files"]["png"]).read_bytes().startswith(PNG_MAGIC)
