@@ -124,3 +124,13 @@ def test_zero3_reshards_to_one_rank(dataset, teacher, full):
     assert all(torch.equal(e12[k], e13[k]) for k in e12)
     m12, m13 = fp32_state_dict(before), fp32_state_dict(after)
     assert m12.keys() == m13.keys() and not torch.equal(m12["head.weight"], m13["head.weight"])
+    # The masters carried over: step 13 moved each weight by one AdamW step from step 12's, at
+    # most lr * (max |m^/sqrt(v^)| + wd |w|); with betas (0.9, 0.999) at step 13 the moment
+    # ratio is below 1.2 whatever the gradients (Cauchy-Schwarz over the moments' sums). A
+    # fresh start (or the masters of another rank's piece) would be off by the weights' scale.
+    cfg13 = load_config(run / "config.yaml")
+    lr13 = {r["step"]: r["lr"] for r in records(run, "step")}[13]
+    for k in m12:
+        moved = (m13[k].double() - m12[k].double()).abs().max().item()
+        bound = lr13 * (1.2 + cfg13.optim.weight_decay * m12[k].abs().max().item())
+        assert moved <= bound, (k, moved, bound)
