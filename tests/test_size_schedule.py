@@ -244,19 +244,26 @@ def test_compiled_student_gets_one_static_graph_per_size(dataset, tmp_path, monk
     attempt, which timm's PatchEmbed would pin anyway), none falling back to eager at dynamo's
     default limit of 8, and a 12th shape an error rather than a silent eager run from then on."""
     from deepspeed.runtime.engine import DeepSpeedEngine
-    from torch._dynamo.utils import counters
-
-    from fastdeit import distributed
-    from fastdeit.build import build_trainer
-    from tests.launching import TINY
 
     # What is counted is dynamo's capture and its guards; inductor's code generation for 11
     # graphs would take minutes on this CPU and changes neither.
     real = DeepSpeedEngine.compile
     monkeypatch.setattr(DeepSpeedEngine, "compile",
                         lambda self, backend=None, compile_kwargs={}, **kw: real(self, "eager", compile_kwargs, **kw))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
+    # dynamo's own patch, which restores the values on leaving: monkeypatch would find no
+    # attribute in the config module's __dict__ and delete it on undo, which hides the setting
+    # from dynamo itself ("recompile_limit does not exist") in every later test's compile.
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False):
+        _one_graph_per_size(dataset, tmp_path)
+
+
+def _one_graph_per_size(dataset, tmp_path):
+    from torch._dynamo.utils import counters
+
+    from fastdeit import distributed
+    from fastdeit.build import build_trainer
+    from tests.launching import TINY
+
     sizes = [32 + 8 * i for i in range(11)]
     schedule = "[" + ",".join(f"[{e},{s}]" for e, s in enumerate(sizes)) + "]"
     cfg = load_config(None, [*TINY, f"data.root={dataset}", f"trainer.run_dir={tmp_path}",
