@@ -183,6 +183,11 @@ def test_export_eval_and_finetune(dataset, teacher, uninterrupted, tmp_path):
     # The exact-resume tests' reference run (distilled, with an EMA, evaluated at its end): read
     # here, never written to except eval.py's eval_ema.json beside it.
     run = uninterrupted
+    # The model card the run ended with names the launch that trained it (train.py's own
+    # command line, recorded by rank 0 as it started).
+    card = (run / "model" / "README.md").read_text()
+    command = card.split("## Command", 1)[1]
+    assert "launch/train.py" in command and f"trainer.run_dir={run}" in command, command
     out = tmp_path / "exported.pth"
     launch(str(run), "--out", str(out), script="export.py", tiny=False, ranks=1)
     recipe = json.loads(out.with_name("exported.pth.json").read_text())
