@@ -13,8 +13,9 @@ number of loader workers:
              (on the GPU when there is one), batched RandAugment rand-m9-mstd0.5-inc1 and
              normalise, repeated augmentation x3, then BatchMixer on the device (random
              erasing, Mixup/CutMix, label smoothing) and fastdeit's engine step
-             (benchmarks/variants.py: the trainer's own step, ZeRO --zero-stage, bf16): the student alone, or with
-             --teacher the distilled student and the frozen channels-last bf16 teacher.
+             (benchmarks/variants.py: the trainer's own step, ZeRO --zero-stage, in --precision:
+             auto = bf16 where the device runs it natively, else fp32): the student alone, or
+             with --teacher the distilled student and the frozen channels-last teacher.
   baseline   torchvision ImageFolder + PIL + timm.data.create_transform with DeiT's settings
              (RandomResizedCrop bicubic, flip, RandAugment, random erasing 0.25 'pixel', in
              the workers), a DataLoader with the same number of worker processes and pinned
@@ -51,7 +52,8 @@ import torch
 
 from benchmarks import common
 from benchmarks.common import opt
-from benchmarks.variants import SIZES, DeiTReferenceStep, FastdeitStep, Setup, StepSettings, ViTRecipeStep, reference_amp
+from benchmarks.variants import (SIZES, DeiTReferenceStep, FastdeitStep, Setup, StepSettings, ViTRecipeStep,
+                                 bench_precision)
 from fastdeit.data import DataConfig, build_loader, scan_image_folder
 
 DEFAULT_DATA = common.ROOT / "data" / "bench-synthetic"
@@ -74,8 +76,11 @@ class E2ESettings:
     teacher: str = opt("none", "a timm model name: distilled DeiT (the student's distillation token, hard "
                        "distillation) against the DeiT reference step; none: the student alone")
     teacher_kwargs: Dict[str, Any] = opt({}, "JSON of extra timm args for the teacher")
+    precision: str = opt("auto", "both sides' compute dtype: bf16 or fp32; auto as the trainer's "
+                          "engine.precision (bf16 where the device runs it natively, else fp32)",
+                          choices=["auto", "bf16", "fp32"])
     ref_amp: str = opt("auto", "with --teacher, the reference step's autocast dtype; auto: fp16 on GPU (as "
-                       "published), bf16 on CPU", choices=["auto", "fp16", "bf16"])
+                       "published), else --precision's", choices=["auto", "fp16", "bf16"])
     ds_config: Dict[str, Any] = opt({}, "JSON merged into fastdeit's DeepSpeed config")
     sides: List[str] = opt(["fastdeit", "baseline"], choices=["fastdeit", "baseline"])
 
@@ -88,7 +93,8 @@ class E2ESettings:
         return StepSettings(
             model=self.model, model_kwargs=self.model_kwargs, batch=self.batch, img_size=[self.img_size],
             classes=num_classes, teacher=self.teacher, teacher_kwargs=self.teacher_kwargs, mixing=True,
-            ds_config=self.ds_config, compile="on" if self.compile else "off", ref_amp=self.ref_amp)
+            ds_config=self.ds_config, compile="on" if self.compile else "off", precision=self.precision,
+            ref_amp=self.ref_amp)
 
 
 @dataclass
@@ -144,22 +150,20 @@ class Side:
             gpu = getattr(getattr(self.loader, "placement", None), "gpu", False)
             self.about = (f"DALI {'GPU' if gpu else 'CPU'} placement ({args.workers} DALI threads"
                           f"{'' if gpu else f', {args.workers} host threads'}) + repeated aug x3 + "
-                          f"BatchMixer on {device.type} + DeepSpeed ZeRO-{args.zero_stage} bf16 step"
-                          + (f", distilled student + frozen bf16 channels_last {args.teacher} teacher"
+                          f"BatchMixer on {device.type} + DeepSpeed ZeRO-{args.zero_stage} {self.variant.compute_dtype} step"
+                          + (f", distilled student + frozen {self.variant.compute_dtype} channels_last {args.teacher} teacher"
                              if self.distilled else ""))
-            self.compute_dtype = "bf16"
         else:
             loader = (f"ImageFolder + PIL + timm DeiT transform, DataLoader ({args.workers} worker "
                       f"processes{', pinned' if device.type == 'cuda' else ''}) + timm Mixup + ")
             if self.distilled:
                 self.variant = DeiTReferenceStep(self.setup)
-                self.compute_dtype = reference_amp(args.ref_amp, device)
-                self.about = loader + (f"DeiT reference step ({self.compute_dtype} autocast + GradScaler, fp32 NCHW "
+                self.about = loader + (f"DeiT reference step ({self.variant.compute_dtype}"
+                                       f"{' autocast' if self.variant.amp_dtype else ''} + GradScaler, fp32 NCHW "
                                        f"{args.teacher} teacher, loss.item() + sync every step)")
             else:
                 self.variant = ViTRecipeStep(self.setup, mixup=True, compiled=args.compile)
-                self.compute_dtype = "bf16"
-                self.about = loader + "plain autocast bf16 loop"
+                self.about = loader + ("plain autocast bf16 loop" if self.setup.autocast else "plain fp32 loop")
         self.per_epoch = len(self.loader)
         self.epoch, self.left, self.batches = -1, 0, None
         self.step_ms: List[float] = []
@@ -275,7 +279,7 @@ def side_rows(runs: common.Interleaved) -> List[Dict[str, Any]]:
             "images": side.images, "ms_per_step": common.summarize(side.step_ms)["median"],
             "data_wait": min(side.waited / side.wall, 1.0),
             "peak_mem_gib": runs.peak_mem_gib(side.name),
-            "flops_per_image": side.variant.flops_per_image, "compute_dtype": side.compute_dtype,
+            "flops_per_image": side.variant.flops_per_image, "compute_dtype": side.variant.compute_dtype,
             "distilled": side.distilled,
             "tflops_per_sec": rate * side.variant.flops_per_image / 1e12,
             "steps_timed": len(side.step_ms), "num_classes": side.num_classes,
@@ -394,7 +398,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     device, record = common.start_run("e2e", cli.run, argv)   # commit and time as the run starts
     ensure_data(args)
     with common.world_of_one():
-        peak = common.PeakFlops(device, cli.run.peak_tflops, torch.bfloat16)     # both sides train in bf16
+        chosen = bench_precision(args.precision, device)
+        peak = common.PeakFlops(device, cli.run.peak_tflops, chosen.dtype)     # both sides train in this dtype
+        common.print_flush(f"precision: {chosen.name} ({chosen.why})")
         common.print_flush(f"e2e benchmark on {device}: {args.data}, deit_{SIZES[args.model]} at {args.img_size}px, "
                            f"batch {args.batch}, {args.workers} workers")
         rows = measure(cli, device, peak, on_round=lambda rows, done: common.write_partial(
@@ -427,6 +433,7 @@ def fill_record(record: Dict[str, Any], cli: E2ERun, peak: common.PeakFlops,
                   "zero_stage": args.zero_stage, "compile": args.compile,
                   "ds_config": json.dumps(args.ds_config) if args.ds_config else None,
                   "teacher": args.teacher, "teacher_kwargs": args.teacher_kwargs,
+                  "precision": peak.record().get("dtype"),
                   "warmup": rd.warmup, "steps": rd.steps, "rounds": rd.rounds, "rewarm": rd.rewarm,
                   "classes": rows[0]["num_classes"],
                   "train_images": record.get("settings", {}).get("train_images")

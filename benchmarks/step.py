@@ -4,6 +4,9 @@
     python -m benchmarks.step --model ti --batch 32 --zero-stage 0 1 2        # this repo's CPU record
 
 Synthetic batches already on the device (no data loading; see benchmarks/e2e.py for that).
+Every variant computes in one precision, ``--precision`` (auto as the trainer's
+engine.precision: bf16 where the device runs it natively, else fp32; "bf16" below is that
+precision, and in fp32 the plain loops and baseline B run without autocast).
 Variants, all at the same model size, batch and resolution:
 
   fastdeit[zN]          the trainer's own step (fastdeit.build's parts run by fastdeit.step,
@@ -32,15 +35,15 @@ Variants, all at the same model size, batch and resolution:
   B:deit-reference      the step as published with DeiT: distilled student, fp16 autocast with a
                         GradScaler, loss.item() and a device synchronize every step, the teacher
                         in fp32 NCHW under the same autocast, unfused (per-parameter) AdamW.
-                        On CPU the autocast dtype is bf16, since CPUs without fp16 matmul units
-                        run fp16 hundreds of times slower, which would measure nothing useful.
+                        On CPU the autocast dtype is the run's precision, since CPUs without
+                        fp16 matmul units run fp16 hundreds of times slower, which would measure
+                        nothing useful.
 
 Per variant: images/sec and ms/step (median over the timed steps after warm-up; CUDA events
 on GPU, perf_counter on CPU), the forward / backward / optimizer split, peak memory (GPU), and
 MFU from FLOPs counted with torch's FLOP counter (fastdeit.flops) against the peak training
-runs use (fastdeit.flops.peak_flops, in bf16): --peak-tflops, else a known GPU's data-sheet dense
-bf16 figure, else a bf16 matmul measured on the benchmark's threads (the fp32 units' rate on a
-CPU without native bf16). Variants run interleaved in rounds (a few steps of each, rotating the
+runs use (fastdeit.flops.peak_flops, in the run's precision): --peak-tflops, else a known GPU's
+data-sheet dense figure for it, else a matmul in it measured on the benchmark's threads. Variants run interleaved in rounds (a few steps of each, rotating the
 order) so that drifting clocks and noisy neighbours hit all of them alike. ``--compile both``
 builds every variant but baseline B twice, eager and compiled (named ``...+compile``), so the
 two are measured in the same run.
@@ -275,12 +278,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     cli = parse_args(argv)
     st = cli.settings
     device, record = common.start_run("step", cli.run, argv)   # commit and time as the run starts
-    for stage in st.zero_stage:                                  # what the trainer refuses, refused here too
-        engine_lib.check_device(engine_lib.EngineConfig(zero_stage=stage, precision="bf16"), torch.bfloat16, device)
     s = Setup(st, device)
+    for stage in st.zero_stage:                                  # what the trainer refuses, refused here too
+        engine_lib.check_device(engine_lib.EngineConfig(zero_stage=stage, precision=s.precision.name),
+                                s.precision.dtype, device)
     try:
         with common.world_of_one():
-            peak = common.PeakFlops(device, cli.run.peak_tflops, torch.bfloat16)     # the variants' dtype
+            peak = common.PeakFlops(device, cli.run.peak_tflops, s.precision.dtype)     # the variants' dtype
+            common.print_flush(f"precision: {s.precision.name} ({s.precision.why})")
             common.print_flush(f"step benchmark on {device}: {s.student} family at "
                                f"{'/'.join(map(str, st.img_size))}px, batch {st.batch}")
             rows, run_peak = measure(s, cli.rounds, peak, on_round=lambda rows, done: common.write_partial(
@@ -305,7 +310,8 @@ def fill_record(record: Dict[str, Any], cli: StepRun, s: Setup, device: torch.de
                   "native_size": s.native_size, "classes": st.classes,
                   "zero_stage": st.zero_stage, "compile": st.compile, "compile_mode": st.compile_mode,
                   "teacher": st.teacher, "teacher_kwargs": s.teacher_kwargs, "teacher_format": st.teacher_format,
-                  "mixing": st.mixing, "ref_amp": reference_amp(st.ref_amp, device),
+                  "mixing": st.mixing, "precision": s.precision.name, "precision_why": s.precision.why,
+                  "ref_amp": reference_amp(st.ref_amp, device, s.precision.name),
                   "ds_config": json.dumps(st.ds_config) if st.ds_config else None,
                   "warmup": rd.warmup, "steps": rd.steps, "rewarm": rd.rewarm, "rounds": rd.rounds},
         peak=peak.record(),
@@ -317,7 +323,7 @@ def fill_record(record: Dict[str, Any], cli: StepRun, s: Setup, device: torch.de
     record["partial"] = rounds_done < rd.rounds
     if device.type != "cuda":
         record["notes"] = ["Peak memory per variant is GPU-only (n/a on CPU; the run's max RSS is above). "
-                           "Baseline B autocasts to bf16 on CPU: "
+                           f"Baseline B autocasts to the run's precision ({s.precision.name}) on CPU: "
                            "fp16 matmuls have no fast CPU path, so as published (fp16) it would measure emulation."]
     return record
 

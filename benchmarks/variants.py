@@ -27,7 +27,7 @@ from torch import nn
 
 from benchmarks import common
 from benchmarks.common import opt
-from fastdeit import build, flops as flops_lib
+from fastdeit import build, flops as flops_lib, precision as precision_lib
 from fastdeit.config import Config
 from fastdeit.data.config import DataConfig
 from fastdeit.data.augment.mixing import BatchMixer, MixingConfig
@@ -68,7 +68,10 @@ class StepSettings:
     teacher_format: str = opt("channels_last", "memory format of fastdeit's teacher (baseline B's is always NCHW)",
                                choices=["channels_last", "contiguous"])
     mixing: bool = opt(False, "Mixup/CutMix (+ erasing for fastdeit) inside the step")
-    ref_amp: str = opt("auto", "baseline B's autocast dtype; auto: fp16 on GPU (as published), bf16 on CPU",
+    precision: str = opt("auto", "what every variant computes in: bf16 or fp32; auto as the trainer's "
+                          "engine.precision (fastdeit.precision: bf16 where the device runs it natively, else fp32)",
+                          choices=["auto", "bf16", "fp32"])
+    ref_amp: str = opt("auto", "baseline B's autocast dtype; auto: fp16 on GPU (as published), else --precision's",
                         choices=["auto", "fp16", "bf16"])
     variants: List[str] = opt(["fastdeit", "fastdeit-student", "bare", "baseline-a", "baseline-b"], choices=KINDS)
     ds_config: Dict[str, Any] = opt({}, "JSON merged into fastdeit's DeepSpeed config (engine.deepspeed), e.g. "
@@ -96,6 +99,9 @@ class Setup:
     def __init__(self, settings: StepSettings, device: torch.device):
         st = self.settings = settings
         self.device = device
+        # One compute dtype for every variant (baseline B on a GPU aside: fp16 as published).
+        self.precision = bench_precision(st.precision, device)
+        self.autocast = self.precision.dtype if self.precision.name == "bf16" else None
         self.batch = st.batch
         self.img_size = st.img_size[0]
         self.native_size: Optional[int] = None     # None: one size, static models
@@ -159,7 +165,8 @@ class Setup:
 
     def fastdeit_config(self, stage: int, distill: bool, ds_defaults: bool = False, compiled: bool = False,
                         ema: bool = False, lamb: bool = False) -> Config:
-        """The run config whose step a fastdeit variant builds: the recipe's defaults, bf16, at
+        """The run config whose step a fastdeit variant builds: the recipe's defaults, in the
+        setup's precision, at
         this view's size (a one-entry data.size_schedule when several sizes run, so the
         student is native-sized and dynamic as in training), global batch = one step's."""
         st = self.settings
@@ -176,10 +183,10 @@ class Setup:
             mixing=self.mixing, model=model,
             teacher=TeacherConfig(name=st.teacher, weights=self.teacher_weights() if distill else None,
                                   kwargs=dict(self.teacher_kwargs), channels_last=st.teacher_format == "channels_last",
-                                  dtype="bf16", compile=compiled, compile_mode=st.compile_mode),
+                                  dtype=self.precision.name, compile=compiled, compile_mode=st.compile_mode),
             distill=DistillConfig(type="hard" if distill else "none"),
             optim=OptimConfig(name="lamb") if lamb else OptimConfig(),
-            engine=EngineConfig(global_batch_size=self.batch, zero_stage=stage, precision="bf16",
+            engine=EngineConfig(global_batch_size=self.batch, zero_stage=stage, precision=self.precision.name,
                                 gradient_clipping=deit3_clipping() if lamb else 0.0, deepspeed=overrides),
             ema=EmaConfig(decay=0.99996) if ema else EmaConfig())
 
@@ -239,7 +246,8 @@ class FastdeitStep(Variant):
         self.compiled = compiled or wrap
         self.name = f"{self.kind}[z{stage}]" + ("+compile" if compiled and not wrap else "") + s.tag
         mode = s.settings.compile_mode
-        self.about = (f"DeepSpeed ZeRO-{stage} bf16, {'distilled student + frozen bf16 ' + s.settings.teacher_format + ' teacher, hard distillation' if distill else 'student alone'}"
+        dtype = self.compute_dtype = s.precision.name
+        self.about = (f"DeepSpeed ZeRO-{stage} {dtype}, {f'distilled student + frozen {dtype} ' + s.settings.teacher_format + ' teacher, hard distillation' if distill else 'student alone'}"
                       f"{', Mixup/CutMix + erasing' if s.settings.mixing else ''}"
                       f"{', DeepSpeed defaults: overflow check + grad norm every step' if ds_defaults else ''}"
                       f"{', model EMA (decay 0.99996) updated every step' if ema else ''}"
@@ -269,14 +277,17 @@ class FastdeitStep(Variant):
 
 
 class BareStep(Variant):
-    """The same student and optimizer in the plainest PyTorch loop: autocast bf16, no engine."""
+    """The same student and optimizer in the plainest PyTorch loop: autocast bf16 (or plain
+    fp32), no engine."""
 
     kind = "bare"
 
     def __init__(self, s: Setup, compiled: bool = False):
         self.compiled = compiled
         self.name = "bare-student" + ("+compile" if compiled else "") + s.tag
-        self.about = ("plain PyTorch loop: same student and optimizer, autocast bf16 over fp32 weights"
+        self.compute_dtype = s.precision.name
+        self.about = ("plain PyTorch loop: same student and optimizer, "
+                      + ("autocast bf16 over fp32 weights" if s.autocast else "fp32")
                       + (f", torch.compile ({s.settings.compile_mode})" if compiled else ""))
         self.s = s
         model = build_student(s.student_config(s.student), num_classes=s.num_classes, **s.student_size()).to(s.device)
@@ -288,7 +299,7 @@ class BareStep(Variant):
             s.images.clone(), s.labels)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        with torch.autocast(self.s.device.type, dtype=torch.bfloat16):
+        with autocast(self.s):
             outputs = self.model(images)
         self.loss, _ = self.criterion(outputs, self.targets)    # the labels' smoothed one-hot
 
@@ -301,7 +312,7 @@ class BareStep(Variant):
 
 
 class ViTRecipeStep(Variant):
-    """Baseline A: timm ViT, autocast bf16, torch AdamW (its default implementation).
+    """Baseline A: timm ViT, autocast bf16 (or plain fp32), torch AdamW (its default implementation).
 
     With ``mixup`` (the end-to-end baseline), timm's Mixup/CutMix with DeiT's settings and a
     soft-target cross entropy, as timm's train.py does it; otherwise cross entropy with label
@@ -313,7 +324,8 @@ class ViTRecipeStep(Variant):
     def __init__(self, s: Setup, mixup: bool = False, compiled: bool = False):
         self.compiled = compiled
         self.name = "A:vit-recipe" + ("+compile" if compiled else "") + s.tag
-        self.about = (f"timm {s.vit}, plain loop, autocast bf16, torch AdamW (default impl), "
+        self.compute_dtype = s.precision.name
+        self.about = (f"timm {s.vit}, plain loop, {'autocast bf16' if s.autocast else 'fp32'}, torch AdamW (default impl), "
                       + ("timm Mixup/CutMix + soft-target CE" if mixup else "CE + smoothing")
                       + (f", torch.compile ({s.settings.compile_mode})" if compiled else ""))
         self.s = s
@@ -333,7 +345,7 @@ class ViTRecipeStep(Variant):
         targets = labels
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
-        with torch.autocast(self.s.device.type, dtype=torch.bfloat16):
+        with autocast(self.s):
             outputs = self.model(images)
             self.loss = self.criterion(outputs, targets)
 
@@ -352,11 +364,12 @@ class DeiTReferenceStep(Variant):
 
     def __init__(self, s: Setup):
         self.s = s
-        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[reference_amp(s.settings.ref_amp, s.device)]
-        amp = self.compute_dtype = "fp16" if self.amp_dtype == torch.float16 else "bf16"
+        amp = self.compute_dtype = reference_amp(s.settings.ref_amp, s.device, s.precision.name)
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)      # None: fp32
         self.name = f"B:deit-reference{s.tag}"
-        self.about = (f"as published: {amp} autocast + GradScaler, loss.item() + sync every step, "
-                      f"fp32 NCHW teacher under autocast, unfused AdamW"
+        self.about = (f"as published: {amp + ' autocast' if self.amp_dtype else 'fp32'} + GradScaler, "
+                      f"loss.item() + sync every step, "
+                      f"fp32 NCHW teacher{' under autocast' if self.amp_dtype else ''}, unfused AdamW"
                       f"{', Mixup/CutMix' if s.settings.mixing else ''}")
         model = timm.create_model(s.distilled, img_size=s.img_size, num_classes=s.num_classes, drop_path_rate=0.1,
                                   **s.model_kwargs).to(s.device)
@@ -377,7 +390,7 @@ class DeiTReferenceStep(Variant):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         images, targets = self.mixup(images, labels)
-        with torch.autocast(self.s.device.type, dtype=self.amp_dtype):
+        with torch.autocast(self.s.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             outputs = self.model(images)
             with torch.no_grad():
                 teacher_logits = self.teacher(images)
@@ -414,10 +427,23 @@ def timm_mixup(num_classes: int, enabled: bool) -> Mixup:
                  num_classes=num_classes)
 
 
-def reference_amp(choice: str, device: torch.device) -> str:
+def reference_amp(choice: str, device: torch.device, precision: str = "bf16") -> str:
+    """Baseline B's autocast dtype: fp16 on a GPU as published (auto), else the run's precision
+    (a CPU has no fast fp16 matmul: fp16 would measure emulation); 'fp32' means no autocast."""
     if choice != "auto":
         return choice
-    return "fp16" if device.type == "cuda" else "bf16"
+    return "fp16" if device.type == "cuda" else precision
+
+
+def bench_precision(requested: str, device: torch.device) -> "precision_lib.Precision":
+    """--precision as the trainer resolves engine.precision (auto: bf16 where native)."""
+    chosen = precision_lib.resolve(requested, device, "--precision")
+    return chosen if requested == "auto" else precision_lib.Precision(chosen.name, "given with --precision")
+
+
+def autocast(s: Setup):
+    """The plain loops' autocast: bf16 over fp32 weights, or off in an fp32 run."""
+    return torch.autocast(s.device.type, dtype=s.autocast or torch.bfloat16, enabled=s.autocast is not None)
 
 
 # --------------------------------------------------------------------------- the list

@@ -12,12 +12,15 @@ import pytest
 import torch
 
 from benchmarks import common
+from fastdeit import precision as precision_lib
 from fastdeit.distributed import free_port
 from tests.childenv import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = '{"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}'
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# What --precision auto (the default) picks on this CPU: bf16 where it is native, else fp32.
+AUTO = precision_lib.resolve("auto", torch.device("cpu")).name
 
 
 def run_module(module, *args, timeout=300):
@@ -35,7 +38,7 @@ def run_module(module, *args, timeout=300):
     return proc
 
 
-def the_record(out: Path, stem_end: str):
+def the_record(out: Path, stem_end: str, dtype: str = AUTO):
     files = sorted(out.glob(f"*{stem_end}.json"))
     assert len(files) == 1, list(out.iterdir())
     record = json.loads(files[0].read_text())
@@ -48,7 +51,7 @@ def the_record(out: Path, stem_end: str):
     assert record["hardware"]["device"] == "cpu" and record["hardware"]["cpu_cores"] >= 1
     assert files[0].name.startswith(record["date"] + "-cpu-")
     assert record["command"].startswith("python -m benchmarks.")
-    assert record["peak"]["tflops"] > 0 and record["peak"]["dtype"] == "bf16"
+    assert record["peak"]["tflops"] > 0 and record["peak"]["dtype"] == dtype
     # The training runs' rule: a bf16 matmul, or the fp32 units where bf16 is emulated.
     assert record["peak"]["source"].startswith(("best of", "given", "datasheet")), record["peak"]
     return record, md
@@ -124,6 +127,24 @@ def jpeg_tree(tmp_path_factory):
     return root
 
 
+def test_step_benchmark_in_fp32(tmp_path):
+    """--precision fp32 (what auto picks on a CPU without native bf16): every variant computes in
+    fp32, with no autocast in the plain loops and baseline B, and the MFU is against the fp32 peak."""
+    proc = run_module(
+        "benchmarks.step", "--model", "ti", "--model-kwargs", TINY_VIT, "--img-size", 32, "--batch", 4,
+        "--classes", 5, "--teacher", "resnet10t", "--zero-stage", 1, "--precision", "fp32",
+        "--variants", "fastdeit", "bare", "baseline-a", "baseline-b",
+        "--warmup", 1, "--steps", 1, "--rounds", 1, "--out", tmp_path, "--name", "fp32")
+    record, md = the_record(tmp_path, "-step-fp32", dtype="fp32")
+    assert record["settings"]["precision"] == "fp32" and record["settings"]["ref_amp"] == "fp32"
+    assert [v["compute_dtype"] for v in record["variants"]] == ["fp32"] * 4
+    about = {v["name"]: v["about"] for v in record["variants"]}
+    assert "ZeRO-1 fp32, distilled student + frozen fp32" in about["fastdeit[z1]"]
+    assert "autocast" not in about["bare-student"] + about["A:vit-recipe"] + about["B:deit-reference"]
+    assert all(0 < v["mfu"] <= 1 for v in record["variants"])
+    assert "precision: fp32 (given with --precision)" in proc.stdout
+
+
 def test_step_benchmark_several_sizes(tmp_path):
     """--img-size with several sides (data.size_schedule): every variant at each side in one
     run, students at the native (largest) side, ratios against the token and FLOP ratios."""
@@ -157,7 +178,7 @@ def test_e2e_benchmark(tmp_path, jpeg_tree):
         positive(side, ["img_per_sec", "ms_per_step", "wall_s", "flops_per_image", "mfu", "boundary_wait_ms"])
         assert side["images"] == 80 and side["steps_timed"] == 10 and 0.0 <= side["data_wait"] <= 1.0
         assert (side["batches_per_epoch"], side["epochs_seen"], side["boundaries"]) == (8, 2, 1)
-        assert side["distilled"] is True and side["compute_dtype"] == "bf16"
+        assert side["distilled"] is True and side["compute_dtype"] == AUTO
     fastdeit, baseline = record["sides"]
     # Both sides count the same FLOPs: the distilled student's training step plus the teacher's forward.
     assert fastdeit["flops_per_image"] == pytest.approx(baseline["flops_per_image"], rel=1e-6)
