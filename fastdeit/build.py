@@ -137,7 +137,6 @@ def build_engine(cfg: Config, models: StepModels, world_size: int, steps_per_epo
     # After the student exists (and before ZeRO-3 empties its tensors): ZeRO's buckets are sized
     # from its parameter count.
     ds_config = engine_lib.deepspeed_config(cfg.engine, world_size, num_params=count_params(model))
-    check_zero_stage(cfg.optim, cfg.engine.zero_stage)   # again for callers without resolve_batch
     optimizer = build_optimizer(cfg.optim, model, global_batch)
     compile_mode = compile_mode_for(cfg.model.compile, cfg.model.compile_mode, models.device)
     # One static graph per training size (the eval pass runs eager): the recompile limit.
